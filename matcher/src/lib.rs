@@ -1,0 +1,255 @@
+//! `swallow-matcher`: consumes chat events and publishes one delivery job per
+//! (matched integration, URL).
+//!
+//! The consumer loop follows one rule: an event is acknowledged only after
+//! every job it produced (or its copy in `<prefix>.events.invalid`) is
+//! confirmed by the broker. A crash at any point therefore redelivers the
+//! event; its jobs carry deterministic `webhook-id`s, so the duplicates that
+//! at-least-once delivery allows can be recognised downstream.
+
+pub mod index;
+mod metrics;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use lapin::Connection;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use swallow_shared::broker::{self, ConfirmedPublisher, Health, SessionError, Supervisor};
+use swallow_shared::messages::{DeliveryJob, MESSAGE_VERSION, now_millis};
+use swallow_shared::metrics::CommonMetrics;
+use swallow_shared::{ChatEvent, Config, Topology, ops, reload};
+
+pub use index::{IntegrationIndex, Match};
+use metrics::MatcherMetrics;
+
+/// The matcher could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MatcherError {
+    #[error("binding the metrics/health listener on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+}
+
+/// A started matcher.
+pub struct Matcher {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub ops_addr: SocketAddr,
+    /// The broker connection's `connection_name`.
+    pub connection_name: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Matcher {
+    /// Waits until the matcher has stopped (after shutdown).
+    pub async fn join(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Runs the matcher until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), MatcherError> {
+    start(config, shutdown).await?.join().await;
+    Ok(())
+}
+
+/// Starts the matcher and returns once its listener is bound.
+pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Matcher, MatcherError> {
+    let registry = prometheus::Registry::new();
+    let common = CommonMetrics::new(&registry);
+    let metrics = MatcherMetrics::new(&registry);
+    let health = Health::default();
+    let addr = config.matcher.http_addr;
+    let (ops_addr, ops_task) = ops::serve(addr, registry, health.clone(), shutdown.clone())
+        .await
+        .map_err(|source| MatcherError::Listen { addr, source })?;
+    info!(%ops_addr, "matcher listening for /metrics, /healthz, /readyz");
+
+    let integrations = reload::watch_integrations(
+        config.path.clone(),
+        config.integrations.clone(),
+        config.matcher.reload_interval,
+        common.clone(),
+        shutdown.clone(),
+    );
+    let index = index_updates(integrations, shutdown.clone());
+    let topology = Topology::new(&config.broker.prefix);
+    let connection_name = format!(
+        "swallow-matcher {} {}",
+        config.broker.prefix,
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let ctx = Arc::new(Context {
+        deliveries: topology.deliveries_queue(),
+        invalid: topology.events_invalid_queue(),
+        topology,
+        prefetch: config.broker.prefetch,
+        index,
+        metrics,
+        health: health.clone(),
+        shutdown: shutdown.clone(),
+    });
+    let supervisor = Supervisor {
+        url: config.broker.url.clone(),
+        connection_name: connection_name.clone(),
+        shutdown,
+        health,
+        metrics: common,
+    };
+    let task = tokio::spawn(async move {
+        supervisor.run(|connection| session(connection, ctx.clone())).await;
+        let _ = ops_task.await;
+        info!("matcher stopped");
+    });
+    Ok(Matcher {
+        ops_addr,
+        connection_name,
+        task,
+    })
+}
+
+/// Rebuilds the index whenever the integrations change.
+fn index_updates(
+    mut integrations: watch::Receiver<Arc<swallow_shared::Integrations>>,
+    shutdown: CancellationToken,
+) -> watch::Receiver<Arc<IntegrationIndex>> {
+    let first = Arc::new(IntegrationIndex::new(&integrations.borrow_and_update()));
+    let (tx, rx) = watch::channel(first);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                changed = integrations.changed() => if changed.is_err() { return },
+            }
+            let next = Arc::new(IntegrationIndex::new(&integrations.borrow_and_update()));
+            if tx.send(next).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+struct Context {
+    topology: Topology,
+    deliveries: String,
+    invalid: String,
+    prefetch: u16,
+    index: watch::Receiver<Arc<IntegrationIndex>>,
+    metrics: MatcherMetrics,
+    health: Health,
+    shutdown: CancellationToken,
+}
+
+/// One connection's worth of consuming.
+async fn session(connection: Arc<Connection>, ctx: Arc<Context>) -> Result<(), SessionError> {
+    let channel = connection.create_channel().await?;
+    ctx.topology.declare(&channel).await?;
+    channel.basic_qos(ctx.prefetch, BasicQosOptions::default()).await?;
+    let publisher = ConfirmedPublisher::open(&connection).await?;
+    let queue = ctx.topology.events_queue();
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    ctx.health.set_ready(true);
+    info!(%queue, prefetch = ctx.prefetch, "matcher consuming");
+
+    let mut tasks: JoinSet<Result<(), SessionError>> = JoinSet::new();
+    let result = loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => break Ok(()),
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Ok(Err(error)) = done {
+                    break Err(error);
+                }
+            }
+            next = consumer.next() => match next {
+                None => break Err(SessionError::ConsumerEnded(queue.clone())),
+                Some(Err(error)) => break Err(error.into()),
+                Some(Ok(delivery)) => {
+                    tasks.spawn(handle(delivery, ctx.clone(), publisher.clone()));
+                }
+            },
+        }
+    };
+    ctx.health.set_ready(false);
+    if result.is_ok() {
+        // Take no more; what was delivered but not started is requeued when
+        // the channel closes, what was started is finished and acknowledged.
+        let _ = channel
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await;
+        info!(in_flight = tasks.len(), "matcher stopping: finishing in-flight events");
+    }
+    while tasks.join_next().await.is_some() {}
+    result
+}
+
+/// Turns one event into confirmed jobs (or a confirmed invalid copy), then acks it.
+async fn handle(delivery: Delivery, ctx: Arc<Context>, publisher: ConfirmedPublisher) -> Result<(), SessionError> {
+    ctx.metrics.events_received.inc();
+    match ChatEvent::parse(&delivery.data) {
+        Err(invalid) => {
+            ctx.metrics.events_invalid.with_label_values(&[invalid.reason()]).inc();
+            warn!(error = %invalid, routing_key = %delivery.routing_key, "invalid event sent to the invalid queue");
+            let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+            broker::set_header(&mut headers, "x-swallow-error", invalid.to_string());
+            broker::set_header(&mut headers, "x-swallow-routing-key", delivery.routing_key.as_str());
+            let properties = delivery.properties.clone().with_headers(headers).with_delivery_mode(2);
+            publisher.publish("", &ctx.invalid, &delivery.data, properties).await?;
+        }
+        Ok(event) => {
+            let index = ctx.index.borrow().clone();
+            match index.match_event(&event) {
+                Err(ignored) => ctx.metrics.events_ignored.with_label_values(&[ignored.reason()]).inc(),
+                Ok(matches) => {
+                    ctx.metrics.events_matched.inc();
+                    let mut pending = Vec::new();
+                    let created_at_ms = now_millis();
+                    for m in &matches {
+                        for (i, url) in m.integration.urls.iter().enumerate() {
+                            let job = DeliveryJob {
+                                v: MESSAGE_VERSION,
+                                delivery_id: DeliveryJob::delivery_id_for(&event, &m.integration.id, i),
+                                integration_id: m.integration.id.clone(),
+                                url: url.to_string(),
+                                trigger_word: m.trigger_word.clone(),
+                                event: event.clone(),
+                                created_at_ms,
+                                attempt: 0,
+                                not_before_ms: None,
+                                rate_reserved: false,
+                                last_error: None,
+                            };
+                            let body = serde_json::to_vec(&job).expect("a job always serializes");
+                            pending.push(
+                                publisher
+                                    .send("", &ctx.deliveries, &body, broker::persistent_json())
+                                    .await?,
+                            );
+                        }
+                    }
+                    let count = pending.len() as u64;
+                    for confirm in pending {
+                        confirm.confirmed().await?;
+                    }
+                    ctx.metrics.jobs_published.inc_by(count);
+                }
+            }
+        }
+    }
+    delivery.ack(BasicAckOptions::default()).await?;
+    Ok(())
+}

@@ -1,0 +1,21 @@
+//! What two or more swallow stages share: configuration, the messages that
+//! cross the broker, the topology, the broker connection and its recovery,
+//! the operations listener, shutdown, reload, and the pacing and retry logic.
+
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod event;
+pub mod messages;
+pub mod metrics;
+pub mod ops;
+pub mod reload;
+pub mod shutdown;
+pub mod topology;
+
+pub use config::{Config, Integration, Integrations, Stage};
+pub use event::ChatEvent;
+pub use topology::Topology;
+
+/// `swallow/<version>`, the User-Agent of every request swallow makes.
+pub const USER_AGENT: &str = concat!("swallow/", env!("CARGO_PKG_VERSION"));

@@ -1,0 +1,241 @@
+//! Every exchange and queue swallow declares, all under one prefix.
+//!
+//! Queues are durable quorum queues; messages are published persistent. The
+//! durable delay used for retries and rate limits is a ladder of TTL queues:
+//! a message parked on step `n` is published to the fanout exchange
+//! `<prefix>.delay.<ms>ms` with the routing key of the queue it must return
+//! to; the step's queue holds it for exactly `ms` (one TTL per queue, so
+//! expiry at the head is always in order) and dead-letters it, at least once,
+//! through the default exchange, which routes it by that key back to its work
+//! queue. A delay is a sum of steps (largest first), so any delay up to the
+//! 5-minute cap needs a handful of hops and no broker plugin.
+
+use std::time::Duration;
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, ExchangeKind};
+
+/// The shortest delay step; shorter waits are not parked.
+pub const DELAY_STEP_MIN: Duration = Duration::from_millis(100);
+/// Number of steps: 100 ms · 2^k for k in 0..DELAY_STEPS (100 ms … 409.6 s).
+pub const DELAY_STEPS: u32 = 13;
+
+/// The names of everything declared under one prefix.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    prefix: String,
+}
+
+impl Topology {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Topology { prefix: prefix.into() }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Topic exchange the chat platform publishes events to.
+    pub fn events_exchange(&self) -> String {
+        format!("{}.events", self.prefix)
+    }
+    /// The matchers' shared work queue, bound to the events exchange with `#`.
+    pub fn events_queue(&self) -> String {
+        format!("{}.events.inbox", self.prefix)
+    }
+    pub fn events_invalid_queue(&self) -> String {
+        format!("{}.events.invalid", self.prefix)
+    }
+    pub fn deliveries_queue(&self) -> String {
+        format!("{}.deliveries", self.prefix)
+    }
+    pub fn deliveries_dead_queue(&self) -> String {
+        format!("{}.deliveries.dead", self.prefix)
+    }
+    pub fn replies_queue(&self) -> String {
+        format!("{}.replies", self.prefix)
+    }
+    pub fn replies_dead_queue(&self) -> String {
+        format!("{}.replies.dead", self.prefix)
+    }
+    /// Topic exchange replies go to with `sink = "amqp"`.
+    pub fn chat_outbound_exchange(&self) -> String {
+        format!("{}.chat.outbound", self.prefix)
+    }
+    /// The exchange (and queue) of one delay step.
+    pub fn delay_step_name(&self, step: u32) -> String {
+        format!("{}.delay.{}ms", self.prefix, delay_step(step).as_millis())
+    }
+
+    /// Every queue name, for cleanup and inspection.
+    pub fn queues(&self) -> Vec<String> {
+        let mut q = vec![
+            self.events_queue(),
+            self.events_invalid_queue(),
+            self.deliveries_queue(),
+            self.deliveries_dead_queue(),
+            self.replies_queue(),
+            self.replies_dead_queue(),
+        ];
+        q.extend((0..DELAY_STEPS).map(|s| self.delay_step_name(s)));
+        q
+    }
+
+    /// Every exchange name, for cleanup and inspection.
+    pub fn exchanges(&self) -> Vec<String> {
+        let mut e = vec![self.events_exchange(), self.chat_outbound_exchange()];
+        e.extend((0..DELAY_STEPS).map(|s| self.delay_step_name(s)));
+        e
+    }
+
+    /// Declares the whole topology. Idempotent; every stage calls it at start
+    /// and after every reconnect, so any stage may be started first.
+    pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        let durable_exchange = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        for exchange in [self.events_exchange(), self.chat_outbound_exchange()] {
+            channel
+                .exchange_declare(
+                    exchange.as_str().into(),
+                    ExchangeKind::Topic,
+                    durable_exchange,
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        for queue in [
+            self.events_queue(),
+            self.events_invalid_queue(),
+            self.deliveries_queue(),
+            self.deliveries_dead_queue(),
+            self.replies_queue(),
+            self.replies_dead_queue(),
+        ] {
+            declare_quorum(channel, &queue, quorum_args()).await?;
+        }
+        channel
+            .queue_bind(
+                self.events_queue().as_str().into(),
+                self.events_exchange().as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        for step in 0..DELAY_STEPS {
+            let name = self.delay_step_name(step);
+            channel
+                .exchange_declare(
+                    name.as_str().into(),
+                    ExchangeKind::Fanout,
+                    durable_exchange,
+                    FieldTable::default(),
+                )
+                .await?;
+            let mut args = quorum_args();
+            args.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(delay_step(step).as_millis() as i64),
+            );
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(LongString::from("")),
+            );
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                AMQPValue::LongString(LongString::from("at-least-once")),
+            );
+            args.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString(LongString::from("reject-publish")),
+            );
+            declare_quorum(channel, &name, args).await?;
+            channel
+                .queue_bind(
+                    name.as_str().into(),
+                    name.as_str().into(),
+                    "".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+fn quorum_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+    args
+}
+
+async fn declare_quorum(channel: &Channel, name: &str, args: FieldTable) -> Result<(), lapin::Error> {
+    channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .map(|_| ())
+}
+
+/// The length of delay step `step`.
+pub fn delay_step(step: u32) -> Duration {
+    DELAY_STEP_MIN * 2u32.pow(step)
+}
+
+/// The step to park a message on for a remaining wait of `remaining`: the
+/// longest step not longer than it. `None` when the wait is too short to park.
+pub fn step_for(remaining: Duration) -> Option<u32> {
+    if remaining < DELAY_STEP_MIN {
+        return None;
+    }
+    (0..DELAY_STEPS).rev().find(|&s| delay_step(s) <= remaining)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_cover_the_range_largest_first() {
+        assert_eq!(step_for(Duration::from_millis(99)), None);
+        assert_eq!(step_for(Duration::from_millis(100)), Some(0));
+        assert_eq!(step_for(Duration::from_millis(399)), Some(1));
+        assert_eq!(step_for(Duration::from_secs(300)), Some(11));
+        assert_eq!(step_for(Duration::from_secs(3600)), Some(DELAY_STEPS - 1));
+        // Any wait up to 5 minutes is reached within 100 ms in at most 12 hops.
+        for ms in [100u64, 150, 1000, 1999, 60_000, 299_999, 300_000] {
+            let mut left = Duration::from_millis(ms);
+            let mut hops = 0;
+            while let Some(s) = step_for(left) {
+                left -= delay_step(s);
+                hops += 1;
+            }
+            assert!(
+                left < DELAY_STEP_MIN && hops <= 12,
+                "{ms} ms: {hops} hops, {left:?} left"
+            );
+        }
+    }
+
+    #[test]
+    fn names_carry_the_prefix() {
+        let t = Topology::new("p1");
+        assert!(
+            t.queues()
+                .iter()
+                .chain(t.exchanges().iter())
+                .all(|n| n.starts_with("p1."))
+        );
+        assert_eq!(t.delay_step_name(0), "p1.delay.100ms");
+    }
+}

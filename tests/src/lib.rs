@@ -1,0 +1,443 @@
+//! Test support shared by swallow's integration, end-to-end and fault tests:
+//! finding a real broker, an isolated prefix per test (deleted afterwards),
+//! publishing chat events, draining queues, spawning the real binaries and
+//! bounded waits with clear failure messages.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ExchangeDeleteOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tokio::sync::OnceCell;
+
+pub use swallow_shared::Topology;
+
+static BROKER: OnceCell<String> = OnceCell::const_new();
+
+/// The broker tests use: `AMQP_URL`, else `127.0.0.1:5672` when it answers,
+/// else a RabbitMQ container started with testcontainers (needs Docker).
+pub async fn broker_url() -> String {
+    BROKER
+        .get_or_init(|| async {
+            if let Ok(url) = std::env::var("AMQP_URL")
+                && !url.is_empty()
+            {
+                return url;
+            }
+            let local = "127.0.0.1:5672";
+            if tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(local))
+                .await
+                .is_ok_and(|c| c.is_ok())
+            {
+                return format!("amqp://guest:guest@{local}/%2f");
+            }
+            start_container().await
+        })
+        .await
+        .clone()
+}
+
+async fn start_container() -> String {
+    use testcontainers::core::{IntoContainerPort, WaitFor};
+    use testcontainers::runners::AsyncRunner;
+    let container = testcontainers::GenericImage::new("rabbitmq", "3.13")
+        .with_exposed_port(5672.tcp())
+        .with_wait_for(WaitFor::message_on_stdout("Server startup complete"))
+        .start()
+        .await
+        .expect("no broker at AMQP_URL or 127.0.0.1:5672, and starting one with Docker failed");
+    let port = container.get_host_port_ipv4(5672).await.expect("container port");
+    // Keep the container for the life of the test process.
+    Box::leak(Box::new(container));
+    format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
+}
+
+/// Polls `check` until it returns `Some`, or fails the test after `timeout`
+/// saying what was awaited.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One test's own corner of the broker: a unique prefix whose exchanges and
+/// queues are deleted when the stack is dropped.
+pub struct TestStack {
+    pub url: String,
+    pub prefix: String,
+    pub topology: Topology,
+    pub connection: Connection,
+    pub channel: Channel,
+}
+
+impl TestStack {
+    pub async fn new(name: &str) -> anyhow::Result<TestStack> {
+        let url = broker_url().await;
+        let prefix = format!("t-{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let topology = Topology::new(&prefix);
+        let connection = Connection::connect(
+            &url,
+            ConnectionProperties::default().with_connection_name(format!("swallow-test {prefix}").into()),
+        )
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+        let channel = connection.create_channel().await?;
+        channel.confirm_select(Default::default()).await?;
+        topology.declare(&channel).await.context("declaring the topology")?;
+        Ok(TestStack {
+            url,
+            prefix,
+            topology,
+            connection,
+            channel,
+        })
+    }
+
+    /// A configuration file's `[broker]` table for this stack.
+    pub fn broker_toml(&self) -> String {
+        format!("[broker]\nurl = \"{}\"\nprefix = \"{}\"\n", self.url, self.prefix)
+    }
+
+    /// Publishes raw bytes to `<prefix>.events`, persistent, confirmed.
+    pub async fn publish_event_bytes(&self, body: &[u8]) -> anyhow::Result<()> {
+        let confirm = self
+            .channel
+            .basic_publish(
+                self.topology.events_exchange().as_str().into(),
+                "chat.message".into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?
+            .await?;
+        anyhow::ensure!(confirm.is_ack(), "event publish not confirmed");
+        Ok(())
+    }
+
+    pub async fn publish_event(&self, event: &serde_json::Value) -> anyhow::Result<()> {
+        self.publish_event_bytes(&serde_json::to_vec(event)?).await
+    }
+
+    /// Publishes many raw events, then waits for all confirms.
+    pub async fn publish_events_bytes(&self, bodies: &[Vec<u8>]) -> anyhow::Result<()> {
+        let mut confirms = Vec::with_capacity(bodies.len());
+        for body in bodies {
+            confirms.push(
+                self.channel
+                    .basic_publish(
+                        self.topology.events_exchange().as_str().into(),
+                        "chat.message".into(),
+                        BasicPublishOptions::default(),
+                        body,
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await?,
+            );
+        }
+        for c in confirms {
+            anyhow::ensure!(c.await?.is_ack(), "event publish not confirmed");
+        }
+        Ok(())
+    }
+
+    /// Starts draining `queue` into a collector (acking what it takes).
+    pub async fn drain(&self, queue: &str) -> anyhow::Result<Collector> {
+        let channel = self.connection.create_channel().await?;
+        channel.basic_qos(1000, BasicQosOptions::default()).await?;
+        let mut consumer = channel
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let _keep = channel;
+            while let Some(Ok(delivery)) = consumer.next().await {
+                let _ = delivery.ack(BasicAckOptions::default()).await;
+                if tx.send(delivery).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Collector { rx, got: Vec::new() })
+    }
+
+    /// Messages ready in `queue` now.
+    pub async fn queue_len(&self, queue: &str) -> anyhow::Result<u32> {
+        let channel = self.connection.create_channel().await?;
+        let q = channel
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let _ = channel.close(200, "".into()).await;
+        Ok(q.message_count())
+    }
+}
+
+impl Drop for TestStack {
+    fn drop(&mut self) {
+        let url = self.url.clone();
+        let topology = self.topology.clone();
+        // Delete on a thread of its own: Drop cannot await.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async move {
+                let conn = Connection::connect(&url, ConnectionProperties::default()).await.ok()?;
+                let ch = conn.create_channel().await.ok()?;
+                for q in topology.queues() {
+                    let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+                }
+                for e in topology.exchanges() {
+                    let _ = ch
+                        .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                        .await;
+                }
+                let _ = conn.close(200, "".into()).await;
+                Some(())
+            })
+        })
+        .join();
+    }
+}
+
+/// Messages taken from a queue, in arrival order.
+pub struct Collector {
+    rx: tokio::sync::mpsc::UnboundedReceiver<Delivery>,
+    pub got: Vec<Delivery>,
+}
+
+impl Collector {
+    /// Waits until at least `n` messages have arrived in all; fails the test
+    /// after `timeout`, saying how many did.
+    pub async fn until(&mut self, n: usize, timeout: Duration, what: &str) -> &[Delivery] {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.got.len() < n {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(d)) => self.got.push(d),
+                Ok(None) => panic!("the consumer of {what} ended after {} of {n}", self.got.len()),
+                Err(_) => panic!("timed out after {timeout:?}: {} of {n} {what}", self.got.len()),
+            }
+        }
+        &self.got
+    }
+
+    /// Takes messages until `done` holds; fails the test after `timeout`,
+    /// saying what was awaited and how many messages had arrived.
+    pub async fn until_with(&mut self, timeout: Duration, what: &str, done: impl Fn(&Collector) -> bool) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !done(self) {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(d)) => self.got.push(d),
+                Ok(None) => panic!("the consumer ended while waiting for {what}"),
+                Err(_) => panic!(
+                    "timed out after {timeout:?} waiting for {what} ({} messages)",
+                    self.got.len()
+                ),
+            }
+        }
+    }
+
+    /// Takes whatever arrives within `quiet` of the last message.
+    pub async fn settle(&mut self, quiet: Duration) -> &[Delivery] {
+        while let Ok(Some(d)) = tokio::time::timeout(quiet, self.rx.recv()).await {
+            self.got.push(d);
+        }
+        &self.got
+    }
+
+    /// Parses every message taken as JSON.
+    pub fn json(&self) -> Vec<serde_json::Value> {
+        self.got
+            .iter()
+            .map(|d| serde_json::from_slice(&d.data).expect("message is JSON"))
+            .collect()
+    }
+}
+
+/// A header of a delivery as text.
+pub fn header(delivery: &Delivery, name: &str) -> Option<String> {
+    swallow_shared::broker::header_str(&delivery.properties, name)
+}
+
+/// A chat event like the seed's, with the given text and ts.
+pub fn chat_event(text: &str, ts: &str) -> serde_json::Value {
+    serde_json::json!({
+        "team_id": "T0001", "team_domain": "example", "channel_id": "C2147483705",
+        "channel_name": "test", "channel_type": "public", "user_id": "U2147483697",
+        "user_name": "Steve", "ts": ts, "thread_ts": null, "text": text,
+        "bot_id": null, "subtype": null
+    })
+}
+
+/// Writes a configuration file into `dir` and returns its path.
+pub fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("swallow.toml");
+    std::fs::write(&path, text).expect("writing the test configuration");
+    path
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    l.local_addr().unwrap()
+}
+
+/// The path of a workspace binary built next to the test executable.
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace` (cargo test --workspace builds it)",
+        path.display()
+    );
+    path
+}
+
+/// A stage binary run as a child process; killed when dropped.
+pub struct StageProcess {
+    pub child: tokio::process::Child,
+    pub ops_addr: SocketAddr,
+    name: String,
+}
+
+impl StageProcess {
+    /// Spawns `bin` with `--config config` and its listener on a free port.
+    pub fn spawn(bin: &str, config: &Path, env: &HashMap<String, String>) -> anyhow::Result<StageProcess> {
+        let ops_addr = free_addr();
+        let mut cmd = tokio::process::Command::new(bin_path(bin));
+        cmd.arg("--config")
+            .arg(config)
+            .env("SWALLOW_HTTP_ADDR", ops_addr.to_string())
+            .env_remove("AMQP_URL")
+            .env_remove("SWALLOW_PREFIX")
+            .env(
+                "RUST_LOG",
+                std::env::var("SWALLOW_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .envs(env)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let child = cmd.spawn().with_context(|| format!("spawning {bin}"))?;
+        Ok(StageProcess {
+            child,
+            ops_addr,
+            name: bin.to_owned(),
+        })
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn ready(&self, timeout: Duration) {
+        let url = format!("http://{}/readyz", self.ops_addr);
+        let what = format!("{} to be ready", self.name);
+        wait_for(timeout, &what, || async {
+            let r = reqwest::get(&url).await.ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// Sends a signal (e.g. `TERM`) with `kill(1)`.
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let pid = self.child.id().context("process already gone")?;
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -{signal} {pid} failed");
+        Ok(())
+    }
+}
+
+/// Reads a metric (summing over its label sets that contain `labels`) from a
+/// `/metrics` endpoint.
+pub async fn metric(ops_addr: SocketAddr, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
+    let text = reqwest::get(format!("http://{ops_addr}/metrics")).await?.text().await?;
+    Ok(metric_in(&text, name, labels))
+}
+
+/// Sums the samples of `name` in Prometheus text whose labels include `labels`.
+pub fn metric_in(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = match series.split_once('{') {
+                Some((m, r)) => (m, r),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let all = labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            all.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// Forces closed the broker connection whose `connection_name` is `name`
+/// (and only that one), as an operator would with `rabbitmqctl`.
+pub async fn close_connection_named(name: &str) -> anyhow::Result<()> {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "pid", "client_properties"])
+        .output()
+        .await
+        .context("running rabbitmqctl (this test needs a local RabbitMQ)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let pid = text
+        .lines()
+        .find(|l| l.contains(&format!("\"{name}\"")))
+        .and_then(|l| l.split_whitespace().next())
+        .with_context(|| format!("no connection named {name:?} in:\n{text}"))?
+        .to_owned();
+    let status = tokio::process::Command::new("rabbitmqctl")
+        .args(["-q", "close_connection", &pid, "closed by a swallow test"])
+        .status()
+        .await?;
+    if !status.success() {
+        bail!("rabbitmqctl close_connection {pid} failed");
+    }
+    Ok(())
+}

@@ -1,0 +1,403 @@
+//! The matcher against the real broker: exact jobs, invalid input, reload,
+//! SIGKILL and a forced connection close.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use swallow_shared::Config;
+use swallow_tests::*;
+use tokio_util::sync::CancellationToken;
+
+const T: Duration = Duration::from_secs(30);
+
+fn integrations() -> &'static str {
+    r##"
+[[integrations]]
+id = "googlebot"
+team_id = "T0001"
+channel = "#test"
+trigger_words = ["googlebot:", "google"]
+urls = ["http://127.0.0.1:9/a", "http://127.0.0.1:9/b"]
+token = "XXXXXXXXXXXXXXXXXX"
+
+[[integrations]]
+id = "watcher"
+team_id = "T0001"
+channel = "C2147483705"
+urls = ["http://127.0.0.1:9/watch"]
+token = "w"
+
+[[integrations]]
+id = "deploy"
+team_id = "T0001"
+trigger_words = ["deploy"]
+trigger_match = "word"
+urls = ["http://127.0.0.1:9/deploy"]
+token = "d"
+
+[[integrations]]
+id = "elsewhere"
+team_id = "T0002"
+trigger_words = ["googlebot:"]
+urls = ["http://127.0.0.1:9/else"]
+token = "e"
+"##
+}
+
+fn config(stack: &TestStack, extra: &str) -> Config {
+    let text = format!(
+        "{}[matcher]\nhttp_addr = \"127.0.0.1:0\"\nreload_interval_ms = 100\n{extra}",
+        stack.broker_toml()
+    );
+    Config::parse(&text, None).expect("test config")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_become_exactly_the_expected_jobs() {
+    let stack = TestStack::new("match-exact").await.unwrap();
+    let shutdown = CancellationToken::new();
+    let matcher = swallow_matcher::start(config(&stack, integrations()), shutdown.clone())
+        .await
+        .unwrap();
+    let mut jobs = stack.drain(&stack.topology.deliveries_queue()).await.unwrap();
+
+    let mut seed = chat_event(
+        "googlebot: What is the air-speed velocity of an unladen swallow?",
+        "1355517523.000005",
+    );
+    stack.publish_event(&seed).await.unwrap();
+    stack.publish_event(&chat_event("deploy now", "2.0")).await.unwrap();
+    stack.publish_event(&chat_event("nothing to see", "3.0")).await.unwrap();
+    let mut bot = chat_event("googlebot: loop?", "4.0");
+    bot["bot_id"] = "B1".into();
+    stack.publish_event(&bot).await.unwrap();
+    let mut private = chat_event("googlebot: secret", "5.0");
+    private["channel_type"] = "private".into();
+    stack.publish_event(&private).await.unwrap();
+    seed["team_id"] = "T0002".into();
+    seed["ts"] = "6.0".into();
+    stack.publish_event(&seed).await.unwrap();
+
+    // seed: googlebot ×2 URLs + watcher; "deploy now": watcher + deploy;
+    // "nothing": watcher; bot: none; private: none; T0002: elsewhere.
+    jobs.until(7, T, "delivery jobs").await;
+    jobs.settle(Duration::from_millis(500)).await;
+    let got: BTreeSet<(String, String, String, String)> = jobs
+        .json()
+        .iter()
+        .map(|j| {
+            (
+                j["event"]["ts"].as_str().unwrap().to_owned(),
+                j["integration_id"].as_str().unwrap().to_owned(),
+                j["url"].as_str().unwrap().to_owned(),
+                j["trigger_word"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let want: BTreeSet<(String, String, String, String)> = [
+        ("1355517523.000005", "googlebot", "http://127.0.0.1:9/a", "googlebot:"),
+        ("1355517523.000005", "googlebot", "http://127.0.0.1:9/b", "googlebot:"),
+        ("1355517523.000005", "watcher", "http://127.0.0.1:9/watch", ""),
+        ("2.0", "watcher", "http://127.0.0.1:9/watch", ""),
+        ("2.0", "deploy", "http://127.0.0.1:9/deploy", "deploy"),
+        ("3.0", "watcher", "http://127.0.0.1:9/watch", ""),
+        ("6.0", "elsewhere", "http://127.0.0.1:9/else", "googlebot:"),
+    ]
+    .into_iter()
+    .map(|(a, b, c, d)| (a.into(), b.into(), c.into(), d.into()))
+    .collect();
+    assert_eq!(got, want);
+    assert_eq!(jobs.got.len(), 7, "no extra jobs");
+    let first = &jobs.json()[0];
+    assert_eq!(first["v"], 1);
+    assert!(first["delivery_id"].as_str().unwrap().starts_with("msg_"));
+    assert!(
+        jobs.got.iter().all(|d| d.properties.delivery_mode() == &Some(2)),
+        "jobs are persistent"
+    );
+
+    let m = |name, labels: &'static [(&'static str, &'static str)]| metric(matcher.ops_addr, name, labels);
+    assert_eq!(m("swallow_events_received_total", &[]).await.unwrap(), 6.0);
+    assert_eq!(m("swallow_events_matched_total", &[]).await.unwrap(), 4.0);
+    assert_eq!(
+        m("swallow_events_ignored_total", &[("reason", "bot")]).await.unwrap(),
+        1.0
+    );
+    assert_eq!(
+        m("swallow_events_ignored_total", &[("reason", "not_public")])
+            .await
+            .unwrap(),
+        1.0
+    );
+    assert_eq!(m("swallow_jobs_published_total", &[]).await.unwrap(), 7.0);
+    assert_eq!(m("swallow_integrations_loaded", &[]).await.unwrap(), 4.0);
+    shutdown.cancel();
+    matcher.join().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_events_go_to_invalid_and_never_stop_the_matcher() {
+    let stack = TestStack::new("match-invalid").await.unwrap();
+    let shutdown = CancellationToken::new();
+    let matcher = swallow_matcher::start(config(&stack, integrations()), shutdown.clone())
+        .await
+        .unwrap();
+    let mut jobs = stack.drain(&stack.topology.deliveries_queue()).await.unwrap();
+    let mut invalid = stack.drain(&stack.topology.events_invalid_queue()).await.unwrap();
+
+    let big_text = "x".repeat(1024 * 1024);
+    let mut bodies = Vec::new();
+    let mut expected_reason = HashMap::new();
+    for i in 0..2000usize {
+        if i % 2 == 0 {
+            // Valid: matches "deploy" only (channel C9 is nobody's).
+            let mut e = chat_event("deploy it", &format!("{i}.0"));
+            e["channel_id"] = "C9".into();
+            e["channel_name"] = "nine".into();
+            bodies.push(serde_json::to_vec(&e).unwrap());
+        } else {
+            let (body, reason): (Vec<u8>, &str) = match (i / 2) % 4 {
+                0 => (format!("not json {i}").into_bytes(), "not_json"),
+                1 => {
+                    let mut b = format!("{{\"team_id\":\"T0001\",\"channel_id\":\"C9\",\"user_id\":\"U\",\"ts\":\"{i}\",\"text\":\"deploy ").into_bytes();
+                    b.extend_from_slice(b"\xff\xfe\"}");
+                    (b, "not_json")
+                }
+                2 => (
+                    format!("{{\"team_id\":\"T0001\",\"channel_id\":\"C9\",\"text\":\"deploy {i}\"}}").into_bytes(),
+                    "bad_field",
+                ),
+                _ => (
+                    serde_json::to_vec(&chat_event(&format!("deploy {big_text}"), &format!("{i}"))).unwrap(),
+                    "too_large",
+                ),
+            };
+            expected_reason.insert(body.clone(), reason);
+            bodies.push(body);
+        }
+    }
+    for chunk in bodies.chunks(200) {
+        stack.publish_events_bytes(chunk).await.unwrap();
+    }
+    jobs.until(1000, Duration::from_secs(90), "jobs for the valid events")
+        .await;
+    invalid.until(1000, Duration::from_secs(90), "invalid events").await;
+    jobs.settle(Duration::from_millis(300)).await;
+    invalid.settle(Duration::from_millis(300)).await;
+    let ts: BTreeSet<String> = jobs
+        .json()
+        .iter()
+        .map(|j| j["event"]["ts"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ts.len(), 1000, "every valid event matched once");
+    assert_eq!(invalid.got.len(), 1000);
+    for d in &invalid.got {
+        let reason = expected_reason
+            .get(&d.data)
+            .expect("the invalid copy is byte for byte the event");
+        let error = header(d, "x-swallow-error").expect("x-swallow-error header");
+        assert!(error.starts_with(reason), "{error} should start with {reason}");
+        assert_eq!(header(d, "x-swallow-routing-key").as_deref(), Some("chat.message"));
+    }
+    // Still consuming: one more valid event becomes a job.
+    stack.publish_event(&chat_event("deploy again", "last")).await.unwrap();
+    jobs.until(1002, T, "jobs after the malformed flood").await; // watcher + deploy
+    let r = reqwest::get(format!("http://{}/readyz", matcher.ops_addr))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        metric(matcher.ops_addr, "swallow_events_invalid_total", &[])
+            .await
+            .unwrap(),
+        1000.0
+    );
+    assert_eq!(
+        metric(
+            matcher.ops_addr,
+            "swallow_events_invalid_total",
+            &[("reason", "too_large")]
+        )
+        .await
+        .unwrap(),
+        250.0
+    );
+    shutdown.cancel();
+    matcher.join().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_reload_while_events_flow_loses_none() {
+    let stack = TestStack::new("match-reload").await.unwrap();
+    let dir = tempdir();
+    let first = format!(
+        "{}[matcher]\nhttp_addr = \"127.0.0.1:0\"\nreload_interval_ms = 50\n{}",
+        stack.broker_toml(),
+        integrations()
+    );
+    let path = write_config(&dir, &first);
+    let config = Config::load(&path).unwrap();
+    let shutdown = CancellationToken::new();
+    let matcher = swallow_matcher::start(config, shutdown.clone()).await.unwrap();
+    let mut jobs = stack.drain(&stack.topology.deliveries_queue()).await.unwrap();
+    let added = "\n[[integrations]]\nid = \"late\"\nteam_id = \"T0001\"\ntrigger_words = [\"deploy\"]\nurls = [\"http://127.0.0.1:9/late\"]\ntoken = \"l\"\n";
+
+    let publisher = async {
+        for i in 0..600 {
+            let mut e = chat_event("deploy", &format!("{i}.0"));
+            e["channel_id"] = "C9".into();
+            stack.publish_event(&e).await.unwrap();
+            match i {
+                200 => std::fs::write(&path, format!("{first}{added}")).unwrap(),
+                // An invalid file is refused; the integrations in force stay.
+                400 => std::fs::write(&path, format!("{first}{added}\n[[integrations]]\nid = \"broken\"\n")).unwrap(),
+                _ => {}
+            }
+            if i % 50 == 0 {
+                tokio::time::sleep(Duration::from_millis(60)).await;
+            }
+        }
+    };
+    publisher.await;
+    wait_for(T, "the refused reload to be counted", || async {
+        (metric(matcher.ops_addr, "swallow_config_reloads_total", &[("result", "error")])
+            .await
+            .ok()?
+            >= 1.0)
+            .then_some(())
+    })
+    .await;
+    let deploy_ts = |jobs: &Collector, id: &str| -> BTreeSet<String> {
+        jobs.json()
+            .iter()
+            .filter(|j| j["integration_id"] == id)
+            .map(|j| j["event"]["ts"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    jobs.until_with(T, "a job for each of the 600 events", |j| {
+        deploy_ts(j, "deploy").len() == 600
+    })
+    .await;
+    jobs.settle(Duration::from_millis(300)).await;
+    let late = deploy_ts(&jobs, "late");
+    assert!(
+        late.len() >= 100,
+        "the added integration fired for events after the reload ({} times)",
+        late.len()
+    );
+    assert!(
+        late.contains("599.0"),
+        "the added integration stayed in force after the refused file"
+    );
+    assert_eq!(
+        metric(matcher.ops_addr, "swallow_config_reloads_total", &[("result", "ok")])
+            .await
+            .unwrap(),
+        1.0
+    );
+    assert_eq!(
+        metric(matcher.ops_addr, "swallow_integrations_loaded", &[])
+            .await
+            .unwrap(),
+        5.0
+    );
+    shutdown.cancel();
+    matcher.join().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_loses_no_event() {
+    let stack = TestStack::new("match-kill").await.unwrap();
+    let dir = tempdir();
+    let path = write_config(&dir, &format!("{}{}", stack.broker_toml(), integrations()));
+    let mut jobs = stack.drain(&stack.topology.deliveries_queue()).await.unwrap();
+    let mut matcher = StageProcess::spawn("swallow-matcher", &path, &HashMap::new()).unwrap();
+    matcher.ready(T).await;
+
+    let bodies: Vec<Vec<u8>> = (0..3000)
+        .map(|i| {
+            let mut e = chat_event("deploy", &format!("{i}.0"));
+            e["channel_id"] = "C9".into();
+            serde_json::to_vec(&e).unwrap()
+        })
+        .collect();
+    let publish = stack.publish_events_bytes(&bodies);
+    let kill = async {
+        jobs.until(300, T, "jobs before the kill").await;
+        matcher.kill().await;
+    };
+    let (published, ()) = tokio::join!(publish, kill);
+    published.unwrap();
+    let restarted = StageProcess::spawn("swallow-matcher", &path, &HashMap::new()).unwrap();
+    restarted.ready(T).await;
+    let unique = |jobs: &Collector| -> BTreeSet<String> {
+        jobs.got
+            .iter()
+            .map(|d| {
+                serde_json::from_slice::<serde_json::Value>(&d.data).unwrap()["delivery_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    };
+    jobs.until_with(Duration::from_secs(60), "a job for each of the 3000 events", |j| {
+        unique(j).len() == 3000
+    })
+    .await;
+    jobs.settle(Duration::from_millis(300)).await;
+    let got = unique(&jobs);
+    let duplicates = jobs.got.len() - got.len();
+    println!(
+        "sigkill: {} jobs, {} unique, {duplicates} duplicates",
+        jobs.got.len(),
+        got.len()
+    );
+    assert_eq!(got.len(), 3000, "lost {} events", 3000 - got.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_connection_close_is_recovered() {
+    let stack = TestStack::new("match-reconnect").await.unwrap();
+    let shutdown = CancellationToken::new();
+    let matcher = swallow_matcher::start(config(&stack, integrations()), shutdown.clone())
+        .await
+        .unwrap();
+    let mut jobs = stack.drain(&stack.topology.deliveries_queue()).await.unwrap();
+    let ready = |addr| async move {
+        reqwest::get(format!("http://{addr}/readyz"))
+            .await
+            .ok()
+            .map(|r| r.status().is_success())
+    };
+    wait_for(T, "the matcher to be ready", || async {
+        ready(matcher.ops_addr).await.filter(|r| *r)
+    })
+    .await;
+    stack.publish_event(&chat_event("deploy one", "1.0")).await.unwrap();
+    jobs.until(2, T, "jobs before the close").await;
+
+    close_connection_named(&matcher.connection_name).await.unwrap();
+    wait_for(T, "a reconnect to be counted", || async {
+        (metric(matcher.ops_addr, "swallow_broker_reconnects_total", &[])
+            .await
+            .ok()?
+            >= 1.0)
+            .then_some(())
+    })
+    .await;
+    stack.publish_event(&chat_event("deploy two", "2.0")).await.unwrap();
+    jobs.until(4, T, "jobs after the reconnect").await;
+    wait_for(T, "/readyz to be true again", || async {
+        ready(matcher.ops_addr).await.filter(|r| *r)
+    })
+    .await;
+    shutdown.cancel();
+    matcher.join().await;
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("swallow-test-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
