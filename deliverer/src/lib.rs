@@ -1,1 +1,511 @@
+//! `swallow-deliverer`: turns delivery jobs into the seed's HTTP POSTs and
+//! handler answers into replies for the responder.
+//!
+//! Every job ends each visit to the deliverer in exactly one durable place
+//! before it is acknowledged: delivered (and its reply, if any, confirmed on
+//! `<prefix>.replies`), parked on the delay ladder for a retry or a
+//! rate-limit slot (confirmed), dead-lettered (confirmed), or dropped by an
+//! `on_limit = "drop"` integration. Nothing waits in memory holding a broker
+//! delivery except the HTTP attempt itself, so a slow or failing handler
+//! takes at most `per_integration_concurrency` of the `concurrency` slots and
+//! never delays anyone else's jobs.
 
+mod attempt;
+pub mod destination;
+mod metrics;
+pub mod replay;
+pub mod request;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::Connection;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use swallow_shared::broker::{self, ConfirmedPublisher, Health, SessionError, Supervisor};
+use swallow_shared::config::{Integration, OnLimit};
+use swallow_shared::messages::{DeliveryJob, MESSAGE_VERSION, ReplyJob, now_millis};
+use swallow_shared::metrics::CommonMetrics;
+use swallow_shared::pacing::{Admission, RateLimiter};
+use swallow_shared::retry::RetrySchedule;
+use swallow_shared::{Config, Integrations, Topology, delay, ops, reload};
+
+pub use attempt::{MAX_ANSWER_BYTES, Outcome, parse_answer};
+use destination::{AddressPolicy, GuardedResolver};
+use metrics::DelivererMetrics;
+
+/// How long shutdown waits for HTTP attempts under way before handing them
+/// back to the broker (they are redelivered).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+/// How long a job waits when its integration already has
+/// `per_integration_concurrency` attempts under way.
+const BUSY_WAIT: Duration = Duration::from_millis(800);
+
+/// The deliverer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DelivererError {
+    #[error("binding the metrics/health listener on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("building the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// A started deliverer.
+pub struct Deliverer {
+    pub ops_addr: SocketAddr,
+    pub connection_name: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Deliverer {
+    pub async fn join(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Runs the deliverer until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DelivererError> {
+    start(config, shutdown).await?.join().await;
+    Ok(())
+}
+
+/// The HTTP client for handlers: keep-alive pool, no redirects, no proxy,
+/// the SSRF guard in its resolver.
+pub fn http_client(policy: &AddressPolicy) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .user_agent(swallow_shared::USER_AGENT)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .dns_resolver(GuardedResolver::new(policy.clone()))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(64)
+        .tcp_nodelay(true)
+        .build()
+}
+
+/// Starts the deliverer and returns once its listener is bound.
+pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Deliverer, DelivererError> {
+    let registry = prometheus::Registry::new();
+    let common = CommonMetrics::new(&registry);
+    let metrics = DelivererMetrics::new(&registry);
+    let health = Health::default();
+    let addr = config.deliverer.http_addr;
+    let policy = AddressPolicy::new(config.deliverer.allow_networks.clone());
+    let client = http_client(&policy)?;
+    let (ops_addr, ops_task) = ops::serve(addr, registry, health.clone(), shutdown.clone())
+        .await
+        .map_err(|source| DelivererError::Listen { addr, source })?;
+    info!(%ops_addr, "deliverer listening for /metrics, /healthz, /readyz");
+    let integrations = reload::watch_integrations(
+        config.path.clone(),
+        config.integrations.clone(),
+        config.reload_interval,
+        common.clone(),
+        shutdown.clone(),
+    );
+    let topology = Topology::new(&config.broker.prefix);
+    let connection_name = format!(
+        "swallow-deliverer {} {}",
+        config.broker.prefix,
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let ctx = Arc::new(Context {
+        work_queue: topology.deliveries_queue(),
+        dead_queue: topology.deliveries_dead_queue(),
+        replies_queue: topology.replies_queue(),
+        topology,
+        prefetch: config.deliverer.concurrency.min(u16::MAX as usize) as u16,
+        per_integration: config.deliverer.per_integration_concurrency,
+        integrations,
+        client,
+        policy,
+        limiter: RateLimiter::new(),
+        in_flight: Mutex::new(HashMap::new()),
+        schedule: RetrySchedule::default(),
+        metrics,
+        health: health.clone(),
+        shutdown: shutdown.clone(),
+    });
+    let supervisor = Supervisor {
+        url: config.broker.url.clone(),
+        connection_name: connection_name.clone(),
+        shutdown,
+        health,
+        metrics: common,
+    };
+    let task = tokio::spawn(async move {
+        supervisor.run(|connection| session(connection, ctx.clone())).await;
+        let _ = ops_task.await;
+        info!("deliverer stopped");
+    });
+    Ok(Deliverer {
+        ops_addr,
+        connection_name,
+        task,
+    })
+}
+
+struct Context {
+    topology: Topology,
+    work_queue: String,
+    dead_queue: String,
+    replies_queue: String,
+    prefetch: u16,
+    per_integration: usize,
+    integrations: watch::Receiver<Arc<Integrations>>,
+    client: reqwest::Client,
+    policy: AddressPolicy,
+    limiter: RateLimiter<String>,
+    in_flight: Mutex<HashMap<String, usize>>,
+    schedule: RetrySchedule,
+    metrics: DelivererMetrics,
+    health: Health,
+    shutdown: CancellationToken,
+}
+
+async fn session(connection: Arc<Connection>, ctx: Arc<Context>) -> Result<(), SessionError> {
+    let channel = connection.create_channel().await?;
+    ctx.topology.declare(&channel).await?;
+    channel.basic_qos(ctx.prefetch, BasicQosOptions::default()).await?;
+    let publisher = ConfirmedPublisher::open(&connection).await?;
+    let mut consumer = channel
+        .basic_consume(
+            ctx.work_queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    ctx.health.set_ready(true);
+    info!(queue = %ctx.work_queue, concurrency = ctx.prefetch, "deliverer consuming");
+
+    let mut tasks: JoinSet<Result<(), SessionError>> = JoinSet::new();
+    let result = loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => break Ok(()),
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Ok(Err(error)) = done {
+                    break Err(error);
+                }
+            }
+            next = consumer.next() => match next {
+                None => break Err(SessionError::ConsumerEnded(ctx.work_queue.clone())),
+                Some(Err(error)) => break Err(error.into()),
+                Some(Ok(delivery)) => {
+                    tasks.spawn(handle(delivery, ctx.clone(), publisher.clone()));
+                }
+            },
+        }
+    };
+    ctx.health.set_ready(false);
+    if result.is_ok() {
+        let _ = channel
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await;
+        info!(
+            in_flight = tasks.len(),
+            "deliverer stopping: finishing attempts under way"
+        );
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async { while tasks.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            warn!(
+                left = tasks.len(),
+                "grace period over: handing unfinished jobs back to the broker"
+            );
+            tasks.abort_all();
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    result
+}
+
+/// What to do with a job, decided before anything is acknowledged.
+enum Action {
+    /// Done (delivered without reply, or dropped).
+    Ack,
+    Reply(ReplyJob),
+    Park {
+        job: DeliveryJob,
+        wait: Duration,
+    },
+    Dead {
+        body: Vec<u8>,
+        reason: &'static str,
+        detail: String,
+        status: Option<u16>,
+        job: Option<DeliveryJob>,
+    },
+}
+
+async fn handle(delivery: Delivery, ctx: Arc<Context>, publisher: ConfirmedPublisher) -> Result<(), SessionError> {
+    let action = decide(&delivery, &ctx).await;
+    match action {
+        Action::Ack => {}
+        Action::Reply(reply) => {
+            let body = serde_json::to_vec(&reply).expect("a reply always serializes");
+            publisher
+                .publish("", &ctx.replies_queue, &body, broker::persistent_json())
+                .await?;
+            ctx.metrics.replies_queued.inc();
+        }
+        Action::Park { job, wait } => {
+            let body = serde_json::to_vec(&job).expect("a job always serializes");
+            delay::park(
+                &publisher,
+                &ctx.topology,
+                &ctx.work_queue,
+                &body,
+                broker::persistent_json(),
+                wait,
+            )
+            .await?;
+        }
+        Action::Dead {
+            body,
+            reason,
+            detail,
+            status,
+            job,
+        } => {
+            let mut headers = FieldTable::default();
+            broker::set_header(&mut headers, "x-swallow-reason", reason);
+            broker::set_header(&mut headers, "x-swallow-error", detail.clone());
+            if let Some(status) = status {
+                broker::set_header(&mut headers, "x-swallow-status", status.to_string());
+            }
+            if let Some(job) = &job {
+                broker::set_header(&mut headers, "x-swallow-integration", job.integration_id.clone());
+                broker::set_header(&mut headers, "x-swallow-delivery-id", job.delivery_id.clone());
+                broker::set_header(&mut headers, "x-swallow-attempts", job.attempt.to_string());
+                broker::set_header(&mut headers, "x-swallow-url", job.url.clone());
+            }
+            let properties = broker::persistent_json().with_headers(headers);
+            publisher.publish("", &ctx.dead_queue, &body, properties).await?;
+            ctx.metrics.deliveries.with_label_values(&["dead"]).inc();
+            ctx.metrics.dead.with_label_values(&[reason]).inc();
+            warn!(
+                reason,
+                error = %detail,
+                integration = job.as_ref().map(|j| j.integration_id.as_str()).unwrap_or(""),
+                "delivery dead-lettered"
+            );
+        }
+    }
+    delivery.ack(BasicAckOptions::default()).await?;
+    Ok(())
+}
+
+fn dead(job: DeliveryJob, reason: &'static str, detail: String) -> Action {
+    Action::Dead {
+        body: serde_json::to_vec(&job).expect("a job always serializes"),
+        reason,
+        detail,
+        status: None,
+        job: Some(job),
+    }
+}
+
+/// Dead-letters after an attempt, keeping its HTTP status for the headers.
+fn dead_after(job: DeliveryJob, reason: &'static str, detail: String, status: Option<u16>) -> Action {
+    match dead(job, reason, detail) {
+        Action::Dead {
+            body,
+            reason,
+            detail,
+            job,
+            ..
+        } => Action::Dead {
+            body,
+            reason,
+            detail,
+            status,
+            job,
+        },
+        other => other,
+    }
+}
+
+async fn decide(delivery: &Delivery, ctx: &Context) -> Action {
+    let mut job: DeliveryJob = match serde_json::from_slice(&delivery.data) {
+        Ok(job) => job,
+        Err(e) => {
+            return Action::Dead {
+                body: delivery.data.clone(),
+                reason: "invalid_job",
+                detail: format!("not a delivery job: {e}"),
+                status: None,
+                job: None,
+            };
+        }
+    };
+    if job.v > MESSAGE_VERSION {
+        let detail = format!("job version {} is newer than this deliverer ({MESSAGE_VERSION})", job.v);
+        return dead(job, "unsupported_version", detail);
+    }
+
+    // Not due yet: back on the ladder (or a short wait here).
+    let now = now_millis();
+    if let Some(due) = job.not_before_ms.filter(|&due| due > now) {
+        let wait = Duration::from_millis(due - now);
+        if swallow_shared::topology::step_for(wait).is_some() {
+            ctx.metrics.deferred.with_label_values(&["schedule"]).inc();
+            return Action::Park { job, wait };
+        }
+        tokio::time::sleep(wait).await;
+    }
+
+    let integrations = ctx.integrations.borrow().clone();
+    let Some(integration) = integrations.get(&job.integration_id).cloned() else {
+        let detail = format!("integration {:?} is not in the configuration", job.integration_id);
+        return dead(job, "unknown_integration", detail);
+    };
+    let now = now_millis();
+    let deadline = job.created_at_ms + integration.max_age.as_millis() as u64;
+    if now >= deadline {
+        let detail = job.last_error.clone().unwrap_or_else(|| "no attempt made".into());
+        return dead(job, "max_age", format!("older than max_age_s; last error: {detail}"));
+    }
+
+    // The integration's rate limit: a token now, a reserved slot, or a drop.
+    if job.rate_reserved {
+        job.rate_reserved = false;
+    } else {
+        let limit = &integration.rate_limit;
+        let left = Duration::from_millis(deadline - now);
+        let key = &integration.id;
+        match limit.on_limit {
+            OnLimit::Drop => {
+                if !ctx.limiter.try_take(key, limit, Instant::now()) {
+                    ctx.metrics.deliveries.with_label_values(&["dropped"]).inc();
+                    return Action::Ack;
+                }
+            }
+            OnLimit::Delay => match ctx.limiter.reserve(key, limit, Instant::now(), left) {
+                Admission::Now => {}
+                Admission::After(wait) => {
+                    ctx.metrics.deliveries.with_label_values(&["rate_limited"]).inc();
+                    job.rate_reserved = true;
+                    job.not_before_ms = Some(now + wait.as_millis() as u64);
+                    return Action::Park { job, wait };
+                }
+                Admission::TooLong(wait) => {
+                    let detail = format!("rate limited: the next slot is {wait:?} away, past max_age_s");
+                    return dead(job, "max_age", detail);
+                }
+            },
+        }
+    }
+
+    // Isolation: an integration with many attempts under way waits its turn
+    // on the ladder instead of holding more of the shared slots.
+    let Some(_slot) = InFlightSlot::take(ctx, &integration.id) else {
+        ctx.metrics.deferred.with_label_values(&["busy"]).inc();
+        job.rate_reserved = true; // it already paid its token
+        job.not_before_ms = Some(now + BUSY_WAIT.as_millis() as u64);
+        return Action::Park { job, wait: BUSY_WAIT };
+    };
+
+    ctx.metrics.in_flight.inc();
+    let started = Instant::now();
+    let attempted = attempt::attempt(&ctx.client, &ctx.policy, &job, &integration).await;
+    ctx.metrics.duration.observe(started.elapsed().as_secs_f64());
+    ctx.metrics.in_flight.dec();
+    ctx.metrics.attempts.with_label_values(&[attempted.class]).inc();
+    job.attempt += 1;
+    after_attempt(ctx, job, &integration, attempted)
+}
+
+fn after_attempt(
+    ctx: &Context,
+    mut job: DeliveryJob,
+    integration: &Integration,
+    attempted: attempt::Attempted,
+) -> Action {
+    let status = attempted.status;
+    match attempted.outcome {
+        Outcome::Delivered { answer } => {
+            ctx.metrics.deliveries.with_label_values(&["delivered"]).inc();
+            match answer {
+                None => Action::Ack,
+                Some(answer) => Action::Reply(ReplyJob {
+                    v: MESSAGE_VERSION,
+                    delivery_id: job.delivery_id,
+                    integration_id: job.integration_id,
+                    team_id: job.event.team_id,
+                    channel_id: job.event.channel_id,
+                    in_reply_to: job.event.ts,
+                    event_thread_ts: job.event.thread_ts,
+                    answer,
+                    created_at_ms: now_millis(),
+                    attempt: 0,
+                    not_before_ms: None,
+                    rate_reserved: false,
+                    last_error: None,
+                }),
+            }
+        }
+        Outcome::Gone => dead_after(
+            job,
+            "gone",
+            "HTTP 410 Gone: the handler asked for no more retries".into(),
+            status,
+        ),
+        Outcome::Blocked(detail) => dead_after(job, "blocked_destination", detail, status),
+        Outcome::Retry { error, retry_after } => {
+            job.last_error = Some(error.clone());
+            if job.attempt >= integration.max_attempts {
+                let detail = format!("{} attempts; last: {error}", job.attempt);
+                return dead_after(job, "max_attempts", detail, status);
+            }
+            let wait = ctx.schedule.delay(job.attempt, retry_after);
+            let now = now_millis();
+            let due = now + wait.as_millis() as u64;
+            if due >= job.created_at_ms + integration.max_age.as_millis() as u64 {
+                let detail = format!("the next retry would be past max_age_s; last: {error}");
+                return dead_after(job, "max_age", detail, status);
+            }
+            ctx.metrics.deliveries.with_label_values(&["retried"]).inc();
+            job.not_before_ms = Some(due);
+            Action::Park { job, wait }
+        }
+    }
+}
+
+/// One of an integration's `per_integration_concurrency` attempt slots.
+struct InFlightSlot<'a> {
+    ctx: &'a Context,
+    id: String,
+}
+
+impl<'a> InFlightSlot<'a> {
+    fn take(ctx: &'a Context, id: &str) -> Option<Self> {
+        let mut map = ctx.in_flight.lock().expect("in-flight lock");
+        let n = map.entry(id.to_owned()).or_insert(0);
+        if *n >= ctx.per_integration {
+            return None;
+        }
+        *n += 1;
+        Some(InFlightSlot { ctx, id: id.to_owned() })
+    }
+}
+
+impl Drop for InFlightSlot<'_> {
+    fn drop(&mut self) {
+        let mut map = self.ctx.in_flight.lock().expect("in-flight lock");
+        if let Some(n) = map.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.id);
+            }
+        }
+    }
+}

@@ -75,7 +75,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Matche
     let integrations = reload::watch_integrations(
         config.path.clone(),
         config.integrations.clone(),
-        config.matcher.reload_interval,
+        config.reload_interval,
         common.clone(),
         shutdown.clone(),
     );

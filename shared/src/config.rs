@@ -73,6 +73,7 @@ pub enum ConfigError {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
+    reload_interval_ms: Option<u64>,
     #[serde(default)]
     broker: RawBroker,
     #[serde(default)]
@@ -97,7 +98,6 @@ struct RawBroker {
 #[serde(deny_unknown_fields)]
 struct RawMatcher {
     http_addr: Option<String>,
-    reload_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -163,6 +163,8 @@ struct RawRateLimit {
 pub struct Config {
     /// Where the file came from (`None` when built in memory by a test).
     pub path: Option<PathBuf>,
+    /// How often the file is checked for changes (top-level `reload_interval_ms`).
+    pub reload_interval: Duration,
     pub broker: BrokerConfig,
     pub matcher: MatcherConfig,
     pub deliverer: DelivererConfig,
@@ -181,8 +183,6 @@ pub struct BrokerConfig {
 #[derive(Debug, Clone)]
 pub struct MatcherConfig {
     pub http_addr: SocketAddr,
-    /// How often the integrations file is checked for changes.
-    pub reload_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -330,7 +330,6 @@ impl Config {
         };
         let matcher = MatcherConfig {
             http_addr: addr("matcher.http_addr", raw.matcher.http_addr, "0.0.0.0:9101")?,
-            reload_interval: Duration::from_millis(raw.matcher.reload_interval_ms.unwrap_or(2000).max(50)),
         };
         let mut allow_networks = Vec::new();
         for (i, net) in raw.deliverer.allow_networks.unwrap_or_default().iter().enumerate() {
@@ -412,6 +411,7 @@ impl Config {
         let integrations = validate_integrations(raw.integrations, &shown)?;
         Ok(Config {
             path: path.map(Path::to_owned),
+            reload_interval: Duration::from_millis(raw.reload_interval_ms.unwrap_or(2000).max(50)),
             broker,
             matcher,
             deliverer,

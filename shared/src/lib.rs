@@ -5,11 +5,14 @@
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod delay;
 pub mod event;
 pub mod messages;
 pub mod metrics;
 pub mod ops;
+pub mod pacing;
 pub mod reload;
+pub mod retry;
 pub mod shutdown;
 pub mod topology;
 

@@ -46,7 +46,7 @@ token = "e"
 
 fn config(stack: &TestStack, extra: &str) -> Config {
     let text = format!(
-        "{}[matcher]\nhttp_addr = \"127.0.0.1:0\"\nreload_interval_ms = 100\n{extra}",
+        "reload_interval_ms = 100\n{}[matcher]\nhttp_addr = \"127.0.0.1:0\"\n{extra}",
         stack.broker_toml()
     );
     Config::parse(&text, None).expect("test config")
@@ -231,7 +231,7 @@ async fn config_reload_while_events_flow_loses_none() {
     let stack = TestStack::new("match-reload").await.unwrap();
     let dir = tempdir();
     let first = format!(
-        "{}[matcher]\nhttp_addr = \"127.0.0.1:0\"\nreload_interval_ms = 50\n{}",
+        "reload_interval_ms = 50\n{}[matcher]\nhttp_addr = \"127.0.0.1:0\"\n{}",
         stack.broker_toml(),
         integrations()
     );

@@ -1,0 +1,233 @@
+//! One HTTP attempt and what it means (CONTRACT §5): delivered (perhaps with
+//! a reply), retry later (perhaps no sooner than `Retry-After`), gone (410),
+//! or a refused destination.
+
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
+
+use swallow_shared::config::Integration;
+use swallow_shared::messages::{DeliveryJob, HandlerAnswer};
+
+use crate::destination::{AddressPolicy, blocked_in};
+use crate::request;
+
+/// Answers larger than this are cut off and treated as not JSON.
+pub const MAX_ANSWER_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Delivered {
+        answer: Option<HandlerAnswer>,
+    },
+    Retry {
+        error: String,
+        retry_after: Option<Duration>,
+    },
+    Gone,
+    Blocked(String),
+}
+
+/// What an attempt gave, with the bounded status class for metrics
+/// (`2xx`…`5xx`, `timeout`, `connect`, `error`, `blocked`).
+#[derive(Debug, Clone)]
+pub struct Attempted {
+    pub outcome: Outcome,
+    pub class: &'static str,
+    pub status: Option<u16>,
+}
+
+pub async fn attempt(
+    client: &reqwest::Client,
+    policy: &AddressPolicy,
+    job: &DeliveryJob,
+    integration: &Integration,
+) -> Attempted {
+    let url = match url::Url::parse(&job.url) {
+        Ok(u) => u,
+        Err(e) => {
+            return Attempted {
+                outcome: Outcome::Blocked(format!("invalid URL {:?}: {e}", job.url)),
+                class: "blocked",
+                status: None,
+            };
+        }
+    };
+    if let Err(blocked) = policy.check_url(&url) {
+        return Attempted {
+            outcome: Outcome::Blocked(blocked.to_string()),
+            class: "blocked",
+            status: None,
+        };
+    }
+    let now_secs = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let post = request::build(job, integration, now_secs);
+    let mut builder = client
+        .post(url)
+        .timeout(integration.timeout)
+        .header(CONTENT_TYPE, post.content_type)
+        .body(post.body);
+    for (name, value) in post.headers {
+        builder = builder.header(name, value);
+    }
+    let response = match builder.send().await {
+        Ok(r) => r,
+        Err(e) => return transport_error(&e),
+    };
+    let status = response.status();
+    let retry_after = retry_after(response.headers());
+    let code = status.as_u16();
+    let class = match code {
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    if status.is_success() {
+        let answer = match read_capped(response).await {
+            Ok(Some(bytes)) => parse_answer(&bytes),
+            Ok(None) => None,
+            Err(e) => return transport_error(&e),
+        };
+        return Attempted {
+            outcome: Outcome::Delivered { answer },
+            class,
+            status: Some(code),
+        };
+    }
+    let outcome = if code == 410 {
+        Outcome::Gone
+    } else {
+        Outcome::Retry {
+            error: format!("HTTP {code}"),
+            retry_after: if code == 429 || code == 503 { retry_after } else { None },
+        }
+    };
+    Attempted {
+        outcome,
+        class,
+        status: Some(code),
+    }
+}
+
+fn transport_error(e: &reqwest::Error) -> Attempted {
+    if let Some(blocked) = blocked_in(e) {
+        return Attempted {
+            outcome: Outcome::Blocked(blocked.to_string()),
+            class: "blocked",
+            status: None,
+        };
+    }
+    let class = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else {
+        "error"
+    };
+    // The full chain says "connection refused" or "reset by peer".
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    Attempted {
+        outcome: Outcome::Retry {
+            error: format!("{class}: {message}"),
+            retry_after: None,
+        },
+        class,
+        status: None,
+    }
+}
+
+/// The body, or `None` when it is larger than [`MAX_ANSWER_BYTES`].
+async fn read_capped(mut response: reqwest::Response) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    if response.content_length().is_some_and(|n| n as usize > MAX_ANSWER_BYTES) {
+        return Ok(None);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(when.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+}
+
+/// A reply when the answer is a JSON object with a non-empty `text`.
+pub fn parse_answer(bytes: &[u8]) -> Option<HandlerAnswer> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let obj = value.as_object()?;
+    let string = |k: &str| {
+        obj.get(k)
+            .and_then(|v| v.as_str())
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    };
+    let text = string("text")?;
+    Some(HandlerAnswer {
+        text,
+        username: string("username"),
+        icon_url: string("icon_url"),
+        icon_emoji: string("icon_emoji"),
+        attachments: obj.get("attachments").filter(|a| !a.is_null()).cloned(),
+        response_type: string("response_type"),
+        thread_ts: string("thread_ts"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers() {
+        assert_eq!(parse_answer(b""), None);
+        assert_eq!(parse_answer(b"ok"), None);
+        assert_eq!(parse_answer(b"{}"), None);
+        assert_eq!(parse_answer(br#"{"text":""}"#), None);
+        assert_eq!(parse_answer(br#"{"text":5}"#), None);
+        assert_eq!(parse_answer(br#"["text"]"#), None);
+        let a = parse_answer(
+            br#"{"text":"African or European?","username":"monty","response_type":"comment","attachments":[{"a":1}]}"#,
+        )
+        .unwrap();
+        assert_eq!(a.text, "African or European?");
+        assert_eq!(a.username.as_deref(), Some("monty"));
+        assert_eq!(a.response_type.as_deref(), Some("comment"));
+        assert_eq!(a.attachments, Some(serde_json::json!([{"a": 1}])));
+    }
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, "2".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
+        let later = SystemTime::now() + Duration::from_secs(120);
+        h.insert(RETRY_AFTER, httpdate::fmt_http_date(later).parse().unwrap());
+        let got = retry_after(&h).unwrap();
+        assert!(
+            got > Duration::from_secs(100) && got <= Duration::from_secs(120),
+            "{got:?}"
+        );
+        h.insert(RETRY_AFTER, "soon".parse().unwrap());
+        assert_eq!(retry_after(&h), None);
+    }
+}

@@ -1,0 +1,87 @@
+//! The deliverer's metrics (CONTRACT §7). Labels are bounded: outcomes,
+//! status classes and dead-letter reasons are fixed sets.
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Registry};
+use swallow_shared::metrics::{counter, counter_vec, gauge, register};
+
+pub const OUTCOMES: [&str; 5] = ["delivered", "retried", "dead", "dropped", "rate_limited"];
+pub const CLASSES: [&str; 8] = ["2xx", "3xx", "4xx", "5xx", "timeout", "connect", "error", "blocked"];
+pub const DEAD_REASONS: [&str; 7] = [
+    "max_attempts",
+    "max_age",
+    "gone",
+    "blocked_destination",
+    "unknown_integration",
+    "invalid_job",
+    "unsupported_version",
+];
+
+#[derive(Clone)]
+pub(crate) struct DelivererMetrics {
+    pub deliveries: IntCounterVec,
+    pub attempts: IntCounterVec,
+    pub dead: IntCounterVec,
+    pub duration: Histogram,
+    pub in_flight: IntGauge,
+    pub replies_queued: IntCounter,
+    pub deferred: IntCounterVec,
+}
+
+impl DelivererMetrics {
+    pub fn new(registry: &Registry) -> Self {
+        let m = DelivererMetrics {
+            deliveries: counter_vec(
+                registry,
+                "swallow_deliveries_total",
+                "Delivery jobs handled, by outcome (delivered, retried, dead, dropped, rate_limited).",
+                &["outcome"],
+            ),
+            attempts: counter_vec(
+                registry,
+                "swallow_delivery_attempts_total",
+                "HTTP attempts, by status class (2xx..5xx) or failure (timeout, connect, error, blocked).",
+                &["class"],
+            ),
+            dead: counter_vec(
+                registry,
+                "swallow_deliveries_dead_total",
+                "Delivery jobs dead-lettered, by reason.",
+                &["reason"],
+            ),
+            duration: register(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new("swallow_delivery_duration_seconds", "Duration of one HTTP attempt.").buckets(
+                        vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+                    ),
+                )
+                .expect("valid histogram"),
+            ),
+            in_flight: gauge(registry, "swallow_deliveries_in_flight", "HTTP attempts under way."),
+            replies_queued: counter(
+                registry,
+                "swallow_replies_queued_total",
+                "Handler answers with text handed to the responder.",
+            ),
+            deferred: counter_vec(
+                registry,
+                "swallow_jobs_deferred_total",
+                "Jobs parked on the delay ladder without an attempt, by reason (schedule, busy).",
+                &["reason"],
+            ),
+        };
+        for o in OUTCOMES {
+            m.deliveries.with_label_values(&[o]);
+        }
+        for c in CLASSES {
+            m.attempts.with_label_values(&[c]);
+        }
+        for r in DEAD_REASONS {
+            m.dead.with_label_values(&[r]);
+        }
+        for r in ["schedule", "busy"] {
+            m.deferred.with_label_values(&[r]);
+        }
+        m
+    }
+}

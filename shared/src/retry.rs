@@ -1,0 +1,85 @@
+//! The retry schedule (CONTRACT §5): exponential from about 1 s, doubling,
+//! capped at 5 minutes, with full jitter, and at least a `Retry-After`.
+//!
+//! The exponential ceilings come from `backon`'s builder (the maintained
+//! successor of the unmaintained `backoff` crate). Full jitter (a uniform
+//! draw between zero and the ceiling) is applied on top, because backon's
+//! own jitter only adds to the delay. Retries are durable, so the schedule
+//! is computed from the attempt number carried in the message, not from an
+//! in-memory iterator.
+
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use rand::Rng;
+
+#[derive(Debug, Clone, Copy)]
+pub struct RetrySchedule {
+    pub first: Duration,
+    pub cap: Duration,
+}
+
+impl Default for RetrySchedule {
+    fn default() -> Self {
+        RetrySchedule {
+            first: Duration::from_secs(1),
+            cap: Duration::from_secs(300),
+        }
+    }
+}
+
+impl RetrySchedule {
+    /// The most the wait after failed attempt number `attempt` (1-based) can be.
+    pub fn ceiling(&self, attempt: u32) -> Duration {
+        ExponentialBuilder::default()
+            .with_min_delay(self.first)
+            .with_max_delay(self.cap)
+            .with_factor(2.0)
+            .without_max_times()
+            .build()
+            .nth(attempt.saturating_sub(1).min(64) as usize)
+            .unwrap_or(self.cap)
+    }
+
+    /// The wait after failed attempt `attempt`: full jitter under the ceiling,
+    /// but never less than what the handler asked for with `Retry-After`.
+    pub fn delay(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        let ceiling = self.ceiling(attempt);
+        let jittered = Duration::from_secs_f64(rand::rng().random_range(0.0..=ceiling.as_secs_f64()));
+        match retry_after {
+            Some(at_least) => jittered.max(at_least.min(self.cap)),
+            None => jittered,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ceilings_double_from_one_second_to_five_minutes() {
+        let s = RetrySchedule::default();
+        let got: Vec<u64> = (1..=11).map(|a| s.ceiling(a).as_secs()).collect();
+        assert_eq!(got, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
+        assert_eq!(s.ceiling(1000), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn delays_stay_under_the_ceiling_and_honour_retry_after() {
+        let s = RetrySchedule::default();
+        for attempt in 1..=10 {
+            for _ in 0..100 {
+                assert!(s.delay(attempt, None) <= s.ceiling(attempt));
+            }
+        }
+        for _ in 0..100 {
+            assert!(s.delay(1, Some(Duration::from_secs(2))) >= Duration::from_secs(2));
+        }
+        assert_eq!(
+            s.delay(1, Some(Duration::from_secs(3600))).as_secs(),
+            300,
+            "Retry-After is capped"
+        );
+    }
+}
