@@ -21,6 +21,8 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::OnceCell;
 
+pub mod handler;
+
 pub use swallow_shared::Topology;
 
 static BROKER: OnceCell<String> = OnceCell::const_new();
