@@ -498,9 +498,12 @@ async fn a_waiting_retry_survives_sigkill_and_replay_brings_dead_jobs_back() {
     let stack = TestStack::new("dlv-durable").await.unwrap();
     let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = healthy.clone();
-    let handler = HandlerServer::start(move |_, _| {
+    let handler = HandlerServer::start(move |r, _| {
         if flag.load(std::sync::atomic::Ordering::SeqCst) {
             Answer::status(200)
+        } else if r.path == "/retry" {
+            // Come back no sooner than 3 s: the deliverer is killed meanwhile.
+            Answer::status(503).header("retry-after", "3")
         } else {
             Answer::status(500)
         }
@@ -523,8 +526,8 @@ async fn a_waiting_retry_survives_sigkill_and_replay_brings_dead_jobs_back() {
     dead_jobs.push(job("retry", &handler.url("/retry"), "r"));
     publish_jobs(&stack, &dead_jobs).await;
     handler.until(6, T, "first attempts").await;
-    // Wait until the retry job is parked on the ladder (its first retry is
-    // at most 1 s away) and the others are dead, then kill the deliverer.
+    // Wait until the retry job is parked on the ladder and the others are
+    // dead, then kill the deliverer.
     wait_for(T, "the retry to be parked", || async {
         (metric(
             deliverer.ops_addr,
@@ -543,7 +546,7 @@ async fn a_waiting_retry_survives_sigkill_and_replay_brings_dead_jobs_back() {
     .await;
     deliverer.kill().await;
     healthy.store(true, std::sync::atomic::Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_secs(2)).await; // the parked retry is due while nobody runs
+    tokio::time::sleep(Duration::from_secs(3)).await; // the parked retry falls due while nobody runs
     assert_eq!(handler.requests().iter().filter(|r| r.path == "/retry").count(), 1);
     let restarted = StageProcess::spawn("swallow-deliverer", &path, &HashMap::new()).unwrap();
     restarted.ready(T).await;
