@@ -21,22 +21,20 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use lapin::Connection;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicAckOptions;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use swallow_shared::broker::{self, ConfirmedPublisher, Health, SessionError, Supervisor};
 use swallow_shared::config::{Integration, OnLimit};
+use swallow_shared::consume::{ConsumeOptions, consume};
 use swallow_shared::messages::{DeliveryJob, MESSAGE_VERSION, ReplyJob, now_millis};
 use swallow_shared::metrics::CommonMetrics;
 use swallow_shared::pacing::{Admission, RateLimiter};
-use swallow_shared::retry::RetrySchedule;
+use swallow_shared::retry::{RetryBudget, RetryDecision, RetrySchedule};
 use swallow_shared::{Config, Integrations, Topology, delay, ops, reload};
 
 pub use attempt::{MAX_ANSWER_BYTES, Outcome, parse_answer};
@@ -173,59 +171,19 @@ struct Context {
 }
 
 async fn session(connection: Arc<Connection>, ctx: Arc<Context>) -> Result<(), SessionError> {
-    let channel = connection.create_channel().await?;
-    ctx.topology.declare(&channel).await?;
-    channel.basic_qos(ctx.prefetch, BasicQosOptions::default()).await?;
-    let publisher = ConfirmedPublisher::open(&connection).await?;
-    let mut consumer = channel
-        .basic_consume(
-            ctx.work_queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    ctx.health.set_ready(true);
-    info!(queue = %ctx.work_queue, concurrency = ctx.prefetch, "deliverer consuming");
-
-    let mut tasks: JoinSet<Result<(), SessionError>> = JoinSet::new();
-    let result = loop {
-        tokio::select! {
-            _ = ctx.shutdown.cancelled() => break Ok(()),
-            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                if let Ok(Err(error)) = done {
-                    break Err(error);
-                }
-            }
-            next = consumer.next() => match next {
-                None => break Err(SessionError::ConsumerEnded(ctx.work_queue.clone())),
-                Some(Err(error)) => break Err(error.into()),
-                Some(Ok(delivery)) => {
-                    tasks.spawn(handle(delivery, ctx.clone(), publisher.clone()));
-                }
-            },
-        }
+    let options = ConsumeOptions {
+        stage: "deliverer",
+        topology: &ctx.topology,
+        queue: &ctx.work_queue,
+        prefetch: ctx.prefetch,
+        health: &ctx.health,
+        shutdown: &ctx.shutdown,
+        grace: SHUTDOWN_GRACE,
     };
-    ctx.health.set_ready(false);
-    if result.is_ok() {
-        let _ = channel
-            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-            .await;
-        info!(
-            in_flight = tasks.len(),
-            "deliverer stopping: finishing attempts under way"
-        );
-        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async { while tasks.join_next().await.is_some() {} }).await;
-        if drained.is_err() {
-            warn!(
-                left = tasks.len(),
-                "grace period over: handing unfinished jobs back to the broker"
-            );
-            tasks.abort_all();
-        }
-    }
-    while tasks.join_next().await.is_some() {}
-    result
+    consume(connection, options, |delivery, publisher| {
+        handle(delivery, ctx.clone(), publisher)
+    })
+    .await
 }
 
 /// What to do with a job, decided before anything is acknowledged.
@@ -276,20 +234,17 @@ async fn handle(delivery: Delivery, ctx: Arc<Context>, publisher: ConfirmedPubli
             status,
             job,
         } => {
-            let mut headers = FieldTable::default();
-            broker::set_header(&mut headers, "x-swallow-reason", reason);
-            broker::set_header(&mut headers, "x-swallow-error", detail.clone());
+            let mut headers = vec![("reason", reason.to_owned()), ("error", detail.clone())];
             if let Some(status) = status {
-                broker::set_header(&mut headers, "x-swallow-status", status.to_string());
+                headers.push(("status", status.to_string()));
             }
             if let Some(job) = &job {
-                broker::set_header(&mut headers, "x-swallow-integration", job.integration_id.clone());
-                broker::set_header(&mut headers, "x-swallow-delivery-id", job.delivery_id.clone());
-                broker::set_header(&mut headers, "x-swallow-attempts", job.attempt.to_string());
-                broker::set_header(&mut headers, "x-swallow-url", job.url.clone());
+                headers.push(("integration", job.integration_id.clone()));
+                headers.push(("delivery-id", job.delivery_id.clone()));
+                headers.push(("attempts", job.attempt.to_string()));
+                headers.push(("url", job.url.clone()));
             }
-            let properties = broker::persistent_json().with_headers(headers);
-            publisher.publish("", &ctx.dead_queue, &body, properties).await?;
+            delay::dead_letter(&publisher, &ctx.dead_queue, &body, &headers).await?;
             ctx.metrics.deliveries.with_label_values(&["dead"]).inc();
             ctx.metrics.dead.with_label_values(&[reason]).inc();
             warn!(
@@ -462,20 +417,23 @@ fn after_attempt(
         Outcome::Blocked(detail) => dead_after(job, "blocked_destination", detail, status),
         Outcome::Retry { error, retry_after } => {
             job.last_error = Some(error.clone());
-            if job.attempt >= integration.max_attempts {
-                let detail = format!("{} attempts; last: {error}", job.attempt);
-                return dead_after(job, "max_attempts", detail, status);
-            }
-            let wait = ctx.schedule.delay(job.attempt, retry_after);
+            let budget = RetryBudget {
+                max_attempts: integration.max_attempts,
+                max_age: integration.max_age,
+                created_at_ms: job.created_at_ms,
+            };
             let now = now_millis();
-            let due = now + wait.as_millis() as u64;
-            if due >= job.created_at_ms + integration.max_age.as_millis() as u64 {
-                let detail = format!("the next retry would be past max_age_s; last: {error}");
-                return dead_after(job, "max_age", detail, status);
+            match ctx
+                .schedule
+                .after_failure(budget, job.attempt, retry_after, now, &error)
+            {
+                RetryDecision::GiveUp { reason, detail } => dead_after(job, reason, detail, status),
+                RetryDecision::RetryIn(wait) => {
+                    ctx.metrics.deliveries.with_label_values(&["retried"]).inc();
+                    job.not_before_ms = Some(now + wait.as_millis() as u64);
+                    Action::Park { job, wait }
+                }
             }
-            ctx.metrics.deliveries.with_label_values(&["retried"]).inc();
-            job.not_before_ms = Some(due);
-            Action::Park { job, wait }
         }
     }
 }

@@ -13,23 +13,27 @@ mod metrics;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use futures_util::StreamExt;
+use std::time::Duration;
+
 use lapin::Connection;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicAckOptions;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use swallow_shared::broker::{self, ConfirmedPublisher, Health, SessionError, Supervisor};
+use swallow_shared::consume::{ConsumeOptions, consume};
 use swallow_shared::messages::{DeliveryJob, MESSAGE_VERSION, now_millis};
 use swallow_shared::metrics::CommonMetrics;
 use swallow_shared::{ChatEvent, Config, Topology, ops, reload};
 
 pub use index::{IntegrationIndex, Match};
 use metrics::MatcherMetrics;
+
+/// How long shutdown waits for events being matched (publishing their jobs
+/// takes milliseconds; this only bounds a stuck broker).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// The matcher could not start.
 #[derive(Debug, thiserror::Error)]
@@ -150,51 +154,20 @@ struct Context {
 
 /// One connection's worth of consuming.
 async fn session(connection: Arc<Connection>, ctx: Arc<Context>) -> Result<(), SessionError> {
-    let channel = connection.create_channel().await?;
-    ctx.topology.declare(&channel).await?;
-    channel.basic_qos(ctx.prefetch, BasicQosOptions::default()).await?;
-    let publisher = ConfirmedPublisher::open(&connection).await?;
     let queue = ctx.topology.events_queue();
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    ctx.health.set_ready(true);
-    info!(%queue, prefetch = ctx.prefetch, "matcher consuming");
-
-    let mut tasks: JoinSet<Result<(), SessionError>> = JoinSet::new();
-    let result = loop {
-        tokio::select! {
-            _ = ctx.shutdown.cancelled() => break Ok(()),
-            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                if let Ok(Err(error)) = done {
-                    break Err(error);
-                }
-            }
-            next = consumer.next() => match next {
-                None => break Err(SessionError::ConsumerEnded(queue.clone())),
-                Some(Err(error)) => break Err(error.into()),
-                Some(Ok(delivery)) => {
-                    tasks.spawn(handle(delivery, ctx.clone(), publisher.clone()));
-                }
-            },
-        }
+    let options = ConsumeOptions {
+        stage: "matcher",
+        topology: &ctx.topology,
+        queue: &queue,
+        prefetch: ctx.prefetch,
+        health: &ctx.health,
+        shutdown: &ctx.shutdown,
+        grace: SHUTDOWN_GRACE,
     };
-    ctx.health.set_ready(false);
-    if result.is_ok() {
-        // Take no more; what was delivered but not started is requeued when
-        // the channel closes, what was started is finished and acknowledged.
-        let _ = channel
-            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-            .await;
-        info!(in_flight = tasks.len(), "matcher stopping: finishing in-flight events");
-    }
-    while tasks.join_next().await.is_some() {}
-    result
+    consume(connection, options, |delivery, publisher| {
+        handle(delivery, ctx.clone(), publisher)
+    })
+    .await
 }
 
 /// Turns one event into confirmed jobs (or a confirmed invalid copy), then acks it.

@@ -1,12 +1,14 @@
-//! Parking a message on the delay ladder (see `topology`): it comes back to
-//! `queue` after the longest step that does not overshoot `wait`; the
-//! consumer re-parks it for whatever remains (its `not_before_ms` says).
+//! Where a message goes when it is not finished: parked on the delay ladder
+//! (see `topology`) to come back to `queue` after the longest step that does
+//! not overshoot `wait` (the consumer re-parks it for whatever remains, as
+//! its `not_before_ms` says), or dead-lettered with headers saying why.
 
 use std::time::Duration;
 
 use lapin::BasicProperties;
+use lapin::types::FieldTable;
 
-use crate::broker::{ConfirmedPublisher, PublishError};
+use crate::broker::{self, ConfirmedPublisher, PublishError};
 use crate::topology::{Topology, step_for};
 
 /// Publishes `body` to come back to `queue` in about `wait` (confirmed).
@@ -26,4 +28,21 @@ pub async fn park(
         }
         None => publisher.publish("", queue, body, properties).await,
     }
+}
+
+/// Publishes `body` to the dead-letter queue `queue`, persistent, with
+/// `x-swallow-<name>` headers (`reason`, `error`, `attempts`, …).
+pub async fn dead_letter(
+    publisher: &ConfirmedPublisher,
+    queue: &str,
+    body: &[u8],
+    headers: &[(&str, String)],
+) -> Result<(), PublishError> {
+    let mut table = FieldTable::default();
+    for (name, value) in headers {
+        broker::set_header(&mut table, &format!("x-swallow-{name}"), value.clone());
+    }
+    publisher
+        .publish("", queue, body, broker::persistent_json().with_headers(table))
+        .await
 }

@@ -5,6 +5,7 @@
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod consume;
 pub mod delay;
 pub mod event;
 pub mod messages;

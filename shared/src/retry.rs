@@ -53,9 +53,81 @@ impl RetrySchedule {
     }
 }
 
+/// What to do after a failed attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RetryDecision {
+    /// Try again after this long.
+    RetryIn(Duration),
+    /// Stop: `reason` is `max_attempts` or `max_age`.
+    GiveUp { reason: &'static str, detail: String },
+}
+
+/// A message's retry budget.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryBudget {
+    pub max_attempts: u32,
+    pub max_age: Duration,
+    /// When the message was made (ms since epoch); `max_age` counts from here.
+    pub created_at_ms: u64,
+}
+
+impl RetrySchedule {
+    /// Decides after failed attempt number `attempts` (1-based) whose error
+    /// was `error`, at `now_ms`.
+    pub fn after_failure(
+        &self,
+        budget: RetryBudget,
+        attempts: u32,
+        retry_after: Option<Duration>,
+        now_ms: u64,
+        error: &str,
+    ) -> RetryDecision {
+        if attempts >= budget.max_attempts {
+            return RetryDecision::GiveUp {
+                reason: "max_attempts",
+                detail: format!("{attempts} attempts; last: {error}"),
+            };
+        }
+        let wait = self.delay(attempts, retry_after);
+        let deadline = budget.created_at_ms + budget.max_age.as_millis() as u64;
+        if now_ms + wait.as_millis() as u64 >= deadline {
+            return RetryDecision::GiveUp {
+                reason: "max_age",
+                detail: format!("the next attempt would be past max_age_s; last: {error}"),
+            };
+        }
+        RetryDecision::RetryIn(wait)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gives_up_on_attempts_or_age() {
+        let s = RetrySchedule::default();
+        let budget = RetryBudget {
+            max_attempts: 3,
+            max_age: Duration::from_secs(10),
+            created_at_ms: 1_000_000,
+        };
+        assert!(
+            matches!(s.after_failure(budget, 1, None, 1_000_000, "e"), RetryDecision::RetryIn(w) if w <= Duration::from_secs(1))
+        );
+        assert!(matches!(
+            s.after_failure(budget, 3, None, 1_000_000, "e"),
+            RetryDecision::GiveUp {
+                reason: "max_attempts",
+                ..
+            }
+        ));
+        let late = s.after_failure(budget, 1, Some(Duration::from_secs(20)), 1_000_000, "HTTP 429");
+        assert!(
+            matches!(late, RetryDecision::GiveUp { reason: "max_age", .. }),
+            "{late:?}"
+        );
+    }
 
     #[test]
     fn ceilings_double_from_one_second_to_five_minutes() {

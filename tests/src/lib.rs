@@ -443,3 +443,65 @@ pub async fn close_connection_named(name: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The three real binaries, started on one configuration file.
+pub struct Pipeline {
+    pub matcher: StageProcess,
+    pub deliverer: StageProcess,
+    pub responder: StageProcess,
+}
+
+impl Pipeline {
+    /// Spawns the three stages and waits until each is ready.
+    pub async fn spawn(config: &Path) -> anyhow::Result<Pipeline> {
+        let env = HashMap::new();
+        let p = Pipeline {
+            matcher: StageProcess::spawn("swallow-matcher", config, &env)?,
+            deliverer: StageProcess::spawn("swallow-deliverer", config, &env)?,
+            responder: StageProcess::spawn("swallow-responder", config, &env)?,
+        };
+        for stage in [&p.matcher, &p.deliverer, &p.responder] {
+            stage.ready(Duration::from_secs(30)).await;
+        }
+        Ok(p)
+    }
+}
+
+/// A fresh temporary directory for a test's files.
+pub fn tempdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("swallow-{name}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("creating a temporary directory");
+    dir
+}
+
+/// Binds a queue of the test's own to `<prefix>.chat.outbound` (as a chat
+/// platform would) and drains it.
+pub async fn listen_outbound(stack: &TestStack) -> anyhow::Result<Collector> {
+    let name = format!(
+        "{}.test-outbound-{}",
+        stack.prefix,
+        &uuid::Uuid::new_v4().simple().to_string()[..6]
+    );
+    stack
+        .channel
+        .queue_declare(
+            name.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    stack
+        .channel
+        .queue_bind(
+            name.as_str().into(),
+            stack.topology.chat_outbound_exchange().as_str().into(),
+            "#".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    stack.drain(&name).await
+}

@@ -509,8 +509,7 @@ async fn a_waiting_retry_survives_sigkill_and_replay_brings_dead_jobs_back() {
         }
     })
     .await;
-    let dir = std::env::temp_dir().join(format!("swallow-dlv-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tempdir("deliverer");
     let text = format!(
         "{}[deliverer]\n{LOOPBACK}\n{}{}",
         stack.broker_toml(),

@@ -229,7 +229,7 @@ async fn malformed_events_go_to_invalid_and_never_stop_the_matcher() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_reload_while_events_flow_loses_none() {
     let stack = TestStack::new("match-reload").await.unwrap();
-    let dir = tempdir();
+    let dir = tempdir("matcher");
     let first = format!(
         "reload_interval_ms = 50\n{}[matcher]\nhttp_addr = \"127.0.0.1:0\"\n{}",
         stack.broker_toml(),
@@ -308,7 +308,7 @@ async fn config_reload_while_events_flow_loses_none() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_loses_no_event() {
     let stack = TestStack::new("match-kill").await.unwrap();
-    let dir = tempdir();
+    let dir = tempdir("matcher");
     let path = write_config(&dir, &format!("{}{}", stack.broker_toml(), integrations()));
     let mut jobs = stack.drain(&stack.topology.deliveries_queue()).await.unwrap();
     let mut matcher = StageProcess::spawn("swallow-matcher", &path, &HashMap::new()).unwrap();
@@ -394,10 +394,4 @@ async fn forced_connection_close_is_recovered() {
     .await;
     shutdown.cancel();
     matcher.join().await;
-}
-
-fn tempdir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("swallow-test-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }

@@ -1,0 +1,109 @@
+//! The consumer loop every stage runs on its connection: one task per
+//! delivery (at most `prefetch` at once, the broker's qos bounds it), each
+//! acknowledging its delivery only after its effect is confirmed. On
+//! shutdown the consumer is cancelled first, then the tasks under way are
+//! given `grace` to finish; whatever is left is handed back to the broker
+//! (unacknowledged, so redelivered).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::Connection;
+use lapin::message::Delivery;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::Topology;
+use crate::broker::{ConfirmedPublisher, Health, SessionError};
+
+/// What the loop needs besides the handler.
+pub struct ConsumeOptions<'a> {
+    pub stage: &'static str,
+    pub topology: &'a Topology,
+    pub queue: &'a str,
+    pub prefetch: u16,
+    pub health: &'a Health,
+    pub shutdown: &'a CancellationToken,
+    pub grace: Duration,
+}
+
+/// Declares the topology, consumes `queue` and runs `handle` for every
+/// delivery until shutdown (`Ok`) or a broker failure (`Err`).
+pub async fn consume<H, Fut>(
+    connection: Arc<Connection>,
+    options: ConsumeOptions<'_>,
+    handle: H,
+) -> Result<(), SessionError>
+where
+    H: Fn(Delivery, ConfirmedPublisher) -> Fut,
+    Fut: Future<Output = Result<(), SessionError>> + Send + 'static,
+{
+    let ConsumeOptions {
+        stage,
+        topology,
+        queue,
+        prefetch,
+        health,
+        shutdown,
+        grace,
+    } = options;
+    let channel = connection.create_channel().await?;
+    topology.declare(&channel).await?;
+    channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    let publisher = ConfirmedPublisher::open(&connection).await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    health.set_ready(true);
+    info!(stage, queue, prefetch, "consuming");
+
+    let mut tasks: JoinSet<Result<(), SessionError>> = JoinSet::new();
+    let result = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Ok(Err(error)) = done {
+                    break Err(error);
+                }
+            }
+            next = consumer.next() => match next {
+                None => break Err(SessionError::ConsumerEnded(queue.to_owned())),
+                Some(Err(error)) => break Err(error.into()),
+                Some(Ok(delivery)) => {
+                    tasks.spawn(handle(delivery, publisher.clone()));
+                }
+            },
+        }
+    };
+    health.set_ready(false);
+    if result.is_ok() {
+        // Take no more; what was delivered but not started is requeued when
+        // the channel closes, what was started may finish and acknowledge.
+        let _ = channel
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await;
+        info!(stage, in_flight = tasks.len(), "stopping: finishing work under way");
+        let drained = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            warn!(
+                stage,
+                left = tasks.len(),
+                "grace period over: handing unfinished work back to the broker"
+            );
+            tasks.abort_all();
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    let _ = channel.close(200, "stopping".into()).await;
+    result
+}

@@ -1,0 +1,331 @@
+//! The responder against the real broker, and real HTTP servers on loopback
+//! playing Slack's Web API and an incoming webhook.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use swallow_shared::Config;
+use swallow_tests::handler::{Answer, HandlerServer};
+use swallow_tests::*;
+use tokio_util::sync::CancellationToken;
+
+const T: Duration = Duration::from_secs(30);
+
+const INTEGRATION: &str = r##"
+[[integrations]]
+id = "googlebot"
+team_id = "T0001"
+channel = "#test"
+urls = ["http://127.0.0.1:9/"]
+token = "t"
+bot_name = "Google Bot"
+icon_emoji = ":bird:"
+"##;
+
+fn config(stack: &TestStack, responder: &str) -> Config {
+    let text = format!(
+        "{}[responder]\nhttp_addr = \"127.0.0.1:0\"\n{responder}\n{INTEGRATION}",
+        stack.broker_toml()
+    );
+    Config::parse(&text, None).expect("test config")
+}
+
+fn reply(ts: &str, channel: &str, answer: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "v": 1,
+        "delivery_id": format!("msg_{channel}_{ts}"),
+        "integration_id": "googlebot",
+        "team_id": "T0001",
+        "channel_id": channel,
+        "in_reply_to": ts,
+        "answer": answer,
+        "created_at_ms": swallow_shared::messages::now_millis(),
+    })
+}
+
+async fn publish_replies(stack: &TestStack, replies: &[serde_json::Value]) {
+    let mut confirms = Vec::new();
+    for r in replies {
+        confirms.push(
+            stack
+                .channel
+                .basic_publish(
+                    "".into(),
+                    stack.topology.replies_queue().as_str().into(),
+                    Default::default(),
+                    &serde_json::to_vec(r).unwrap(),
+                    lapin::BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    for c in confirms {
+        assert!(c.await.unwrap().is_ack());
+    }
+}
+
+async fn outbound_queue(stack: &TestStack) -> Collector {
+    listen_outbound(stack).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_sink_posts_exactly_the_contract_fields() {
+    let stack = TestStack::new("rsp-amqp").await.unwrap();
+    let mut out = outbound_queue(&stack).await;
+    let shutdown = CancellationToken::new();
+    let responder = swallow_responder::start(config(&stack, ""), shutdown.clone())
+        .await
+        .unwrap();
+    publish_replies(
+        &stack,
+        &[
+            reply(
+                "1355517523.000005",
+                "C2147483705",
+                serde_json::json!({"text": "African or European?"}),
+            ),
+            reply(
+                "2.0",
+                "C2147483705",
+                serde_json::json!({"text": "Ni!", "username": "Tim", "icon_url": "http://127.0.0.1/t.png",
+                                   "response_type": "comment", "attachments": [{"text": "att"}]}),
+            ),
+        ],
+    )
+    .await;
+    out.until(2, T, "outbound replies").await;
+    for d in &out.got {
+        assert_eq!(d.routing_key.as_str(), "T0001.C2147483705");
+        assert_eq!(d.properties.delivery_mode(), &Some(2));
+    }
+    let mut v = out.json();
+    // Replies are posted concurrently: order them by the message they answer.
+    v.sort_by_key(|r| r["in_reply_to"] == "2.0");
+    let keys: BTreeSet<&str> = v[0].as_object().unwrap().keys().map(String::as_str).collect();
+    let want: BTreeSet<&str> = [
+        "team_id",
+        "channel_id",
+        "thread_ts",
+        "text",
+        "username",
+        "icon_url",
+        "icon_emoji",
+        "attachments",
+        "integration_id",
+        "delivery_id",
+        "in_reply_to",
+        "bot_id",
+        "subtype",
+    ]
+    .into();
+    assert_eq!(keys, want);
+    assert_eq!(v[0]["text"], "African or European?");
+    assert_eq!(v[0]["username"], "Google Bot");
+    assert_eq!(v[0]["icon_emoji"], ":bird:");
+    assert_eq!(v[0]["thread_ts"], serde_json::Value::Null);
+    assert_eq!(v[0]["in_reply_to"], "1355517523.000005");
+    assert_eq!(v[0]["delivery_id"], "msg_C2147483705_1355517523.000005");
+    assert_eq!(v[0]["subtype"], "bot_message");
+    assert_eq!(v[1]["username"], "Tim");
+    assert_eq!(v[1]["icon_url"], "http://127.0.0.1/t.png");
+    assert_eq!(v[1]["icon_emoji"], serde_json::Value::Null);
+    assert_eq!(v[1]["thread_ts"], "2.0", "comment: a thread reply to the trigger");
+    assert_eq!(v[1]["attachments"], serde_json::json!([{"text": "att"}]));
+    let m = metric(responder.ops_addr, "swallow_replies_total", &[("outcome", "posted")])
+        .await
+        .unwrap();
+    assert_eq!(m, 2.0);
+    assert_eq!(
+        metric(responder.ops_addr, "swallow_end_to_end_latency_seconds_count", &[])
+            .await
+            .unwrap(),
+        2.0
+    );
+    shutdown.cancel();
+    responder.join().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slack_sink_retries_ok_false_honours_retry_after_and_dead_letters() {
+    let stack = TestStack::new("rsp-slack").await.unwrap();
+    let slack = HandlerServer::start(|r, _| {
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+        match body["text"].as_str().unwrap_or("") {
+            "flaky" => {
+                // ok:false first, ok:true afterwards.
+                Answer::json(serde_json::json!({"ok": FLAKY.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0, "error": "internal_error"}))
+            }
+            "busy" => {
+                if BUSY.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                    Answer::status(429).header("retry-after", "2")
+                } else {
+                    Answer::json(serde_json::json!({"ok": true}))
+                }
+            }
+            "broken" => Answer::status(500),
+            "gone" => Answer::json(serde_json::json!({"ok": false, "error": "channel_not_found"})),
+            _ => Answer::json(serde_json::json!({"ok": true})),
+        }
+    })
+    .await;
+    static FLAKY: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    static BUSY: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let responder_toml = format!(
+        "sink = \"slack\"\nslack_api_base = \"{}\"\nslack_token = \"xoxb-test\"\nmax_attempts = 3\nper_channel_per_second = 100.0\nper_channel_burst = 100",
+        slack.url("/api")
+    );
+    let shutdown = CancellationToken::new();
+    let responder = swallow_responder::start(config(&stack, &responder_toml), shutdown.clone())
+        .await
+        .unwrap();
+    let mut dead = stack.drain(&stack.topology.replies_dead_queue()).await.unwrap();
+    publish_replies(
+        &stack,
+        &[
+            reply(
+                "1.0",
+                "C1",
+                serde_json::json!({"text": "flaky", "response_type": "comment"}),
+            ),
+            reply("2.0", "C2", serde_json::json!({"text": "busy"})),
+            reply("3.0", "C3", serde_json::json!({"text": "broken"})),
+            reply("4.0", "C4", serde_json::json!({"text": "gone"})),
+        ],
+    )
+    .await;
+    dead.until(2, T, "dead replies").await;
+    let reasons: BTreeSet<(String, String)> = dead
+        .got
+        .iter()
+        .map(|d| {
+            (
+                header(d, "x-swallow-reason").unwrap(),
+                header(d, "x-swallow-attempts").unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            ("max_attempts".to_owned(), "3".to_owned()),
+            ("rejected".to_owned(), "1".to_owned())
+        ]
+        .into()
+    );
+    wait_for(T, "two replies posted", || async {
+        (metric(responder.ops_addr, "swallow_replies_total", &[("outcome", "posted")])
+            .await
+            .ok()?
+            == 2.0)
+            .then_some(())
+    })
+    .await;
+    let reqs = slack.requests();
+    let text_of = |r: &swallow_tests::handler::Recorded| {
+        serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["text"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let flaky: Vec<_> = reqs.iter().filter(|r| text_of(r) == "flaky").collect();
+    assert_eq!(flaky.len(), 2, "ok:false was retried once");
+    let f = &flaky[0];
+    assert_eq!(f.path, "/api/chat.postMessage");
+    assert_eq!(f.header("authorization"), Some("Bearer xoxb-test"));
+    let body: serde_json::Value = serde_json::from_slice(&f.body).unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"channel": "C1", "text": "flaky", "username": "Google Bot", "icon_emoji": ":bird:", "thread_ts": "1.0"})
+    );
+    let busy: Vec<_> = reqs.iter().filter(|r| text_of(r) == "busy").collect();
+    assert_eq!(busy.len(), 2);
+    let gap = (busy[1].at - busy[0].at).as_secs_f64();
+    assert!(gap >= 2.0, "retry {gap:.2} s after 429 with Retry-After: 2");
+    assert_eq!(reqs.iter().filter(|r| text_of(r) == "broken").count(), 3);
+    shutdown.cancel();
+    responder.join().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_sink_and_per_channel_pacing() {
+    let stack = TestStack::new("rsp-webhook").await.unwrap();
+    let hook = HandlerServer::start(|_, _| Answer::status(200).body("ok")).await;
+    let responder_toml = format!("sink = \"webhook\"\nwebhook_url = \"{}\"", hook.url("/hooks/abc"));
+    let shutdown = CancellationToken::new();
+    let responder = swallow_responder::start(config(&stack, &responder_toml), shutdown.clone())
+        .await
+        .unwrap();
+    // 10 replies to one channel (paced 1/s, burst 5) and one to another.
+    let mut replies: Vec<_> = (0..10)
+        .map(|i| reply(&format!("{i}.0"), "C1", serde_json::json!({"text": format!("r{i}")})))
+        .collect();
+    replies.push(reply("99.0", "C2", serde_json::json!({"text": "other channel"})));
+    publish_replies(&stack, &replies).await;
+    let reqs = hook.until(11, T, "webhook posts").await;
+    assert!(reqs.iter().all(|r| r.path == "/hooks/abc"));
+    let other = reqs
+        .iter()
+        .position(|r| r.body_str().contains("other channel"))
+        .unwrap();
+    assert!(
+        other <= 5,
+        "the other channel is not held behind C1's pace (position {other})"
+    );
+    let c1: Vec<_> = reqs.iter().filter(|r| r.body_str().contains("\"C1\"")).collect();
+    let t0 = c1[0].at;
+    for (i, r) in c1.iter().enumerate() {
+        let at = (r.at - t0).as_secs_f64();
+        let want = i.saturating_sub(4) as f64;
+        assert!(
+            (at - want).abs() <= 0.6,
+            "reply {i} to C1 at {at:.2} s, expected about {want} s"
+        );
+    }
+    let body: serde_json::Value = serde_json::from_slice(&c1[0].body).unwrap();
+    assert_eq!(body["username"], "Google Bot");
+    assert_eq!(body["channel"], "C1");
+    shutdown.cancel();
+    responder.join().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_loses_no_reply() {
+    let stack = TestStack::new("rsp-kill").await.unwrap();
+    let mut out = outbound_queue(&stack).await;
+    let dir = tempdir("responder");
+    let path = write_config(
+        &dir,
+        &format!(
+            "{}[responder]\nper_channel_per_second = 10000.0\nper_channel_burst = 10000\n{INTEGRATION}",
+            stack.broker_toml()
+        ),
+    );
+    let mut responder = StageProcess::spawn("swallow-responder", &path, &HashMap::new()).unwrap();
+    responder.ready(T).await;
+    let replies: Vec<_> = (0..2000)
+        .map(|i| {
+            reply(
+                &format!("{i}.0"),
+                &format!("C{}", i % 50),
+                serde_json::json!({"text": "ok"}),
+            )
+        })
+        .collect();
+    let publish = publish_replies(&stack, &replies);
+    let kill = async {
+        out.until(200, T, "replies before the kill").await;
+        responder.kill().await;
+    };
+    tokio::join!(publish, kill);
+    let restarted = StageProcess::spawn("swallow-responder", &path, &HashMap::new()).unwrap();
+    restarted.ready(T).await;
+    // A reply posted twice has the same body, so distinct bodies count replies.
+    let unique = |c: &Collector| -> usize { c.got.iter().map(|d| &d.data).collect::<BTreeSet<_>>().len() };
+    out.until_with(Duration::from_secs(60), "every reply after the restart", |c| {
+        unique(c) == 2000
+    })
+    .await;
+    println!("responder sigkill: {} posted, {} unique", out.got.len(), unique(&out));
+    let _ = std::fs::remove_dir_all(dir);
+}
