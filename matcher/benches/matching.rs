@@ -6,12 +6,13 @@ use std::hint::black_box;
 use swallow_matcher::IntegrationIndex;
 use swallow_shared::{ChatEvent, Config};
 
-/// `n` integrations over n/10 teams: half channel-only, a quarter trigger-only
-/// (prefix), a quarter both; the event matches exactly one trigger-only one.
-fn config(n: usize) -> Config {
+/// `n` integrations over `n / per_team` teams: half channel-only, a quarter
+/// trigger-only (prefix), a quarter both; the event matches exactly one
+/// trigger-only one.
+fn config(n: usize, per_team: usize) -> Config {
     let mut text = String::new();
     for i in 0..n {
-        let team = i / 10;
+        let team = i / per_team;
         let body = match i % 4 {
             0 | 1 => format!("channel = \"C{i}\""),
             2 => format!("trigger_words = [\"bot{i}:\", \"b{i}\"]"),
@@ -24,9 +25,8 @@ fn config(n: usize) -> Config {
     Config::parse(&text, None).expect("bench config is valid")
 }
 
-fn event(n: usize) -> ChatEvent {
+fn event() -> ChatEvent {
     // Integration 2 (team T0) is trigger-only with word "bot2:".
-    let _ = n;
     serde_json::from_str(
         r#"{"team_id":"T0","channel_id":"C999999999","channel_name":"general","user_id":"U1",
             "ts":"1355517523.000005","text":"bot2: What is the air-speed velocity of an unladen swallow?"}"#,
@@ -35,11 +35,17 @@ fn event(n: usize) -> ChatEvent {
 }
 
 fn matching(c: &mut Criterion) {
-    let mut group = c.benchmark_group("match_event");
+    bench_group(c, "match_event", 10);
+    // The worst case for an index: every integration in the event's team.
+    bench_group(c, "match_event_one_team", usize::MAX);
+}
+
+fn bench_group(c: &mut Criterion, name: &str, per_team: usize) {
+    let mut group = c.benchmark_group(name);
     for n in [10usize, 10_000, 100_000] {
-        let config = config(n);
+        let config = config(n, per_team);
         let index = IntegrationIndex::new(&config.integrations);
-        let e = event(n);
+        let e = event();
         assert_eq!(index.match_event(&e).unwrap().len(), 1);
         group.bench_with_input(BenchmarkId::from_parameter(n), &e, |b, e| {
             b.iter(|| index.match_event(black_box(e)))

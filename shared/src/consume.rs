@@ -104,6 +104,10 @@ where
         }
     }
     while tasks.join_next().await.is_some() {}
-    let _ = channel.close(200, "stopping".into()).await;
+    if result.is_ok() {
+        drop(consumer);
+        let _ = publisher.channel().close(200, "stopping".into()).await;
+        let _ = channel.close(200, "stopping".into()).await;
+    }
     result
 }

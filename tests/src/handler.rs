@@ -196,3 +196,88 @@ pub async fn resetting_server() -> (SocketAddr, Arc<Mutex<usize>>, tokio::task::
 pub fn refused_addr() -> SocketAddr {
     crate::free_addr()
 }
+
+/// What a chaos handler does with one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chaos {
+    Ok,
+    Error500,
+    Slow(Duration),
+    Reset,
+}
+
+/// A raw HTTP/1.1 server that, per request, answers 200 `{"text":"ok"}`,
+/// 500, answers too late, or resets the connection (TCP RST), as `pick`
+/// says for the n-th request. Returns its address and the count of requests.
+pub async fn chaos_server(
+    pick: impl Fn(usize) -> Chaos + Send + Sync + 'static,
+) -> (
+    SocketAddr,
+    Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    let pick = Arc::new(pick);
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            let pick = pick.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    // Read one request: headers, then Content-Length bytes.
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 8192];
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < head_end + len {
+                        let mut chunk = [0u8; 8192];
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..head_end + len);
+                    let n = seen.fetch_add(1, Ordering::SeqCst);
+                    let (status, body) = match pick(n) {
+                        Chaos::Ok => ("200 OK", "{\"text\":\"ok\"}"),
+                        Chaos::Error500 => ("500 Internal Server Error", "oops"),
+                        Chaos::Slow(d) => {
+                            tokio::time::sleep(d).await;
+                            ("200 OK", "{\"text\":\"too late\"}")
+                        }
+                        Chaos::Reset => {
+                            let _ = stream.set_zero_linger();
+                            return;
+                        }
+                    };
+                    let response = format!(
+                        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if stream.write_all(response.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, count, task)
+}

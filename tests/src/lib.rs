@@ -21,6 +21,8 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::OnceCell;
 
+pub mod chat;
+pub mod googlebot;
 pub mod handler;
 
 pub use swallow_shared::Topology;
@@ -65,6 +67,18 @@ async fn start_container() -> String {
     format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
 }
 
+/// Polls a `/readyz` URL until it answers 200; false after `timeout`.
+pub async fn wait_ready(url: &str, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if reqwest::get(url).await.is_ok_and(|r| r.status().is_success()) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 /// Polls `check` until it returns `Some`, or fails the test after `timeout`
 /// saying what was awaited.
 pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
@@ -96,8 +110,17 @@ pub struct TestStack {
 
 impl TestStack {
     pub async fn new(name: &str) -> anyhow::Result<TestStack> {
-        let url = broker_url().await;
+        Self::on(name, broker_url().await).await
+    }
+
+    /// A stack on the broker at `url`.
+    pub async fn on(name: &str, url: String) -> anyhow::Result<TestStack> {
         let prefix = format!("t-{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        Self::with_prefix(url, prefix).await
+    }
+
+    /// A stack with a given prefix (e.g. to reconnect after a broker restart).
+    pub async fn with_prefix(url: String, prefix: String) -> anyhow::Result<TestStack> {
         let topology = Topology::new(&prefix);
         let connection = Connection::connect(
             &url,
@@ -221,7 +244,8 @@ impl Drop for TestStack {
             rt.block_on(async move {
                 let conn = Connection::connect(&url, ConnectionProperties::default()).await.ok()?;
                 let ch = conn.create_channel().await.ok()?;
-                for q in topology.queues() {
+                let own = format!("{}.test-outbound", topology.prefix());
+                for q in topology.queues().into_iter().chain([own]) {
                     let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
                 }
                 for e in topology.exchanges() {
@@ -352,7 +376,7 @@ impl StageProcess {
             .env_remove("SWALLOW_PREFIX")
             .env(
                 "RUST_LOG",
-                std::env::var("SWALLOW_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+                std::env::var("SWALLOW_TEST_LOG").unwrap_or_else(|_| "error".into()),
             )
             .envs(env)
             .stdin(Stdio::null())
@@ -422,26 +446,35 @@ pub fn metric_in(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 /// Forces closed the broker connection whose `connection_name` is `name`
 /// (and only that one), as an operator would with `rabbitmqctl`.
 pub async fn close_connection_named(name: &str) -> anyhow::Result<()> {
+    let closed = close_connections_matching(&format!("\"{name}\"")).await?;
+    anyhow::ensure!(closed == 1, "expected one connection named {name:?}, closed {closed}");
+    Ok(())
+}
+
+/// Forces closed every connection whose client properties contain `pattern`
+/// (e.g. a test's prefix); returns how many.
+pub async fn close_connections_matching(pattern: &str) -> anyhow::Result<usize> {
     let out = tokio::process::Command::new("rabbitmqctl")
         .args(["-q", "list_connections", "pid", "client_properties"])
         .output()
         .await
         .context("running rabbitmqctl (this test needs a local RabbitMQ)")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let pid = text
+    let pids: Vec<String> = text
         .lines()
-        .find(|l| l.contains(&format!("\"{name}\"")))
-        .and_then(|l| l.split_whitespace().next())
-        .with_context(|| format!("no connection named {name:?} in:\n{text}"))?
-        .to_owned();
-    let status = tokio::process::Command::new("rabbitmqctl")
-        .args(["-q", "close_connection", &pid, "closed by a swallow test"])
-        .status()
-        .await?;
-    if !status.success() {
-        bail!("rabbitmqctl close_connection {pid} failed");
+        .filter(|l| l.contains(pattern))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect();
+    for pid in &pids {
+        let status = tokio::process::Command::new("rabbitmqctl")
+            .args(["-q", "close_connection", pid, "closed by a swallow test"])
+            .status()
+            .await?;
+        if !status.success() {
+            bail!("rabbitmqctl close_connection {pid} failed");
+        }
     }
-    Ok(())
+    Ok(pids.len())
 }
 
 /// The three real binaries, started on one configuration file.
@@ -482,26 +515,142 @@ pub async fn listen_outbound(stack: &TestStack) -> anyhow::Result<Collector> {
         stack.prefix,
         &uuid::Uuid::new_v4().simple().to_string()[..6]
     );
-    stack
-        .channel
-        .queue_declare(
-            name.as_str().into(),
-            lapin::options::QueueDeclareOptions {
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let options = lapin::options::QueueDeclareOptions {
+        auto_delete: true,
+        ..Default::default()
+    };
+    bind_outbound(stack, &name, options, FieldTable::default()).await?;
+    stack.drain(&name).await
+}
+
+/// Like [`listen_outbound`], with a durable quorum queue named
+/// `<prefix>.test-outbound` that outlives a broker restart; drain it again
+/// with [`TestStack::drain`] after one. Deleted when the stack is dropped.
+pub async fn listen_outbound_durable(stack: &TestStack) -> anyhow::Result<(String, Collector)> {
+    let name = format!("{}.test-outbound", stack.prefix);
+    let options = lapin::options::QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("quorum".into()),
+    );
+    bind_outbound(stack, &name, options, args).await?;
+    Ok((name.clone(), stack.drain(&name).await?))
+}
+
+async fn bind_outbound(
+    stack: &TestStack,
+    name: &str,
+    options: lapin::options::QueueDeclareOptions,
+    args: FieldTable,
+) -> anyhow::Result<()> {
+    stack.channel.queue_declare(name.into(), options, args).await?;
     stack
         .channel
         .queue_bind(
-            name.as_str().into(),
+            name.into(),
             stack.topology.chat_outbound_exchange().as_str().into(),
             "#".into(),
             Default::default(),
             FieldTable::default(),
         )
         .await?;
-    stack.drain(&name).await
+    Ok(())
+}
+
+/// A RabbitMQ node of a test's own, on free ports, that the test may stop
+/// and start again without disturbing the shared broker. Stopped on drop.
+pub struct OwnBroker {
+    pub node: String,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl OwnBroker {
+    /// Starts a node and waits until it accepts connections.
+    pub async fn start() -> anyhow::Result<OwnBroker> {
+        let port = free_addr().port();
+        let dist = free_addr().port();
+        let node = format!("swallow-t{port}@localhost");
+        let dir = tempdir("rabbit");
+        std::fs::write(dir.join("plugins"), "[].\n")?;
+        // The machine's rabbitmq.conf pins the shared broker's listener: the
+        // node gets a configuration file of its own.
+        std::fs::write(
+            dir.join("rabbitmq.conf"),
+            format!("listeners.tcp.local = 127.0.0.1:{port}\n"),
+        )?;
+        let status = std::process::Command::new("chown")
+            .args(["-R", "rabbitmq:rabbitmq"])
+            .arg(&dir)
+            .status()?;
+        anyhow::ensure!(status.success(), "chown of {} to rabbitmq failed", dir.display());
+        let broker = OwnBroker { node, port, dir };
+        std::fs::write(broker.dir.join("dist_port"), dist.to_string())?;
+        broker.boot().await?;
+        Ok(broker)
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Starts the node (again) with its data directory; waits until it answers.
+    pub async fn boot(&self) -> anyhow::Result<()> {
+        let dist = std::fs::read_to_string(self.dir.join("dist_port"))?;
+        let d = &self.dir;
+        let status = tokio::process::Command::new("rabbitmq-server")
+            .arg("-detached")
+            .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", dist.trim())
+            .env("RABBITMQ_MNESIA_BASE", d.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", d.join("log"))
+            .env("RABBITMQ_PID_FILE", d.join("pid"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d.join("plugins"))
+            .env("RABBITMQ_CONFIG_FILE", d.join("rabbitmq.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .context("running rabbitmq-server (fault tests need a local RabbitMQ installation)")?;
+        anyhow::ensure!(status.success(), "rabbitmq-server -detached failed");
+        let url = self.url();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(c) = Connection::connect(&url, ConnectionProperties::default()).await {
+                let _ = c.close(200, "".into()).await;
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("node {} did not accept connections within 60 s", self.node);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Stops the node (the whole Erlang VM).
+    pub async fn stop(&self) -> anyhow::Result<()> {
+        let status = tokio::process::Command::new("rabbitmqctl")
+            .args(["-q", "-n", &self.node, "stop"])
+            .stdout(Stdio::null())
+            .status()
+            .await?;
+        anyhow::ensure!(status.success(), "rabbitmqctl -n {} stop failed", self.node);
+        Ok(())
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "-n", &self.node, "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

@@ -1,0 +1,30 @@
+//! `swallow-googlebot`: the seed's example handler on its own.
+//! `swallow-googlebot --addr 127.0.0.1:8088`
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(version, about = "The seed's example outgoing-webhook handler")]
+struct Args {
+    #[arg(long, default_value = "127.0.0.1:8088")]
+    addr: SocketAddr,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let bound = swallow_tests::googlebot::serve(args.addr, tx).await?;
+    eprintln!("googlebot answering POSTs on http://{bound}/");
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            Some(post) = rx.recv() => {
+                let text = post.fields.iter().find(|(k, _)| k == "text").map(|(_, v)| v.as_str()).unwrap_or("");
+                println!("POST from swallow: {text}");
+            }
+        }
+    }
+}

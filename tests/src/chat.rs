@@ -1,0 +1,115 @@
+//! The chat side of swallow, for people and tests: publish a chat message as
+//! a chat platform would, and watch replies arriving on
+//! `<prefix>.chat.outbound`.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection};
+
+use swallow_shared::Topology;
+
+/// A Slack-style `ts` for now: seconds and microseconds.
+pub fn ts_now() -> String {
+    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    format!("{}.{:06}", d.as_secs(), d.subsec_micros())
+}
+
+/// The fields of a chat message to publish.
+pub struct Say<'a> {
+    pub team_id: &'a str,
+    pub channel_id: &'a str,
+    pub channel_name: &'a str,
+    pub user_name: &'a str,
+    pub text: &'a str,
+    pub thread_ts: Option<&'a str>,
+}
+
+/// Publishes a chat event (persistent, confirmed); returns it.
+pub async fn say(connection: &Connection, topology: &Topology, say: &Say<'_>) -> anyhow::Result<serde_json::Value> {
+    let channel = connection.create_channel().await?;
+    channel.confirm_select(Default::default()).await?;
+    topology.declare(&channel).await?;
+    let event = serde_json::json!({
+        "team_id": say.team_id, "team_domain": "example",
+        "channel_id": say.channel_id, "channel_name": say.channel_name, "channel_type": "public",
+        "user_id": format!("U{}", say.user_name.to_uppercase()), "user_name": say.user_name,
+        "ts": ts_now(), "thread_ts": say.thread_ts, "text": say.text,
+    });
+    let confirm = channel
+        .basic_publish(
+            topology.events_exchange().as_str().into(),
+            format!("{}.{}", say.team_id, say.channel_id).as_str().into(),
+            Default::default(),
+            &serde_json::to_vec(&event)?,
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into()),
+        )
+        .await?
+        .await?;
+    anyhow::ensure!(confirm.is_ack(), "the broker did not confirm the message");
+    let _ = channel.close(200, "".into()).await;
+    Ok(event)
+}
+
+/// Replies as they arrive on `<prefix>.chat.outbound` (a private queue bound with `#`).
+pub async fn listen(
+    connection: &Connection,
+    topology: &Topology,
+) -> anyhow::Result<impl futures_util::Stream<Item = serde_json::Value>> {
+    let channel = connection.create_channel().await?;
+    topology.declare(&channel).await?;
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            topology.chat_outbound_exchange().as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(consumer.filter_map(move |d| {
+        let _keep = &channel;
+        let v = d.ok().and_then(|d| serde_json::from_slice(&d.data).ok());
+        async move { v }
+    }))
+}
+
+/// One line for a reply: `#C2147483705 Google Bot: African or European?`.
+pub fn show_reply(reply: &serde_json::Value) -> String {
+    let thread = reply["thread_ts"]
+        .as_str()
+        .map(|t| format!(" (thread {t})"))
+        .unwrap_or_default();
+    format!(
+        "#{}{thread} {}: {}",
+        reply["channel_id"].as_str().unwrap_or("?"),
+        reply["username"].as_str().unwrap_or("?"),
+        reply["text"].as_str().unwrap_or("")
+    )
+}

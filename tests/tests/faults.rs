@@ -1,0 +1,286 @@
+//! Fault tests: the three real binaries under load while stages are killed,
+//! connections are forced closed, the broker restarts, the handler misbehaves
+//! and stages are asked to stop. Each is bounded in count and time, and
+//! reports lost and duplicated counts; lost must be 0.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::time::Duration;
+
+use rand::Rng;
+use swallow_tests::handler::{Answer, Chaos, HandlerServer, chaos_server};
+use swallow_tests::*;
+
+/// A configuration where one channel-only integration matches every event,
+/// with limits out of the way so the faults are what is tested.
+fn config_text(stack: &TestStack, url: &str, extra: &str) -> String {
+    format!(
+        "reload_interval_ms = 500\n{}prefetch = 64\n[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n[responder]\nper_channel_per_second = 100000.0\nper_channel_burst = 100000\n\n[[integrations]]\nid = \"load\"\nteam_id = \"T0001\"\nchannel = \"C2147483705\"\nurls = [\"{url}\"]\ntoken = \"t\"\nrate_limit = {{ per_second = 100000.0, burst = 100000 }}\n{extra}\n",
+        stack.broker_toml()
+    )
+}
+
+fn events(range: std::ops::Range<usize>) -> Vec<Vec<u8>> {
+    range
+        .map(|i| serde_json::to_vec(&chat_event(&format!("message {i}"), &format!("{i}.000001"))).unwrap())
+        .collect()
+}
+
+/// Publishes `bodies` at a steady pace over about `over`.
+async fn steady(stack: &TestStack, bodies: Vec<Vec<u8>>, over: Duration) {
+    let batches = 40usize;
+    let per = bodies.len().div_ceil(batches);
+    for chunk in bodies.chunks(per) {
+        stack.publish_events_bytes(chunk).await.expect("publishing events");
+        tokio::time::sleep(over / batches as u32).await;
+    }
+}
+
+/// Distinct `webhook-id`s the handler saw / distinct replies that came out.
+fn unique_posts(handler: &HandlerServer) -> BTreeSet<String> {
+    handler
+        .requests()
+        .iter()
+        .filter_map(|r| r.header("webhook-id").map(str::to_owned))
+        .collect()
+}
+
+fn unique_replies(out: &Collector) -> BTreeSet<String> {
+    out.json()
+        .iter()
+        .map(|r| r["delivery_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Waits until `n` distinct POSTs and `n` distinct replies, then reports.
+async fn expect_all(what: &str, n: usize, handler: &HandlerServer, out: &mut Collector, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while (unique_posts(handler).len() < n || unique_replies(out).len() < n) && tokio::time::Instant::now() < deadline {
+        out.settle(Duration::from_millis(250)).await;
+    }
+    let posts = unique_posts(handler).len();
+    let replies = unique_replies(out).len();
+    println!(
+        "{what}: POSTs {} ({} duplicates), replies {} ({} duplicates), lost POSTs {}, lost replies {}",
+        handler.count(),
+        handler.count() - posts,
+        out.got.len(),
+        out.got.len() - replies,
+        n - posts,
+        n - replies
+    );
+    assert_eq!(posts, n, "{what}: lost {} POSTs", n - posts);
+    assert_eq!(replies, n, "{what}: lost {} replies", n - replies);
+}
+
+fn respawn(bin: &str, path: &Path) -> StageProcess {
+    StageProcess::spawn(bin, path, &HashMap::new()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_each_stage_under_load_loses_nothing() {
+    let stack = TestStack::new("fault-kill").await.unwrap();
+    let handler = HandlerServer::start(|_, _| Answer::text("ok")).await;
+    let dir = tempdir("fault-kill");
+    let path = write_config(&dir, &config_text(&stack, &handler.url("/load"), ""));
+    let mut out = listen_outbound(&stack).await.unwrap();
+    let mut p = Pipeline::spawn(&path).await.unwrap();
+    const N: usize = 5000;
+
+    let load = steady(&stack, events(0..N), Duration::from_secs(10));
+    let chaos = async {
+        for stage in ["swallow-matcher", "swallow-deliverer", "swallow-responder"] {
+            let pause = rand::rng().random_range(1000..2500);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            let process = match stage {
+                "swallow-matcher" => &mut p.matcher,
+                "swallow-deliverer" => &mut p.deliverer,
+                _ => &mut p.responder,
+            };
+            process.kill().await;
+            *process = respawn(stage, &path);
+            process.ready(Duration::from_secs(30)).await;
+        }
+    };
+    tokio::join!(load, chaos);
+    expect_all("sigkill each stage", N, &handler, &mut out, Duration::from_secs(120)).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_closed_connections_are_recovered_under_load() {
+    let stack = TestStack::new("fault-close").await.unwrap();
+    let handler = HandlerServer::start(|_, _| Answer::text("ok")).await;
+    let dir = tempdir("fault-close");
+    let path = write_config(&dir, &config_text(&stack, &handler.url("/load"), ""));
+    let mut out = listen_outbound(&stack).await.unwrap();
+    let p = Pipeline::spawn(&path).await.unwrap();
+    const N: usize = 2000;
+    let load = steady(&stack, events(0..N), Duration::from_secs(6));
+    let close = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Every stage's connection (their names carry the test's prefix).
+        let closed = close_connections_matching(&format!("swallow-matcher {}", stack.prefix))
+            .await
+            .unwrap()
+            + close_connections_matching(&format!("swallow-deliverer {}", stack.prefix))
+                .await
+                .unwrap()
+            + close_connections_matching(&format!("swallow-responder {}", stack.prefix))
+                .await
+                .unwrap();
+        assert_eq!(closed, 3, "one connection per stage");
+    };
+    tokio::join!(load, close);
+    expect_all("forced close", N, &handler, &mut out, Duration::from_secs(90)).await;
+    for stage in [&p.matcher, &p.deliverer, &p.responder] {
+        assert!(
+            metric(stage.ops_addr, "swallow_broker_reconnects_total", &[])
+                .await
+                .unwrap()
+                >= 1.0
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_is_survived_and_readyz_tells() {
+    let broker = OwnBroker::start()
+        .await
+        .expect("starting a broker node of the test's own");
+    let stack = TestStack::on("fault-restart", broker.url()).await.unwrap();
+    let handler = HandlerServer::start(|_, _| Answer::text("ok")).await;
+    let dir = tempdir("fault-restart");
+    let path = write_config(&dir, &config_text(&stack, &handler.url("/load"), ""));
+    let (queue, mut out) = listen_outbound_durable(&stack).await.unwrap();
+    let p = Pipeline::spawn(&path).await.unwrap();
+    const N: usize = 1000;
+    stack.publish_events_bytes(&events(0..N)).await.unwrap();
+    handler.until(50, Duration::from_secs(30), "the first deliveries").await;
+
+    broker.stop().await.unwrap();
+    let not_ready = |addr| async move {
+        let r = reqwest::get(format!("http://{addr}/readyz")).await.ok()?;
+        (r.status() == 503).then_some(())
+    };
+    for stage in [&p.matcher, &p.deliverer, &p.responder] {
+        wait_for(Duration::from_secs(30), "/readyz to say 503 without a broker", || {
+            not_ready(stage.ops_addr)
+        })
+        .await;
+    }
+    broker.boot().await.unwrap();
+    for stage in [&p.matcher, &p.deliverer, &p.responder] {
+        stage.ready(Duration::from_secs(60)).await;
+    }
+    // The test's own connection died with the broker: reconnect and drain
+    // the (durable) listening queue again, keeping what arrived before.
+    let stack2 = TestStack::with_prefix(broker.url(), stack.prefix.clone())
+        .await
+        .unwrap();
+    let mut out2 = stack2.drain(&queue).await.unwrap();
+    out.settle(Duration::from_millis(200)).await; // what the old listener took and acked
+    out2.got.append(&mut out.got);
+    stack2.publish_events_bytes(&events(N..N + 500)).await.unwrap();
+    expect_all("broker restart", N + 500, &handler, &mut out2, Duration::from_secs(120)).await;
+    drop(stack2);
+    drop(stack);
+    drop(broker);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chaos_handler_ends_every_delivery_delivered_or_dead() {
+    let stack = TestStack::new("fault-chaos").await.unwrap();
+    let (addr, _count, _task) = chaos_server(|_| {
+        let roll: f64 = rand::rng().random();
+        if roll < 0.30 {
+            Chaos::Error500
+        } else if roll < 0.40 {
+            Chaos::Slow(Duration::from_millis(600))
+        } else if roll < 0.45 {
+            Chaos::Reset
+        } else {
+            Chaos::Ok
+        }
+    })
+    .await;
+    let dir = tempdir("fault-chaos");
+    let path = write_config(
+        &dir,
+        &config_text(
+            &stack,
+            &format!("http://{addr}/chaos"),
+            "max_attempts = 3\ntimeout_ms = 300",
+        ),
+    );
+    let mut out = listen_outbound(&stack).await.unwrap();
+    let mut dead = stack.drain(&stack.topology.deliveries_dead_queue()).await.unwrap();
+    let p = Pipeline::spawn(&path).await.unwrap();
+    const N: usize = 1000;
+    stack.publish_events_bytes(&events(0..N)).await.unwrap();
+    let ended = |out: &Collector, dead: &Collector| unique_replies(out).len() + dead.got.len();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while ended(&out, &dead) < N && tokio::time::Instant::now() < deadline {
+        out.settle(Duration::from_millis(200)).await;
+        dead.settle(Duration::from_millis(50)).await;
+    }
+    let delivered = unique_replies(&out);
+    let dead_ids: BTreeSet<String> = dead
+        .json()
+        .iter()
+        .map(|j| j["delivery_id"].as_str().unwrap().to_owned())
+        .collect();
+    println!(
+        "chaos: {} delivered, {} dead, {} missing",
+        delivered.len(),
+        dead_ids.len(),
+        N - delivered.len() - dead_ids.len()
+    );
+    assert!(delivered.is_disjoint(&dead_ids), "no delivery both delivered and dead");
+    assert_eq!(delivered.len() + dead_ids.len(), N, "every delivery ended");
+    let addr = p.deliverer.ops_addr;
+    let delivered_metric = metric(addr, "swallow_deliveries_total", &[("outcome", "delivered")])
+        .await
+        .unwrap();
+    let dead_metric = metric(addr, "swallow_deliveries_total", &[("outcome", "dead")])
+        .await
+        .unwrap();
+    assert_eq!(delivered_metric as usize, delivered.len());
+    assert_eq!(dead_metric as usize, dead_ids.len());
+    assert!(dead_ids.len() > 10, "with 45% failures and 3 attempts some must die");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_exits_zero_quickly_and_loses_nothing() {
+    let stack = TestStack::new("fault-term").await.unwrap();
+    let handler = HandlerServer::start(|_, _| Answer::text("ok").after(Duration::from_millis(50))).await;
+    let dir = tempdir("fault-term");
+    let path = write_config(&dir, &config_text(&stack, &handler.url("/load"), ""));
+    let mut out = listen_outbound(&stack).await.unwrap();
+    let mut p = Pipeline::spawn(&path).await.unwrap();
+    const N: usize = 2000;
+    stack.publish_events_bytes(&events(0..N)).await.unwrap();
+    handler
+        .until(200, Duration::from_secs(30), "deliveries under way")
+        .await;
+    for stage in [&p.matcher, &p.deliverer, &p.responder] {
+        stage.signal("TERM").unwrap();
+    }
+    for (name, stage) in [
+        ("matcher", &mut p.matcher),
+        ("deliverer", &mut p.deliverer),
+        ("responder", &mut p.responder),
+    ] {
+        let status = tokio::time::timeout(Duration::from_secs(10), stage.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{name} did not exit within 10 s of SIGTERM"))
+            .unwrap();
+        assert_eq!(status.code(), Some(0), "{name} exits 0 on SIGTERM");
+    }
+    let _again = Pipeline::spawn(&path).await.unwrap();
+    expect_all("sigterm", N, &handler, &mut out, Duration::from_secs(90)).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
