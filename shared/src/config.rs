@@ -762,6 +762,17 @@ rate_limit = { per_second = 2.0, burst = 3, on_limit = "drop" }
     }
 
     #[test]
+    fn the_shipped_configurations_are_valid() {
+        for (name, text) in [
+            ("deploy/example.toml", include_str!("../../deploy/example.toml")),
+            ("deploy/compose.toml", include_str!("../../deploy/compose.toml")),
+        ] {
+            let c = Config::parse(text, Some(Path::new(name))).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(c.integrations.list[0].id, "googlebot", "{name}");
+        }
+    }
+
+    #[test]
     fn duplicate_ids_are_refused() {
         let one =
             "[[integrations]]\nid = \"a\"\nteam_id = \"T1\"\nchannel = \"C1\"\nurls = [\"http://x/\"]\ntoken = \"t\"\n";

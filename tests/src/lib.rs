@@ -295,6 +295,10 @@ impl Collector {
                     self.got.len()
                 ),
             }
+            // Take what else has arrived before checking again (checks may be costly).
+            while let Ok(d) = self.rx.try_recv() {
+                self.got.push(d);
+            }
         }
     }
 
