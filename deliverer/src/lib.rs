@@ -15,22 +15,30 @@ pub mod destination;
 mod metrics;
 pub mod replay;
 pub mod request;
+pub mod shards;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lapin::Connection;
+use std::collections::BTreeSet;
+
+use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::BasicAckOptions;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use swallow_shared::broker::{self, ConfirmedPublisher, Health, SessionError, Supervisor};
 use swallow_shared::config::{Integration, OnLimit};
-use swallow_shared::consume::{ConsumeOptions, consume};
+use swallow_shared::consume::consume_queue;
 use swallow_shared::messages::{DeliveryJob, MESSAGE_VERSION, ReplyJob, now_millis};
 use swallow_shared::metrics::CommonMetrics;
 use swallow_shared::pacing::{Admission, RateLimiter};
@@ -110,14 +118,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Delive
         common.clone(),
         shutdown.clone(),
     );
-    let topology = Topology::new(&config.broker.prefix);
+    let topology = Topology::of(&config.broker);
     let connection_name = format!(
         "swallow-deliverer {} {}",
         config.broker.prefix,
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
     let ctx = Arc::new(Context {
-        work_queue: topology.deliveries_queue(),
+        replica_id: uuid::Uuid::new_v4().simple().to_string(),
         dead_queue: topology.deliveries_dead_queue(),
         replies_queue: topology.replies_queue(),
         topology,
@@ -154,7 +162,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Delive
 
 struct Context {
     topology: Topology,
-    work_queue: String,
+    /// This replica's id in the deliverers' membership.
+    replica_id: String,
     dead_queue: String,
     replies_queue: String,
     prefetch: u16,
@@ -170,20 +179,203 @@ struct Context {
     shutdown: CancellationToken,
 }
 
+/// One connection's worth of work: announce this replica, keep the shards
+/// the assignment gives it (see `shards`), serve each on its own channel.
 async fn session(connection: Arc<Connection>, ctx: Arc<Context>) -> Result<(), SessionError> {
-    let options = ConsumeOptions {
-        stage: "deliverer",
-        topology: &ctx.topology,
-        queue: &ctx.work_queue,
-        prefetch: ctx.prefetch,
-        health: &ctx.health,
-        shutdown: &ctx.shutdown,
-        grace: SHUTDOWN_GRACE,
+    let channel = connection.create_channel().await?;
+    ctx.topology.declare(&channel).await?;
+    let publisher = ConfirmedPublisher::open(&connection).await?;
+    let members_queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let exchange = ctx.topology.deliverers_exchange();
+    channel
+        .queue_bind(
+            members_queue.name().clone(),
+            exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut announcements = channel
+        .basic_consume(
+            members_queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    ctx.health.set_ready(true);
+    info!(replica = %ctx.replica_id, shards = ctx.topology.shards(), "deliverer consuming its shards");
+
+    let mut seen: HashMap<String, Instant> = HashMap::new();
+    let mut held: HashMap<u32, HeldShard> = HashMap::new();
+    let mut tick = tokio::time::interval(shards::TICK);
+    let result = loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => break Ok(()),
+            next = announcements.next() => match next {
+                Some(Ok(d)) => {
+                    if let Ok(id) = std::str::from_utf8(&d.data) {
+                        seen.insert(id.to_owned(), Instant::now());
+                    }
+                }
+                Some(Err(e)) => break Err(e.into()),
+                None => break Err(SessionError::ConsumerEnded(exchange.clone())),
+            },
+            _ = tick.tick() => {
+                if let Err(e) = channel
+                    .basic_publish(exchange.as_str().into(), "".into(), BasicPublishOptions::default(), ctx.replica_id.as_bytes(), BasicProperties::default())
+                    .await
+                {
+                    break Err(e.into());
+                }
+                if let Err(e) = rebalance(&connection, &ctx, &publisher, &mut seen, &mut held).await {
+                    break Err(e);
+                }
+            }
+        }
     };
-    consume(connection, options, |delivery, publisher| {
-        handle(delivery, ctx.clone(), publisher)
-    })
-    .await
+    ctx.health.set_ready(false);
+    for shard in held.values() {
+        shard.stop.cancel();
+    }
+    for (_, shard) in held.drain() {
+        let _ = shard.task.await;
+    }
+    ctx.metrics.shards_held.set(0);
+    if result.is_ok() {
+        let _ = publisher.channel().close(200, "stopping".into()).await;
+        let _ = channel.close(200, "stopping".into()).await;
+    }
+    result
+}
+
+/// A shard this replica serves (or is giving up).
+struct HeldShard {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), SessionError>>,
+}
+
+/// Brings the shards held in line with the assignment for the members seen.
+async fn rebalance(
+    connection: &Arc<Connection>,
+    ctx: &Arc<Context>,
+    publisher: &ConfirmedPublisher,
+    seen: &mut HashMap<String, Instant>,
+    held: &mut HashMap<u32, HeldShard>,
+) -> Result<(), SessionError> {
+    // Shards given up (or failed) are done once their task has finished.
+    let finished: Vec<u32> = held
+        .iter()
+        .filter(|(_, h)| h.task.is_finished())
+        .map(|(k, _)| *k)
+        .collect();
+    for k in finished {
+        let shard = held.remove(&k).expect("listed above");
+        match shard.task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(SessionError::Other(format!("shard {k}: {e}"))),
+        }
+    }
+    seen.insert(ctx.replica_id.clone(), Instant::now());
+    seen.retain(|_, at| at.elapsed() < shards::MEMBER_TTL);
+    let members: BTreeSet<String> = seen.keys().cloned().collect();
+    let integrations = ctx.integrations.borrow().clone();
+    let weights = shards::shard_weights(&ctx.topology, &integrations);
+    let mine = shards::assign(&weights, &members)
+        .remove(&ctx.replica_id)
+        .unwrap_or_default();
+    ctx.metrics.members.set(members.len() as i64);
+
+    for (k, shard) in held.iter() {
+        if !mine.contains(k) && !shard.stop.is_cancelled() {
+            info!(shard = k, "giving the shard up to another replica");
+            shard.stop.cancel();
+        }
+    }
+    let prefetch = (ctx.prefetch as usize / mine.len().max(1)).clamp(1, u16::MAX as usize) as u16;
+    for &k in &mine {
+        if held.contains_key(&k) {
+            continue;
+        }
+        let lease_channel = connection.create_channel().await?;
+        let lease = ctx.topology.shard_lease_queue(k);
+        let granted = lease_channel
+            .queue_declare(
+                lease.as_str().into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        if granted.is_err() {
+            // Another replica still holds it (a broker error closed the
+            // lease channel); try again on a later tick.
+            continue;
+        }
+        let stop = ctx.shutdown.child_token();
+        let task = tokio::spawn(serve_shard(
+            lease_channel,
+            ctx.clone(),
+            publisher.clone(),
+            k,
+            prefetch,
+            stop.clone(),
+        ));
+        held.insert(k, HeldShard { stop, task });
+    }
+    let serving = held.values().filter(|h| !h.stop.is_cancelled()).count();
+    ctx.metrics.shards_held.set(serving as i64);
+    Ok(())
+}
+
+/// Serves shard `k` until `stop`, then releases its lease.
+async fn serve_shard(
+    channel: lapin::Channel,
+    ctx: Arc<Context>,
+    publisher: ConfirmedPublisher,
+    k: u32,
+    prefetch: u16,
+    stop: CancellationToken,
+) -> Result<(), SessionError> {
+    let queue = ctx.topology.delivery_shard_queue(k);
+    let handler_ctx = ctx.clone();
+    let result = consume_queue(
+        &channel,
+        &publisher,
+        "deliverer",
+        &queue,
+        prefetch,
+        &stop,
+        SHUTDOWN_GRACE,
+        || {},
+        |delivery, publisher| handle(delivery, handler_ctx.clone(), publisher),
+    )
+    .await;
+    if result.is_ok() {
+        let lease = ctx.topology.shard_lease_queue(k);
+        let _ = channel
+            .queue_delete(lease.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        let _ = channel.close(200, "shard released".into()).await;
+    }
+    result
 }
 
 /// What to do with a job, decided before anything is acknowledged.
@@ -220,7 +412,7 @@ async fn handle(delivery: Delivery, ctx: Arc<Context>, publisher: ConfirmedPubli
             delay::park(
                 &publisher,
                 &ctx.topology,
-                &ctx.work_queue,
+                &ctx.topology.delivery_queue_for(&job.integration_id),
                 &body,
                 broker::persistent_json(),
                 wait,

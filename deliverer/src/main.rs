@@ -46,8 +46,8 @@ async fn main() -> ExitCode {
             match swallow_deliverer::replay::replay(&config, integration.as_deref(), limit).await {
                 Ok(done) => {
                     println!(
-                        "moved {} dead job(s) back to {}.deliveries; left {} in {}.deliveries.dead",
-                        done.moved, config.broker.prefix, done.left, config.broker.prefix
+                        "moved {} dead job(s) back into line; left {} in {}.deliveries.dead",
+                        done.moved, done.left, config.broker.prefix
                     );
                     ExitCode::SUCCESS
                 }

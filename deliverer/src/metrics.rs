@@ -25,6 +25,8 @@ pub(crate) struct DelivererMetrics {
     pub in_flight: IntGauge,
     pub replies_queued: IntCounter,
     pub deferred: IntCounterVec,
+    pub shards_held: IntGauge,
+    pub members: IntGauge,
 }
 
 impl DelivererMetrics {
@@ -68,6 +70,16 @@ impl DelivererMetrics {
                 "swallow_jobs_deferred_total",
                 "Jobs parked on the delay ladder without an attempt, by reason (schedule, busy).",
                 &["reason"],
+            ),
+            shards_held: gauge(
+                registry,
+                "swallow_deliverer_shards_held",
+                "Delivery shards this replica serves.",
+            ),
+            members: gauge(
+                registry,
+                "swallow_deliverer_members",
+                "Deliverer replicas this replica hears from (itself included).",
             ),
         };
         for o in OUTCOMES {

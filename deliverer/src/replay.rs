@@ -2,7 +2,7 @@
 //!
 //! It looks at each message that was in `<prefix>.deliveries.dead` when it
 //! started (at most once), moves the ones that match into
-//! `<prefix>.deliveries` as fresh jobs (attempts and age reset, the same
+//! their delivery shard's queue as fresh jobs (attempts and age reset, the same
 //! `webhook-id`), confirmed before each dead copy is acknowledged, and leaves
 //! the rest where they were.
 
@@ -30,7 +30,7 @@ pub async fn replay(
     integration: Option<&str>,
     limit: Option<usize>,
 ) -> Result<Replayed, SessionError> {
-    let topology = Topology::new(&config.broker.prefix);
+    let topology = Topology::of(&config.broker);
     let connection = broker::connect(&config.broker.url, "swallow-deliverer replay").await?;
     let channel = connection.create_channel().await?;
     topology.declare(&channel).await?;
@@ -63,7 +63,6 @@ pub async fn replay(
             FieldTable::default(),
         )
         .await?;
-    let work = topology.deliveries_queue();
     let mut seen = 0;
     while seen < present && limit.is_none_or(|l| done.moved < l) {
         let next = match tokio::time::timeout(Duration::from_secs(2), consumer.next()).await {
@@ -82,6 +81,7 @@ pub async fn replay(
                 job.rate_reserved = false;
                 job.last_error = None;
                 let body = serde_json::to_vec(&job).expect("a job always serializes");
+                let work = topology.delivery_queue_for(&job.integration_id);
                 publisher.publish("", &work, &body, broker::persistent_json()).await?;
                 next.ack(BasicAckOptions::default()).await?;
                 done.moved += 1;

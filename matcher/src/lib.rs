@@ -84,14 +84,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Matche
         shutdown.clone(),
     );
     let index = index_updates(integrations, shutdown.clone());
-    let topology = Topology::new(&config.broker.prefix);
+    let topology = Topology::of(&config.broker);
     let connection_name = format!(
         "swallow-matcher {} {}",
         config.broker.prefix,
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
     let ctx = Arc::new(Context {
-        deliveries: topology.deliveries_queue(),
         invalid: topology.events_invalid_queue(),
         topology,
         prefetch: config.broker.prefetch,
@@ -143,7 +142,6 @@ fn index_updates(
 
 struct Context {
     topology: Topology,
-    deliveries: String,
     invalid: String,
     prefetch: u16,
     index: watch::Receiver<Arc<IntegrationIndex>>,
@@ -207,11 +205,8 @@ async fn handle(delivery: Delivery, ctx: Arc<Context>, publisher: ConfirmedPubli
                                 last_error: None,
                             };
                             let body = serde_json::to_vec(&job).expect("a job always serializes");
-                            pending.push(
-                                publisher
-                                    .send("", &ctx.deliveries, &body, broker::persistent_json())
-                                    .await?,
-                            );
+                            let queue = ctx.topology.delivery_queue_for(&m.integration.id);
+                            pending.push(publisher.send("", &queue, &body, broker::persistent_json()).await?);
                         }
                     }
                     let count = pending.len() as u64;

@@ -69,7 +69,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Respon
     let metrics = ResponderMetrics::new(&registry);
     let health = Health::default();
     let addr = config.responder.http_addr;
-    let topology = Topology::new(&config.broker.prefix);
+    let topology = Topology::of(&config.broker);
     let client = || {
         reqwest::Client::builder()
             .user_agent(swallow_shared::USER_AGENT)

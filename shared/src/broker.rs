@@ -196,7 +196,7 @@ impl Supervisor {
     {
         let schedule = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(Duration::from_secs(10))
+            .with_max_delay(Duration::from_secs(4))
             .with_jitter()
             .without_max_times();
         let mut backoff = schedule.build();
@@ -230,7 +230,7 @@ impl Supervisor {
                         }
                         Err(error) => {
                             warn!(%error, "broker session ended; reconnecting");
-                            if started.elapsed() > Duration::from_secs(30) {
+                            if started.elapsed() > Duration::from_secs(10) {
                                 backoff = schedule.build();
                             }
                         }

@@ -92,6 +92,7 @@ struct RawBroker {
     url: Option<String>,
     prefix: Option<String>,
     prefetch: Option<u16>,
+    shards: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -178,6 +179,8 @@ pub struct BrokerConfig {
     pub prefix: String,
     /// Unacknowledged deliveries a consumer may hold (basic.qos).
     pub prefetch: u16,
+    /// Delivery shards: the unit of work one deliverer replica owns at a time.
+    pub shards: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -327,7 +330,14 @@ impl Config {
             url: raw.broker.url.unwrap_or_else(|| DEFAULT_AMQP_URL.into()),
             prefix,
             prefetch: raw.broker.prefetch.unwrap_or(256).max(1),
+            shards: raw.broker.shards.unwrap_or(crate::topology::DEFAULT_SHARDS),
         };
+        if !(1..=1024).contains(&broker.shards) {
+            return Err(field_err(
+                "broker.shards",
+                format!("{} is not between 1 and 1024", broker.shards),
+            ));
+        }
         let matcher = MatcherConfig {
             http_addr: addr("matcher.http_addr", raw.matcher.http_addr, "0.0.0.0:9101")?,
         };

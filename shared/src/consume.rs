@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::Connection;
 use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -54,8 +54,40 @@ where
     } = options;
     let channel = connection.create_channel().await?;
     topology.declare(&channel).await?;
-    channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
     let publisher = ConfirmedPublisher::open(&connection).await?;
+    let ready = || health.set_ready(true);
+    let result = consume_queue(
+        &channel, &publisher, stage, queue, prefetch, shutdown, grace, ready, handle,
+    )
+    .await;
+    health.set_ready(false);
+    if result.is_ok() {
+        let _ = publisher.channel().close(200, "stopping".into()).await;
+        let _ = channel.close(200, "stopping".into()).await;
+    }
+    result
+}
+
+/// Consumes `queue` on `channel` until `stop` (`Ok`, after the work under way
+/// finished or `grace` ran out) or a broker failure (`Err`). `on_consuming`
+/// runs once the consumer is registered.
+#[allow(clippy::too_many_arguments)]
+pub async fn consume_queue<H, Fut>(
+    channel: &Channel,
+    publisher: &ConfirmedPublisher,
+    stage: &'static str,
+    queue: &str,
+    prefetch: u16,
+    stop: &CancellationToken,
+    grace: Duration,
+    on_consuming: impl FnOnce(),
+    handle: H,
+) -> Result<(), SessionError>
+where
+    H: Fn(Delivery, ConfirmedPublisher) -> Fut,
+    Fut: Future<Output = Result<(), SessionError>> + Send + 'static,
+{
+    channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
     let mut consumer = channel
         .basic_consume(
             queue.into(),
@@ -64,13 +96,13 @@ where
             FieldTable::default(),
         )
         .await?;
-    health.set_ready(true);
+    on_consuming();
     info!(stage, queue, prefetch, "consuming");
 
     let mut tasks: JoinSet<Result<(), SessionError>> = JoinSet::new();
     let result = loop {
         tokio::select! {
-            _ = shutdown.cancelled() => break Ok(()),
+            _ = stop.cancelled() => break Ok(()),
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                 if let Ok(Err(error)) = done {
                     break Err(error);
@@ -85,14 +117,18 @@ where
             },
         }
     };
-    health.set_ready(false);
     if result.is_ok() {
         // Take no more; what was delivered but not started is requeued when
         // the channel closes, what was started may finish and acknowledge.
         let _ = channel
             .basic_cancel(consumer.tag(), BasicCancelOptions::default())
             .await;
-        info!(stage, in_flight = tasks.len(), "stopping: finishing work under way");
+        info!(
+            stage,
+            queue,
+            in_flight = tasks.len(),
+            "stopping: finishing work under way"
+        );
         let drained = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
         if drained.is_err() {
             warn!(
@@ -104,10 +140,6 @@ where
         }
     }
     while tasks.join_next().await.is_some() {}
-    if result.is_ok() {
-        drop(consumer);
-        let _ = publisher.channel().close(200, "stopping".into()).await;
-        let _ = channel.close(200, "stopping".into()).await;
-    }
+    drop(consumer);
     result
 }

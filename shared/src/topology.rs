@@ -21,15 +21,73 @@ pub const DELAY_STEP_MIN: Duration = Duration::from_millis(100);
 /// Number of steps: 100 ms · 2^k for k in 0..DELAY_STEPS (100 ms … 409.6 s).
 pub const DELAY_STEPS: u32 = 13;
 
+/// Delivery shards when the configuration does not say.
+pub const DEFAULT_SHARDS: u32 = 16;
+
 /// The names of everything declared under one prefix.
 #[derive(Debug, Clone)]
 pub struct Topology {
     prefix: String,
+    shards: u32,
 }
 
 impl Topology {
+    /// The topology of `prefix` with the default number of delivery shards.
     pub fn new(prefix: impl Into<String>) -> Self {
-        Topology { prefix: prefix.into() }
+        Self::with_shards(prefix, DEFAULT_SHARDS)
+    }
+
+    pub fn with_shards(prefix: impl Into<String>, shards: u32) -> Self {
+        Topology {
+            prefix: prefix.into(),
+            shards: shards.max(1),
+        }
+    }
+
+    /// The topology a configuration describes.
+    pub fn of(broker: &crate::config::BrokerConfig) -> Self {
+        Self::with_shards(&broker.prefix, broker.shards)
+    }
+
+    pub fn shards(&self) -> u32 {
+        self.shards
+    }
+
+    /// The delivery shard an integration's jobs go to: a stable hash
+    /// (FNV-1a) of its id, so every stage and every version agrees.
+    pub fn shard_of(&self, integration_id: &str) -> u32 {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in integration_id.as_bytes() {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        (hash % u64::from(self.shards)) as u32
+    }
+
+    /// Delivery shard `k`'s work queue. Each shard is consumed by one
+    /// deliverer at a time (see `deliverer::shards`).
+    pub fn delivery_shard_queue(&self, k: u32) -> String {
+        format!("{}.deliveries.{k}", self.prefix)
+    }
+
+    /// The work queue of an integration's jobs.
+    pub fn delivery_queue_for(&self, integration_id: &str) -> String {
+        self.delivery_shard_queue(self.shard_of(integration_id))
+    }
+
+    pub fn delivery_queues(&self) -> Vec<String> {
+        (0..self.shards).map(|k| self.delivery_shard_queue(k)).collect()
+    }
+
+    /// The exclusive queue whose holder owns delivery shard `k` (a lease that
+    /// ends with the holder's connection).
+    pub fn shard_lease_queue(&self, k: u32) -> String {
+        format!("{}.deliveries.{k}.lease", self.prefix)
+    }
+
+    /// Fanout exchange the deliverers announce themselves on.
+    pub fn deliverers_exchange(&self) -> String {
+        format!("{}.deliverers", self.prefix)
     }
 
     pub fn prefix(&self) -> &str {
@@ -46,9 +104,6 @@ impl Topology {
     }
     pub fn events_invalid_queue(&self) -> String {
         format!("{}.events.invalid", self.prefix)
-    }
-    pub fn deliveries_queue(&self) -> String {
-        format!("{}.deliveries", self.prefix)
     }
     pub fn deliveries_dead_queue(&self) -> String {
         format!("{}.deliveries.dead", self.prefix)
@@ -73,18 +128,22 @@ impl Topology {
         let mut q = vec![
             self.events_queue(),
             self.events_invalid_queue(),
-            self.deliveries_queue(),
             self.deliveries_dead_queue(),
             self.replies_queue(),
             self.replies_dead_queue(),
         ];
+        q.extend(self.delivery_queues());
         q.extend((0..DELAY_STEPS).map(|s| self.delay_step_name(s)));
         q
     }
 
     /// Every exchange name, for cleanup and inspection.
     pub fn exchanges(&self) -> Vec<String> {
-        let mut e = vec![self.events_exchange(), self.chat_outbound_exchange()];
+        let mut e = vec![
+            self.events_exchange(),
+            self.chat_outbound_exchange(),
+            self.deliverers_exchange(),
+        ];
         e.extend((0..DELAY_STEPS).map(|s| self.delay_step_name(s)));
         e
     }
@@ -106,14 +165,22 @@ impl Topology {
                 )
                 .await?;
         }
-        for queue in [
+        channel
+            .exchange_declare(
+                self.deliverers_exchange().as_str().into(),
+                ExchangeKind::Fanout,
+                durable_exchange,
+                FieldTable::default(),
+            )
+            .await?;
+        let fixed = [
             self.events_queue(),
             self.events_invalid_queue(),
-            self.deliveries_queue(),
             self.deliveries_dead_queue(),
             self.replies_queue(),
             self.replies_dead_queue(),
-        ] {
+        ];
+        for queue in fixed.into_iter().chain(self.delivery_queues()) {
             declare_quorum(channel, &queue, quorum_args()).await?;
         }
         channel
@@ -225,6 +292,21 @@ mod tests {
                 "{ms} ms: {hops} hops, {left:?} left"
             );
         }
+    }
+
+    #[test]
+    fn shards_are_stable_and_spread() {
+        let t = Topology::with_shards("p", 16);
+        assert_eq!(
+            t.shard_of("googlebot"),
+            Topology::with_shards("q", 16).shard_of("googlebot")
+        );
+        let used: std::collections::BTreeSet<u32> = (0..200).map(|i| t.shard_of(&format!("i{i}"))).collect();
+        assert_eq!(used.len(), 16, "200 ids reach every shard");
+        assert_eq!(
+            t.delivery_queue_for("googlebot"),
+            format!("p.deliveries.{}", t.shard_of("googlebot"))
+        );
     }
 
     #[test]

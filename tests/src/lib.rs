@@ -190,26 +190,40 @@ impl TestStack {
 
     /// Starts draining `queue` into a collector (acking what it takes).
     pub async fn drain(&self, queue: &str) -> anyhow::Result<Collector> {
+        self.drain_many(&[queue.to_owned()]).await
+    }
+
+    /// Drains every delivery shard's queue into one collector.
+    pub async fn drain_jobs(&self) -> anyhow::Result<Collector> {
+        self.drain_many(&self.topology.delivery_queues()).await
+    }
+
+    /// Starts draining several queues into one collector.
+    pub async fn drain_many(&self, queues: &[String]) -> anyhow::Result<Collector> {
         let channel = self.connection.create_channel().await?;
         channel.basic_qos(1000, BasicQosOptions::default()).await?;
-        let mut consumer = channel
-            .basic_consume(
-                queue.into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let _keep = channel;
-            while let Some(Ok(delivery)) = consumer.next().await {
-                let _ = delivery.ack(BasicAckOptions::default()).await;
-                if tx.send(delivery).is_err() {
-                    return;
+        for queue in queues {
+            let mut consumer = channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            let tx = tx.clone();
+            let keep = channel.clone();
+            tokio::spawn(async move {
+                let _keep = keep;
+                while let Some(Ok(delivery)) = consumer.next().await {
+                    let _ = delivery.ack(BasicAckOptions::default()).await;
+                    if tx.send(delivery).is_err() {
+                        return;
+                    }
                 }
-            }
-        });
+            });
+        }
         Ok(Collector { rx, got: Vec::new() })
     }
 

@@ -47,17 +47,20 @@ fn job(integration: &str, url: &str, ts: &str) -> serde_json::Value {
 }
 
 async fn publish_jobs(stack: &TestStack, jobs: &[serde_json::Value]) {
-    let bodies: Vec<Vec<u8>> = jobs.iter().map(|j| serde_json::to_vec(j).unwrap()).collect();
     let mut confirms = Vec::new();
-    for body in &bodies {
+    for job in jobs {
+        let body = serde_json::to_vec(job).unwrap();
+        let queue = stack
+            .topology
+            .delivery_queue_for(job["integration_id"].as_str().unwrap());
         confirms.push(
             stack
                 .channel
                 .basic_publish(
                     "".into(),
-                    stack.topology.deliveries_queue().as_str().into(),
+                    queue.as_str().into(),
                     Default::default(),
-                    body,
+                    &body,
                     lapin::BasicProperties::default().with_delivery_mode(2),
                 )
                 .await

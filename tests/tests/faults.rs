@@ -172,7 +172,7 @@ async fn a_broker_restart_is_survived_and_readyz_tells() {
     }
     broker.boot().await.unwrap();
     for stage in [&p.matcher, &p.deliverer, &p.responder] {
-        stage.ready(Duration::from_secs(60)).await;
+        stage.ready(Duration::from_secs(90)).await;
     }
     // The test's own connection died with the broker: reconnect and drain
     // the (durable) listening queue again, keeping what arrived before.

@@ -59,7 +59,7 @@ async fn events_become_exactly_the_expected_jobs() {
     let matcher = swallow_matcher::start(config(&stack, integrations()), shutdown.clone())
         .await
         .unwrap();
-    let mut jobs = stack.drain(&stack.topology.deliveries_queue()).await.unwrap();
+    let mut jobs = stack.drain_jobs().await.unwrap();
 
     let mut seed = chat_event(
         "googlebot: What is the air-speed velocity of an unladen swallow?",
@@ -142,7 +142,7 @@ async fn malformed_events_go_to_invalid_and_never_stop_the_matcher() {
     let matcher = swallow_matcher::start(config(&stack, integrations()), shutdown.clone())
         .await
         .unwrap();
-    let mut jobs = stack.drain(&stack.topology.deliveries_queue()).await.unwrap();
+    let mut jobs = stack.drain_jobs().await.unwrap();
     let mut invalid = stack.drain(&stack.topology.events_invalid_queue()).await.unwrap();
 
     let big_text = "x".repeat(1024 * 1024);
@@ -239,7 +239,7 @@ async fn config_reload_while_events_flow_loses_none() {
     let config = Config::load(&path).unwrap();
     let shutdown = CancellationToken::new();
     let matcher = swallow_matcher::start(config, shutdown.clone()).await.unwrap();
-    let mut jobs = stack.drain(&stack.topology.deliveries_queue()).await.unwrap();
+    let mut jobs = stack.drain_jobs().await.unwrap();
     let added = "\n[[integrations]]\nid = \"late\"\nteam_id = \"T0001\"\ntrigger_words = [\"deploy\"]\nurls = [\"http://127.0.0.1:9/late\"]\ntoken = \"l\"\n";
 
     let publisher = async {
@@ -310,7 +310,7 @@ async fn sigkill_mid_stream_loses_no_event() {
     let stack = TestStack::new("match-kill").await.unwrap();
     let dir = tempdir("matcher");
     let path = write_config(&dir, &format!("{}{}", stack.broker_toml(), integrations()));
-    let mut jobs = stack.drain(&stack.topology.deliveries_queue()).await.unwrap();
+    let mut jobs = stack.drain_jobs().await.unwrap();
     let mut matcher = StageProcess::spawn("swallow-matcher", &path, &HashMap::new()).unwrap();
     matcher.ready(T).await;
 
@@ -363,7 +363,7 @@ async fn forced_connection_close_is_recovered() {
     let matcher = swallow_matcher::start(config(&stack, integrations()), shutdown.clone())
         .await
         .unwrap();
-    let mut jobs = stack.drain(&stack.topology.deliveries_queue()).await.unwrap();
+    let mut jobs = stack.drain_jobs().await.unwrap();
     let ready = |addr| async move {
         reqwest::get(format!("http://{addr}/readyz"))
             .await

@@ -54,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
         None => Config::parse("", None)?,
     };
     config.apply_env(Stage::Matcher)?;
-    let topology = Topology::new(&config.broker.prefix);
+    let topology = Topology::of(&config.broker);
     let connection = swallow_shared::broker::connect(&config.broker.url, "swallow-chat").await?;
     match args.command {
         Command::Say {

@@ -32,7 +32,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut config = Config::load(&args.config)?;
     config.apply_env(Stage::Matcher)?;
-    let topology = Topology::new(&config.broker.prefix);
+    let topology = Topology::of(&config.broker);
     let connection = swallow_shared::broker::connect(&config.broker.url, "swallow-quickstart")
         .await
         .map_err(|e| {
