@@ -141,5 +141,10 @@ where
     }
     while tasks.join_next().await.is_some() {}
     drop(consumer);
+    if result.is_ok() {
+        // A round trip on the channel: when it returns, the broker has
+        // processed every ack sent before it, so closing loses none.
+        let _ = channel.basic_qos(prefetch, BasicQosOptions::default()).await;
+    }
     result
 }

@@ -59,7 +59,7 @@ pub async fn say(connection: &Connection, topology: &Topology, say: &Say<'_>) ->
 pub async fn listen(
     connection: &Connection,
     topology: &Topology,
-) -> anyhow::Result<impl futures_util::Stream<Item = serde_json::Value>> {
+) -> anyhow::Result<impl futures_util::Stream<Item = serde_json::Value> + use<>> {
     let channel = connection.create_channel().await?;
     topology.declare(&channel).await?;
     let queue = channel

@@ -282,5 +282,9 @@ async fn sigterm_under_load_exits_zero_quickly_and_loses_nothing() {
     }
     let _again = Pipeline::spawn(&path).await.unwrap();
     expect_all("sigterm", N, &handler, &mut out, Duration::from_secs(90)).await;
+    // A graceful stop acknowledges everything it finished: no duplicates.
+    assert_eq!(handler.count(), N, "SIGTERM made duplicate POSTs");
+    out.settle(Duration::from_millis(300)).await;
+    assert_eq!(out.got.len(), N, "SIGTERM made duplicate replies");
     let _ = std::fs::remove_dir_all(dir);
 }

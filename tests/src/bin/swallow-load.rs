@@ -1,0 +1,516 @@
+//! `swallow-load`: the load generator behind BENCHMARKS.md.
+//!
+//! Runs the three release binaries (next to this one) against a broker with a
+//! fast keep-alive handler on loopback, and reports in one run:
+//! 1. the broker's ceiling: persistent messages of the same size through one
+//!    durable quorum queue, publisher confirms and manual acks;
+//! 2. pipeline throughput: matched events → POST received → reply on
+//!    `<prefix>.chat.outbound`, sustained;
+//! 3. matcher throughput for unmatched events;
+//! 4. latency percentiles at half the measured pipeline rate;
+//! 5. each stage's peak RSS, and with 10,000 deliveries in flight.
+//!
+//! `cargo build --release --workspace --bins && target/release/swallow-load`
+//! Every loop is bounded in count and time; all traffic is on loopback.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use swallow_shared::Topology;
+
+#[derive(Parser)]
+#[command(about = "Measure swallow against the broker's own ceiling")]
+struct Args {
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    amqp_url: String,
+    /// Seconds of sustained load for the ceiling and the pipeline.
+    #[arg(long, default_value_t = 30)]
+    seconds: u64,
+    /// Messages kept in flight by the publishers.
+    #[arg(long, default_value_t = 2000)]
+    window: usize,
+    /// Where to write the results as JSON.
+    #[arg(long, default_value = "target/swallow-load.json")]
+    out: PathBuf,
+}
+
+fn event_body(i: u64, text: &str) -> Vec<u8> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros();
+    serde_json::to_vec(&serde_json::json!({
+        "team_id": "T0001", "team_domain": "example", "channel_id": "C2147483705", "channel_name": "test",
+        "channel_type": "public", "user_id": "U2147483697", "user_name": "Steve",
+        "ts": format!("{}.{:06}", now / 1_000_000, now % 1_000_000),
+        "text": format!("{text} {i}"),
+    }))
+    .unwrap()
+}
+
+fn micros_now() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros()
+}
+
+/// The broker's ceiling: publish with confirms (a window in flight) into one
+/// durable quorum queue while a consumer acks manually; messages/s through.
+async fn ceiling(url: &str, seconds: u64, window: usize, size: usize) -> anyhow::Result<f64> {
+    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+    let queue = format!("swallow-load-ceiling-{}", std::process::id());
+    let ch = conn.create_channel().await?;
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(queue.as_str().into(), durable, args).await?;
+    let pub_ch = conn.create_channel().await?;
+    pub_ch.confirm_select(Default::default()).await?;
+    ch.basic_qos(500, BasicQosOptions::default()).await?;
+    let mut consumer = ch
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let consumed = Arc::new(Mutex::new(0u64));
+    let counter = consumed.clone();
+    let drain = tokio::spawn(async move {
+        while let Some(Ok(d)) = consumer.next().await {
+            let _ = d.ack(BasicAckOptions::default()).await;
+            *counter.lock().unwrap() += 1;
+        }
+    });
+    let body = vec![b'x'; size];
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut confirms = std::collections::VecDeque::new();
+    let warm = Instant::now() + Duration::from_secs(2);
+    let mut start_count = None;
+    while Instant::now() < deadline {
+        if start_count.is_none() && Instant::now() > warm {
+            start_count = Some((Instant::now(), *consumed.lock().unwrap()));
+        }
+        while confirms.len() >= window {
+            let c: lapin::PublisherConfirm = confirms.pop_front().unwrap();
+            c.await?;
+        }
+        let props = BasicProperties::default().with_delivery_mode(2);
+        confirms.push_back(
+            pub_ch
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    props,
+                )
+                .await?,
+        );
+    }
+    let (t0, c0) = start_count.unwrap_or((Instant::now(), 0));
+    let rate = (*consumed.lock().unwrap() - c0) as f64 / t0.elapsed().as_secs_f64();
+    for c in confirms {
+        let _ = c.await;
+    }
+    drain.abort();
+    let ch2 = conn.create_channel().await?;
+    let _ = ch2.queue_delete(queue.as_str().into(), Default::default()).await;
+    let _ = conn.close(200, "".into()).await;
+    Ok(rate)
+}
+
+/// A keep-alive handler that answers `{"text":"ok"}` (after `delay`) and
+/// records when each event (by its text) arrived.
+async fn handler(delay: Duration) -> (std::net::SocketAddr, Arc<Mutex<HashMap<String, u128>>>) {
+    use axum::Router;
+    use axum::body::Bytes;
+    use axum::extract::State;
+    type Seen = Arc<Mutex<HashMap<String, u128>>>;
+    let seen: Seen = Arc::new(Mutex::new(HashMap::new()));
+    async fn handle(State((seen, delay)): State<(Seen, Duration)>, body: Bytes) -> impl axum::response::IntoResponse {
+        let at = micros_now();
+        let fields: Vec<(String, String)> = serde_urlencoded::from_bytes(&body).unwrap_or_default();
+        if let Some((_, text)) = fields.iter().find(|(k, _)| k == "text") {
+            seen.lock().unwrap().insert(text.clone(), at);
+        }
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            "{\"text\":\"ok\"}",
+        )
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new().fallback(handle).with_state((seen.clone(), delay));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, seen)
+}
+
+struct Stack {
+    prefix: String,
+    children: Vec<(String, tokio::process::Child, u16)>,
+    dir: PathBuf,
+}
+
+impl Stack {
+    async fn start(url: &str, handler: std::net::SocketAddr, name: &str, concurrency: usize) -> anyhow::Result<Stack> {
+        let prefix = format!("load-{name}-{}", std::process::id());
+        let dir = std::env::temp_dir().join(&prefix);
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("swallow.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[broker]\nurl = \"{url}\"\nprefix = \"{prefix}\"\n[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\nconcurrency = {concurrency}\nper_integration_concurrency = {concurrency}\n\
+                 [responder]\nper_channel_per_second = 1000000.0\nper_channel_burst = 1000000\n\n\
+                 [[integrations]]\nid = \"load\"\nteam_id = \"T0001\"\ntrigger_words = [\"load\"]\ntrigger_match = \"word\"\n\
+                 urls = [\"http://{handler}/load\"]\ntoken = \"t\"\nrate_limit = {{ per_second = 1000000.0, burst = 1000000 }}\n"
+            ),
+        )?;
+        let bin_dir = std::env::current_exe()?
+            .parent()
+            .map(Path::to_owned)
+            .unwrap_or_default();
+        let mut children = Vec::new();
+        for stage in ["swallow-matcher", "swallow-deliverer", "swallow-responder"] {
+            let port = swallow_tests::free_addr().port();
+            let child = tokio::process::Command::new(bin_dir.join(stage))
+                .arg("--config")
+                .arg(&path)
+                .env("SWALLOW_HTTP_ADDR", format!("127.0.0.1:{port}"))
+                .env("RUST_LOG", "error")
+                .kill_on_drop(true)
+                .spawn()?;
+            children.push((stage.to_owned(), child, port));
+        }
+        for (stage, _, port) in &children {
+            anyhow::ensure!(
+                swallow_tests::wait_ready(&format!("http://127.0.0.1:{port}/readyz"), Duration::from_secs(30)).await,
+                "{stage} not ready"
+            );
+        }
+        Ok(Stack { prefix, children, dir })
+    }
+
+    /// Peak RSS (VmHWM) and current RSS of each stage, in MiB.
+    fn rss(&self) -> Vec<(String, f64, f64)> {
+        self.children
+            .iter()
+            .map(|(stage, child, _)| {
+                let status =
+                    std::fs::read_to_string(format!("/proc/{}/status", child.id().unwrap_or(0))).unwrap_or_default();
+                let kb = |key: &str| -> f64 {
+                    status
+                        .lines()
+                        .find(|l| l.starts_with(key))
+                        .and_then(|l| l.split_whitespace().nth(1))
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .unwrap_or(0.0)
+                };
+                (stage.clone(), kb("VmHWM:") / 1024.0, kb("VmRSS:") / 1024.0)
+            })
+            .collect()
+    }
+
+    async fn metric(&self, stage: &str, name: &str) -> f64 {
+        let port = self
+            .children
+            .iter()
+            .find(|(s, _, _)| s == stage)
+            .map(|c| c.2)
+            .unwrap_or(0);
+        swallow_tests::metric(format!("127.0.0.1:{port}").parse().unwrap(), name, &[])
+            .await
+            .unwrap_or(0.0)
+    }
+
+    async fn stop(mut self, url: &str) {
+        for (_, child, _) in &mut self.children {
+            let _ = child.kill().await;
+        }
+        if let Ok(conn) = Connection::connect(url, ConnectionProperties::default()).await
+            && let Ok(ch) = conn.create_channel().await
+        {
+            let t = Topology::new(&self.prefix);
+            for q in t.queues() {
+                let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+            }
+            for e in t.exchanges() {
+                let _ = ch.exchange_delete(e.as_str().into(), Default::default()).await;
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Publishes events to the stack, keeping at most `window` not yet answered
+/// (or paced at `rate` per second), for `seconds`; returns publish times.
+async fn drive(
+    conn: &Connection,
+    topology: &Topology,
+    text: &str,
+    seconds: u64,
+    window: usize,
+    rate: Option<f64>,
+    done: &Arc<Mutex<u64>>,
+) -> anyhow::Result<HashMap<String, u128>> {
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(Default::default()).await?;
+    let mut sent: HashMap<String, u128> = HashMap::new();
+    let started = Instant::now();
+    let mut i = 0u64;
+    let mut confirms = std::collections::VecDeque::new();
+    while started.elapsed() < Duration::from_secs(seconds) {
+        if let Some(rate) = rate {
+            let due = started + Duration::from_secs_f64(i as f64 / rate);
+            if due > Instant::now() {
+                tokio::time::sleep_until(due.into()).await;
+            }
+        } else {
+            while i.saturating_sub(*done.lock().unwrap()) as usize >= window {
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+        }
+        let body = event_body(i, text);
+        sent.insert(format!("{text} {i}"), micros_now());
+        confirms.push_back(
+            ch.basic_publish(
+                topology.events_exchange().as_str().into(),
+                "load".into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?,
+        );
+        while confirms.len() > 500 {
+            let c: lapin::PublisherConfirm = confirms.pop_front().unwrap();
+            c.await?;
+        }
+        i += 1;
+    }
+    for c in confirms {
+        c.await?;
+    }
+    Ok(sent)
+}
+
+fn percentiles(mut v: Vec<f64>) -> serde_json::Value {
+    if v.is_empty() {
+        return serde_json::json!(null);
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let p = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    serde_json::json!({"p50": p(0.5), "p90": p(0.9), "p99": p(0.99), "max": v[v.len() - 1], "n": v.len()})
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let url = args.amqp_url.clone();
+    let size = event_body(123456, "load").len();
+    let mut results = serde_json::Map::new();
+
+    println!("1/5 broker ceiling ({size}-byte persistent messages, one quorum queue, confirms, manual acks)…");
+    let ceiling = ceiling(&url, args.seconds.min(20), args.window, size).await?;
+    println!("    ceiling: {ceiling:.0} msg/s");
+    results.insert("ceiling_msgs_per_s".into(), ceiling.into());
+
+    // 2. Pipeline throughput.
+    println!("2/5 pipeline throughput for {} s…", args.seconds);
+    let (addr, _seen) = handler(Duration::ZERO).await;
+    let stack = Stack::start(&url, addr, "pipe", 512).await?;
+    let topology = Topology::new(&stack.prefix);
+    let conn = Connection::connect(&url, ConnectionProperties::default()).await?;
+    let replies = Arc::new(Mutex::new(0u64));
+    let reply_times: Arc<Mutex<HashMap<String, u128>>> = Arc::new(Mutex::new(HashMap::new()));
+    let listen_conn = Connection::connect(&url, ConnectionProperties::default()).await?;
+    let mut stream = Box::pin(swallow_tests::chat::listen(&listen_conn, &topology).await?);
+    let (counter, times) = (replies.clone(), reply_times.clone());
+    tokio::spawn(async move {
+        while let Some(reply) = stream.next().await {
+            let at = micros_now();
+            *counter.lock().unwrap() += 1;
+            if let Some(d) = reply["delivery_id"].as_str() {
+                times.lock().unwrap().insert(d.to_owned(), at);
+            }
+        }
+    });
+    let t0 = Instant::now();
+    let sent = drive(&conn, &topology, "load", args.seconds, args.window, None, &replies).await?;
+    let published = sent.len() as f64;
+    let wait_until = Instant::now() + Duration::from_secs(60);
+    while (*replies.lock().unwrap() as f64) < published && Instant::now() < wait_until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let throughput = *replies.lock().unwrap() as f64 / t0.elapsed().as_secs_f64();
+    let hops = 3.0;
+    println!(
+        "    pipeline: {throughput:.0} matched msg/s end to end ({:.2} × ceiling; target ≥ 0.8 × ceiling/{hops} = {:.0})",
+        throughput / ceiling,
+        0.8 * ceiling / hops
+    );
+    results.insert("pipeline_msgs_per_s".into(), throughput.into());
+    results.insert("pipeline_ratio_to_ceiling".into(), (throughput / ceiling).into());
+    let rss_after_load = stack.rss();
+
+    // 3. Matcher, unmatched.
+    println!("3/5 matcher throughput for unmatched events…");
+    let before = stack.metric("swallow-matcher", "swallow_events_received_total").await;
+    let n_unmatched = 50_000u64;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(Default::default()).await?;
+    let t1 = Instant::now();
+    let mut confirms = Vec::new();
+    for i in 0..n_unmatched {
+        confirms.push(
+            ch.basic_publish(
+                topology.events_exchange().as_str().into(),
+                "x".into(),
+                BasicPublishOptions::default(),
+                &event_body(i, "nothing matches"),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?,
+        );
+    }
+    for c in confirms {
+        c.await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while stack.metric("swallow-matcher", "swallow_events_received_total").await < before + n_unmatched as f64
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let unmatched = n_unmatched as f64 / t1.elapsed().as_secs_f64();
+    println!(
+        "    matcher, unmatched: {unmatched:.0} msg/s ({:.2} × ceiling; target ≥ 0.8)",
+        unmatched / ceiling
+    );
+    results.insert("matcher_unmatched_msgs_per_s".into(), unmatched.into());
+    results.insert(
+        "matcher_unmatched_ratio_to_ceiling".into(),
+        (unmatched / ceiling).into(),
+    );
+
+    // 4. Latency at half the measured rate.
+    let half = (throughput / 2.0).max(1.0);
+    println!("4/5 latency at {half:.0} msg/s for 20 s…");
+    let (addr2, seen2) = handler(Duration::ZERO).await;
+    stack.stop(&url).await;
+    let stack = Stack::start(&url, addr2, "lat", 512).await?;
+    let topology = Topology::new(&stack.prefix);
+    let lat_replies = Arc::new(Mutex::new(0u64));
+    let lat_times: Arc<Mutex<Vec<(String, u128)>>> = Arc::new(Mutex::new(Vec::new()));
+    let listen2 = Connection::connect(&url, ConnectionProperties::default()).await?;
+    let mut stream = Box::pin(swallow_tests::chat::listen(&listen2, &topology).await?);
+    let (counter, times) = (lat_replies.clone(), lat_times.clone());
+    tokio::spawn(async move {
+        while let Some(reply) = stream.next().await {
+            let at = micros_now();
+            *counter.lock().unwrap() += 1;
+            // The reply carries the event's ts; its text is the same for all, so
+            // match replies to events by in_reply_to (the event's ts).
+            if let Some(ts) = reply["in_reply_to"].as_str() {
+                times.lock().unwrap().push((ts.to_owned(), at));
+            }
+        }
+    });
+    let sent = drive(&conn, &topology, "load", 20, usize::MAX, Some(half), &lat_replies).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (*lat_replies.lock().unwrap() as usize) < sent.len() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let to_post: Vec<f64> = sent
+        .iter()
+        .filter_map(|(text, at)| {
+            seen2
+                .lock()
+                .unwrap()
+                .get(text)
+                .map(|p| (*p as f64 - *at as f64) / 1000.0)
+        })
+        .collect();
+    // Reply latency from the event's ts (its publish time, to the microsecond).
+    let to_reply: Vec<f64> = lat_times
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|(ts, at)| {
+            let (s, us) = ts.split_once('.')?;
+            let published = s.parse::<u128>().ok()? * 1_000_000 + us.parse::<u128>().ok()?;
+            Some((*at as f64 - published as f64) / 1000.0)
+        })
+        .collect();
+    let post_p = percentiles(to_post);
+    let reply_p = percentiles(to_reply);
+    println!("    event → POST (ms): {post_p}");
+    println!("    event → reply (ms): {reply_p}");
+    results.insert("half_load_msgs_per_s".into(), half.into());
+    results.insert("latency_event_to_post_ms".into(), post_p);
+    results.insert("latency_event_to_reply_ms".into(), reply_p);
+    stack.stop(&url).await;
+
+    // 5. Memory with 10,000 deliveries in flight (the handler answers after 1 s).
+    println!("5/5 memory with 10,000 deliveries in flight…");
+    let (addr3, seen3) = handler(Duration::from_secs(1)).await;
+    let stack = Stack::start(&url, addr3, "mem", 12_000).await?;
+    let topology = Topology::new(&stack.prefix);
+    let none = Arc::new(Mutex::new(0u64));
+    let sent = drive(&conn, &topology, "load", 2, usize::MAX, Some(5000.0), &none).await?;
+    let mut peak: HashMap<String, f64> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen3.lock().unwrap().len() < sent.len() && Instant::now() < deadline {
+        for (stage, _, rss) in stack.rss() {
+            let e = peak.entry(stage).or_insert(0.0);
+            *e = e.max(rss);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let in_flight_max = stack.metric("swallow-deliverer", "swallow_deliveries_in_flight").await;
+    let hwm = stack.rss();
+    stack.stop(&url).await;
+    println!(
+        "    {} events; peak RSS (MiB) under load and with deliveries in flight:",
+        sent.len()
+    );
+    let mut rss = serde_json::Map::new();
+    for ((stage, hwm_load, _), (_, hwm_mem, _)) in rss_after_load.iter().zip(hwm.iter()) {
+        println!(
+            "    {stage}: {hwm_load:.1} after the throughput run, {hwm_mem:.1} with deliveries in flight (target ≤ 64)"
+        );
+        rss.insert(
+            stage.clone(),
+            serde_json::json!({"peak_mib_throughput": hwm_load, "peak_mib_in_flight": hwm_mem}),
+        );
+    }
+    let _ = in_flight_max;
+    results.insert("rss".into(), rss.into());
+    results.insert("in_flight_events".into(), sent.len().into());
+
+    let _ = conn.close(200, "".into()).await;
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&results)?)?;
+    println!("results written to {}", args.out.display());
+    Ok(())
+}
