@@ -136,6 +136,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Delive
         policy,
         limiter: RateLimiter::new(),
         in_flight: Mutex::new(HashMap::new()),
+        slots: tokio::sync::Semaphore::new(config.deliverer.concurrency),
         schedule: RetrySchedule::default(),
         metrics,
         health: health.clone(),
@@ -173,6 +174,8 @@ struct Context {
     policy: AddressPolicy,
     limiter: RateLimiter<String>,
     in_flight: Mutex<HashMap<String, usize>>,
+    /// `[deliverer] concurrency`: HTTP attempts under way at once.
+    slots: tokio::sync::Semaphore,
     schedule: RetrySchedule,
     metrics: DelivererMetrics,
     health: Health,
@@ -307,7 +310,9 @@ async fn rebalance(
             shard.stop.cancel();
         }
     }
-    let prefetch = (ctx.prefetch as usize / mine.len().max(1)).clamp(1, u16::MAX as usize) as u16;
+    // Each shard may bring up to `concurrency` jobs; `slots` bounds the
+    // attempts under way across all shards.
+    let prefetch = ctx.prefetch;
     for &k in &mine {
         if held.contains_key(&k) {
             continue;
@@ -561,6 +566,7 @@ async fn decide(delivery: &Delivery, ctx: &Context) -> Action {
         return Action::Park { job, wait: BUSY_WAIT };
     };
 
+    let _attempt_slot = ctx.slots.acquire().await.expect("the semaphore is never closed");
     ctx.metrics.in_flight.inc();
     let started = Instant::now();
     let attempted = attempt::attempt(&ctx.client, &ctx.policy, &job, &integration).await;
