@@ -1,6 +1,6 @@
 # One image with the three stages, the chat tool and the example handler.
 # docker build -t swallow .
-FROM rust:1.88-bookworm AS build
+FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked --bins \

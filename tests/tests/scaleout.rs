@@ -238,3 +238,65 @@ async fn a_killed_replica_is_replaced_and_a_new_one_takes_its_share() {
     .await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn matchers_and_responders_scale_out_without_duplicates() {
+    let stack = TestStack::new("scale-mr").await.unwrap();
+    let handler = HandlerServer::start(|_, _| Answer::text("ok")).await;
+    let dir = tempdir("scale-mr");
+    let text = format!(
+        "{}[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n[responder]\nper_channel_per_second = 100000.0\nper_channel_burst = 100000\n\n[[integrations]]\nid = \"all\"\nteam_id = \"T0001\"\nchannel = \"C2147483705\"\nurls = [\"{}\"]\ntoken = \"t\"\nrate_limit = {FAST}\n",
+        stack.broker_toml(),
+        handler.url("/all")
+    );
+    let path = write_config(&dir, &text);
+    let mut out = listen_outbound(&stack).await.unwrap();
+    let stages: Vec<StageProcess> = [
+        "swallow-matcher",
+        "swallow-matcher",
+        "swallow-deliverer",
+        "swallow-responder",
+        "swallow-responder",
+    ]
+    .iter()
+    .map(|bin| StageProcess::spawn(bin, &path, &HashMap::new()).unwrap())
+    .collect();
+    for s in &stages {
+        s.ready(T).await;
+    }
+    const N: usize = 2000;
+    let bodies: Vec<Vec<u8>> = (0..N)
+        .map(|i| serde_json::to_vec(&chat_event(&format!("m{i}"), &format!("{i}.000001"))).unwrap())
+        .collect();
+    for chunk in bodies.chunks(200) {
+        stack.publish_events_bytes(chunk).await.unwrap();
+    }
+    out.until(N, Duration::from_secs(60), "replies").await;
+    out.settle(Duration::from_millis(500)).await;
+    assert_eq!(handler.count(), N, "one POST per event, no duplicates");
+    assert_eq!(out.got.len(), N, "one reply per event, no duplicates");
+    let matched = [
+        metric(stages[0].ops_addr, "swallow_events_received_total", &[])
+            .await
+            .unwrap(),
+        metric(stages[1].ops_addr, "swallow_events_received_total", &[])
+            .await
+            .unwrap(),
+    ];
+    let posted = [
+        metric(stages[3].ops_addr, "swallow_replies_total", &[("outcome", "posted")])
+            .await
+            .unwrap(),
+        metric(stages[4].ops_addr, "swallow_replies_total", &[("outcome", "posted")])
+            .await
+            .unwrap(),
+    ];
+    println!("two matchers took {matched:?} events, two responders posted {posted:?} replies");
+    assert_eq!(matched.iter().sum::<f64>(), N as f64);
+    assert_eq!(posted.iter().sum::<f64>(), N as f64);
+    assert!(
+        matched.iter().all(|&m| m > 0.0) && posted.iter().all(|&p| p > 0.0),
+        "both replicas of each stage worked"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
