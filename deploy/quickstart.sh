@@ -5,7 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v cargo >/dev/null 2>&1; then
-  echo "No Rust toolchain here; with Docker, run: docker compose -f deploy/compose.yaml up --build" >&2
+  if command -v docker >/dev/null 2>&1; then
+    # A laptop with only Docker: the same stack in containers (see deploy/compose.yaml).
+    exec docker compose -f deploy/compose.yaml up --build
+  fi
+  echo "quickstart: needs a Rust toolchain and RabbitMQ on 127.0.0.1:5672, or Docker" >&2
   exit 1
 fi
 if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null && command -v rabbitmq-server >/dev/null 2>&1; then

@@ -22,8 +22,10 @@ async fn main() -> anyhow::Result<()> {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return Ok(()),
             Some(post) = rx.recv() => {
-                let text = post.fields.iter().find(|(k, _)| k == "text").map(|(_, v)| v.as_str()).unwrap_or("");
-                println!("POST from swallow: {text}");
+                println!("googlebot received a POST:");
+                for (k, v) in post.headers.iter().chain(post.fields.iter()) {
+                    println!("  {k}: {v}");
+                }
             }
         }
     }
