@@ -18,7 +18,6 @@ pub mod request;
 pub mod shards;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,14 +35,14 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use swallow_shared::broker::{self, ConfirmedPublisher, Health, SessionError, Supervisor};
+use swallow_shared::broker::{self, ConfirmedPublisher, Health, SessionError};
 use swallow_shared::config::{Integration, OnLimit};
 use swallow_shared::consume::consume_queue;
 use swallow_shared::messages::{DeliveryJob, MESSAGE_VERSION, ReplyJob, now_millis};
-use swallow_shared::metrics::CommonMetrics;
 use swallow_shared::pacing::{Admission, RateLimiter};
 use swallow_shared::retry::{RetryBudget, RetryDecision, RetrySchedule};
-use swallow_shared::{Config, Integrations, Topology, delay, ops, reload};
+use swallow_shared::stage::{ListenError, Running, StageParts};
+use swallow_shared::{Config, Integrations, Stage, Topology, delay};
 
 pub use attempt::{MAX_ANSWER_BYTES, Outcome, parse_answer};
 use destination::{AddressPolicy, GuardedResolver};
@@ -59,24 +58,14 @@ const BUSY_WAIT: Duration = Duration::from_millis(800);
 /// The deliverer could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DelivererError {
-    #[error("binding the metrics/health listener on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Listen(#[from] ListenError),
     #[error("building the HTTP client: {0}")]
     Client(#[from] reqwest::Error),
 }
 
 /// A started deliverer.
-pub struct Deliverer {
-    pub ops_addr: SocketAddr,
-    pub connection_name: String,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Deliverer {
-    pub async fn join(self) {
-        let _ = self.task.await;
-    }
-}
+pub type Deliverer = Running;
 
 /// Runs the deliverer until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), DelivererError> {
@@ -100,30 +89,11 @@ pub fn http_client(policy: &AddressPolicy) -> Result<reqwest::Client, reqwest::E
 
 /// Starts the deliverer and returns once its listener is bound.
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Deliverer, DelivererError> {
-    let registry = prometheus::Registry::new();
-    let common = CommonMetrics::new(&registry);
-    let metrics = DelivererMetrics::new(&registry);
-    let health = Health::default();
-    let addr = config.deliverer.http_addr;
     let policy = AddressPolicy::new(config.deliverer.allow_networks.clone());
     let client = http_client(&policy)?;
-    let (ops_addr, ops_task) = ops::serve(addr, registry, health.clone(), shutdown.clone())
-        .await
-        .map_err(|source| DelivererError::Listen { addr, source })?;
-    info!(%ops_addr, "deliverer listening for /metrics, /healthz, /readyz");
-    let integrations = reload::watch_integrations(
-        config.path.clone(),
-        config.integrations.clone(),
-        config.reload_interval,
-        common.clone(),
-        shutdown.clone(),
-    );
+    let parts = StageParts::new(Stage::Deliverer, &config, &shutdown).await?;
+    let metrics = DelivererMetrics::new(&parts.registry);
     let topology = Topology::of(&config.broker);
-    let connection_name = format!(
-        "swallow-deliverer {} {}",
-        config.broker.prefix,
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
     let ctx = Arc::new(Context {
         replica_id: uuid::Uuid::new_v4().simple().to_string(),
         dead_queue: topology.deliveries_dead_queue(),
@@ -131,7 +101,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Delive
         topology,
         prefetch: config.deliverer.concurrency.min(u16::MAX as usize) as u16,
         per_integration: config.deliverer.per_integration_concurrency,
-        integrations,
+        integrations: parts.integrations.clone(),
         client,
         policy,
         limiter: RateLimiter::new(),
@@ -139,26 +109,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Delive
         slots: tokio::sync::Semaphore::new(config.deliverer.concurrency),
         schedule: RetrySchedule::default(),
         metrics,
-        health: health.clone(),
+        health: parts.health.clone(),
         shutdown: shutdown.clone(),
     });
-    let supervisor = Supervisor {
-        url: config.broker.url.clone(),
-        connection_name: connection_name.clone(),
-        shutdown,
-        health,
-        metrics: common,
-    };
-    let task = tokio::spawn(async move {
-        supervisor.run(|connection| session(connection, ctx.clone())).await;
-        let _ = ops_task.await;
-        info!("deliverer stopped");
-    });
-    Ok(Deliverer {
-        ops_addr,
-        connection_name,
-        task,
-    })
+    Ok(parts.run(&config, shutdown, move |connection| session(connection, ctx.clone())))
 }
 
 struct Context {

@@ -10,7 +10,6 @@
 pub mod index;
 mod metrics;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use std::time::Duration;
@@ -20,13 +19,13 @@ use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::warn;
 
-use swallow_shared::broker::{self, ConfirmedPublisher, Health, SessionError, Supervisor};
+use swallow_shared::broker::{self, ConfirmedPublisher, Health, SessionError};
 use swallow_shared::consume::{ConsumeOptions, consume};
 use swallow_shared::messages::{DeliveryJob, MESSAGE_VERSION, now_millis};
-use swallow_shared::metrics::CommonMetrics;
-use swallow_shared::{ChatEvent, Config, Topology, ops, reload};
+use swallow_shared::stage::{ListenError, Running, StageParts};
+use swallow_shared::{ChatEvent, Config, Stage, Topology};
 
 pub use index::{IntegrationIndex, Match};
 use metrics::MatcherMetrics;
@@ -36,27 +35,10 @@ use metrics::MatcherMetrics;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// The matcher could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum MatcherError {
-    #[error("binding the metrics/health listener on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
-}
+pub type MatcherError = ListenError;
 
 /// A started matcher.
-pub struct Matcher {
-    /// Where `/metrics`, `/healthz` and `/readyz` are served.
-    pub ops_addr: SocketAddr,
-    /// The broker connection's `connection_name`.
-    pub connection_name: String,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Matcher {
-    /// Waits until the matcher has stopped (after shutdown).
-    pub async fn join(self) {
-        let _ = self.task.await;
-    }
-}
+pub type Matcher = Running;
 
 /// Runs the matcher until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), MatcherError> {
@@ -66,56 +48,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Matc
 
 /// Starts the matcher and returns once its listener is bound.
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Matcher, MatcherError> {
-    let registry = prometheus::Registry::new();
-    let common = CommonMetrics::new(&registry);
-    let metrics = MatcherMetrics::new(&registry);
-    let health = Health::default();
-    let addr = config.matcher.http_addr;
-    let (ops_addr, ops_task) = ops::serve(addr, registry, health.clone(), shutdown.clone())
-        .await
-        .map_err(|source| MatcherError::Listen { addr, source })?;
-    info!(%ops_addr, "matcher listening for /metrics, /healthz, /readyz");
-
-    let integrations = reload::watch_integrations(
-        config.path.clone(),
-        config.integrations.clone(),
-        config.reload_interval,
-        common.clone(),
-        shutdown.clone(),
-    );
-    let index = index_updates(integrations, shutdown.clone());
+    let parts = StageParts::new(Stage::Matcher, &config, &shutdown).await?;
+    let metrics = MatcherMetrics::new(&parts.registry);
+    let index = index_updates(parts.integrations.clone(), shutdown.clone());
     let topology = Topology::of(&config.broker);
-    let connection_name = format!(
-        "swallow-matcher {} {}",
-        config.broker.prefix,
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
     let ctx = Arc::new(Context {
         invalid: topology.events_invalid_queue(),
         topology,
         prefetch: config.broker.prefetch,
         index,
         metrics,
-        health: health.clone(),
+        health: parts.health.clone(),
         shutdown: shutdown.clone(),
     });
-    let supervisor = Supervisor {
-        url: config.broker.url.clone(),
-        connection_name: connection_name.clone(),
-        shutdown,
-        health,
-        metrics: common,
-    };
-    let task = tokio::spawn(async move {
-        supervisor.run(|connection| session(connection, ctx.clone())).await;
-        let _ = ops_task.await;
-        info!("matcher stopped");
-    });
-    Ok(Matcher {
-        ops_addr,
-        connection_name,
-        task,
-    })
+    Ok(parts.run(&config, shutdown, move |connection| session(connection, ctx.clone())))
 }
 
 /// Rebuilds the index whenever the integrations change.

@@ -9,7 +9,6 @@
 mod metrics;
 pub mod sink;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,14 +19,14 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use swallow_shared::broker::{self, ConfirmedPublisher, Health, SessionError, Supervisor};
+use swallow_shared::broker::{self, ConfirmedPublisher, Health, SessionError};
 use swallow_shared::config::{RateLimit, Sink};
 use swallow_shared::consume::{ConsumeOptions, consume};
 use swallow_shared::messages::{MESSAGE_VERSION, ReplyJob, now_millis};
-use swallow_shared::metrics::CommonMetrics;
 use swallow_shared::pacing::{Admission, RateLimiter};
 use swallow_shared::retry::{RetryBudget, RetryDecision, RetrySchedule};
-use swallow_shared::{Config, Integration, Integrations, Topology, delay, ops, reload};
+use swallow_shared::stage::{ListenError, Running, StageParts};
+use swallow_shared::{Config, Integration, Integrations, Stage, Topology, delay};
 
 use metrics::ResponderMetrics;
 pub use sink::{BOT_ID, OutboundReply, Posted, ReplySink};
@@ -35,26 +34,17 @@ pub use sink::{BOT_ID, OutboundReply, Posted, ReplySink};
 /// How long shutdown waits for replies being posted.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 
+/// The responder could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ResponderError {
-    #[error("binding the metrics/health listener on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Listen(#[from] ListenError),
     #[error("building the HTTP client: {0}")]
     Client(#[from] reqwest::Error),
 }
 
 /// A started responder.
-pub struct Responder {
-    pub ops_addr: SocketAddr,
-    pub connection_name: String,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Responder {
-    pub async fn join(self) {
-        let _ = self.task.await;
-    }
-}
+pub type Responder = Running;
 
 /// Runs the responder until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), ResponderError> {
@@ -64,11 +54,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Resp
 
 /// Starts the responder and returns once its listener is bound.
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Responder, ResponderError> {
-    let registry = prometheus::Registry::new();
-    let common = CommonMetrics::new(&registry);
-    let metrics = ResponderMetrics::new(&registry);
-    let health = Health::default();
-    let addr = config.responder.http_addr;
     let topology = Topology::of(&config.broker);
     let client = || {
         reqwest::Client::builder()
@@ -95,29 +80,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Respon
             client: client()?,
         },
     };
-    let (ops_addr, ops_task) = ops::serve(addr, registry, health.clone(), shutdown.clone())
-        .await
-        .map_err(|source| ResponderError::Listen { addr, source })?;
-    info!(%ops_addr, sink = sink.name(), "responder listening for /metrics, /healthz, /readyz");
-    let integrations = reload::watch_integrations(
-        config.path.clone(),
-        config.integrations.clone(),
-        config.reload_interval,
-        common.clone(),
-        shutdown.clone(),
-    );
-    let connection_name = format!(
-        "swallow-responder {} {}",
-        config.broker.prefix,
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
+    let parts = StageParts::new(Stage::Responder, &config, &shutdown).await?;
+    let metrics = ResponderMetrics::new(&parts.registry);
+    info!(sink = sink.name(), "responder posting replies");
     let ctx = Arc::new(Context {
         queue: topology.replies_queue(),
         dead_queue: topology.replies_dead_queue(),
         topology,
         prefetch: config.broker.prefetch,
         sink,
-        integrations,
+        integrations: parts.integrations.clone(),
         pace: config.responder.per_channel,
         limiter: RateLimiter::new(),
         schedule: RetrySchedule::default(),
@@ -125,26 +97,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Respon
         max_age: config.responder.max_age,
         timeout: config.responder.timeout,
         metrics,
-        health: health.clone(),
+        health: parts.health.clone(),
         shutdown: shutdown.clone(),
     });
-    let supervisor = Supervisor {
-        url: config.broker.url.clone(),
-        connection_name: connection_name.clone(),
-        shutdown,
-        health,
-        metrics: common,
-    };
-    let task = tokio::spawn(async move {
-        supervisor.run(|connection| session(connection, ctx.clone())).await;
-        let _ = ops_task.await;
-        info!("responder stopped");
-    });
-    Ok(Responder {
-        ops_addr,
-        connection_name,
-        task,
-    })
+    Ok(parts.run(&config, shutdown, move |connection| session(connection, ctx.clone())))
 }
 
 struct Context {

@@ -15,6 +15,7 @@ pub mod pacing;
 pub mod reload;
 pub mod retry;
 pub mod shutdown;
+pub mod stage;
 pub mod topology;
 
 pub use config::{Config, Integration, Integrations, Stage};

@@ -1,0 +1,124 @@
+//! What every stage does to start and run: its metrics registry with the
+//! common metrics, the operations listener (bound first, so a taken port
+//! fails the start), the watched integrations, a connection name operators
+//! can find, and the supervisor that runs the stage's session on every
+//! connection until shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use lapin::Connection;
+use prometheus::Registry;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::broker::{Health, SessionError, Supervisor};
+use crate::config::{Config, Integrations, Stage};
+use crate::metrics::CommonMetrics;
+use crate::{ops, reload};
+
+/// The operations listener could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("binding the metrics/health listener on {addr}: {source}")]
+pub struct ListenError {
+    pub addr: SocketAddr,
+    pub source: std::io::Error,
+}
+
+/// A stage being started: register the stage's own metrics on `registry`,
+/// then [`StageParts::run`] it.
+pub struct StageParts {
+    stage: Stage,
+    pub registry: Registry,
+    pub common: CommonMetrics,
+    pub health: Health,
+    /// The integrations in force, updated on every valid reload.
+    pub integrations: watch::Receiver<Arc<Integrations>>,
+    ops_addr: SocketAddr,
+    ops_task: JoinHandle<()>,
+}
+
+impl StageParts {
+    pub async fn new(stage: Stage, config: &Config, shutdown: &CancellationToken) -> Result<Self, ListenError> {
+        let registry = Registry::new();
+        let common = CommonMetrics::new(&registry);
+        let health = Health::default();
+        let addr = match stage {
+            Stage::Matcher => config.matcher.http_addr,
+            Stage::Deliverer => config.deliverer.http_addr,
+            Stage::Responder => config.responder.http_addr,
+        };
+        let (ops_addr, ops_task) = ops::serve(addr, registry.clone(), health.clone(), shutdown.clone())
+            .await
+            .map_err(|source| ListenError { addr, source })?;
+        info!(stage = stage.name(), %ops_addr, "listening for /metrics, /healthz, /readyz");
+        let integrations = reload::watch_integrations(
+            config.path.clone(),
+            config.integrations.clone(),
+            config.reload_interval,
+            common.clone(),
+            shutdown.clone(),
+        );
+        Ok(StageParts {
+            stage,
+            registry,
+            common,
+            health,
+            integrations,
+            ops_addr,
+            ops_task,
+        })
+    }
+
+    /// Runs `session` on a fresh broker connection, again after every
+    /// failure, until `shutdown`.
+    pub fn run<F, Fut>(self, config: &Config, shutdown: CancellationToken, mut session: F) -> Running
+    where
+        F: FnMut(Arc<Connection>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), SessionError>> + Send + 'static,
+    {
+        let name = self.stage.name();
+        let connection_name = format!(
+            "swallow-{name} {} {}",
+            config.broker.prefix,
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let supervisor = Supervisor {
+            url: config.broker.url.clone(),
+            connection_name: connection_name.clone(),
+            shutdown,
+            health: self.health,
+            metrics: self.common,
+        };
+        let ops_task = self.ops_task;
+        let task = tokio::spawn(async move {
+            supervisor.run(&mut session).await;
+            let _ = ops_task.await;
+            info!(stage = name, "stopped");
+        });
+        Running {
+            ops_addr: self.ops_addr,
+            connection_name,
+            task,
+        }
+    }
+}
+
+/// A started stage.
+pub struct Running {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub ops_addr: SocketAddr,
+    /// The broker connection's `connection_name`.
+    pub connection_name: String,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Waits until the stage has stopped (after shutdown).
+    pub async fn join(self) {
+        let _ = self.task.await;
+    }
+}
