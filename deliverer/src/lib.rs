@@ -411,32 +411,17 @@ async fn handle(delivery: Delivery, ctx: Arc<Context>, publisher: ConfirmedPubli
 }
 
 fn dead(job: DeliveryJob, reason: &'static str, detail: String) -> Action {
+    dead_after(job, reason, detail, None)
+}
+
+/// Dead-letters a job, keeping the last attempt's HTTP status for the headers.
+fn dead_after(job: DeliveryJob, reason: &'static str, detail: String, status: Option<u16>) -> Action {
     Action::Dead {
         body: serde_json::to_vec(&job).expect("a job always serializes"),
         reason,
         detail,
-        status: None,
+        status,
         job: Some(job),
-    }
-}
-
-/// Dead-letters after an attempt, keeping its HTTP status for the headers.
-fn dead_after(job: DeliveryJob, reason: &'static str, detail: String, status: Option<u16>) -> Action {
-    match dead(job, reason, detail) {
-        Action::Dead {
-            body,
-            reason,
-            detail,
-            job,
-            ..
-        } => Action::Dead {
-            body,
-            reason,
-            detail,
-            status,
-            job,
-        },
-        other => other,
     }
 }
 
@@ -459,14 +444,9 @@ async fn decide(delivery: &Delivery, ctx: &Context) -> Action {
     }
 
     // Not due yet: back on the ladder (or a short wait here).
-    let now = now_millis();
-    if let Some(due) = job.not_before_ms.filter(|&due| due > now) {
-        let wait = Duration::from_millis(due - now);
-        if swallow_shared::topology::step_for(wait).is_some() {
-            ctx.metrics.deferred.with_label_values(&["schedule"]).inc();
-            return Action::Park { job, wait };
-        }
-        tokio::time::sleep(wait).await;
+    if let Some(wait) = delay::wait_until_due(job.not_before_ms).await {
+        ctx.metrics.deferred.with_label_values(&["schedule"]).inc();
+        return Action::Park { job, wait };
     }
 
     let integrations = ctx.integrations.borrow().clone();

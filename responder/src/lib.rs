@@ -254,13 +254,8 @@ async fn decide(delivery: &Delivery, ctx: &Context, publisher: &ConfirmedPublish
         let detail = format!("reply version {} is newer than this responder", reply.v);
         return dead(reply, "unsupported_version", detail);
     }
-    let now = now_millis();
-    if let Some(due) = reply.not_before_ms.filter(|&due| due > now) {
-        let wait = Duration::from_millis(due - now);
-        if swallow_shared::topology::step_for(wait).is_some() {
-            return Action::Park { reply, wait };
-        }
-        tokio::time::sleep(wait).await;
+    if let Some(wait) = delay::wait_until_due(reply.not_before_ms).await {
+        return Action::Park { reply, wait };
     }
     let now = now_millis();
     let deadline = reply.created_at_ms + ctx.max_age.as_millis() as u64;
@@ -298,7 +293,7 @@ async fn decide(delivery: &Delivery, ctx: &Context, publisher: &ConfirmedPublish
     match posted {
         Posted::Ok => {
             ctx.metrics.replies.with_label_values(&["posted"]).inc();
-            if let Some(ts_ms) = event_ts_millis(&reply.in_reply_to) {
+            if let Some(ts_ms) = swallow_shared::event::ts_to_millis(&reply.in_reply_to) {
                 let latency = now_millis().saturating_sub(ts_ms);
                 ctx.metrics.end_to_end.observe(latency as f64 / 1000.0);
             }
@@ -329,12 +324,6 @@ async fn decide(delivery: &Delivery, ctx: &Context, publisher: &ConfirmedPublish
             }
         }
     }
-}
-
-/// A Slack `ts` ("1355517523.000005") as ms since the epoch.
-fn event_ts_millis(ts: &str) -> Option<u64> {
-    let secs: f64 = ts.parse().ok()?;
-    (secs.is_finite() && secs > 0.0).then_some((secs * 1000.0) as u64)
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Where replies go (CONTRACT §6): the `<prefix>.chat.outbound` exchange,
 //! Slack's `chat.postMessage`, or an incoming-webhook URL.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use serde::Serialize;
@@ -173,13 +173,7 @@ async fn http_post(request: reqwest::RequestBuilder, slack_api: bool) -> Posted 
         .headers()
         .get(RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.trim().parse::<u64>().map(Duration::from_secs).ok().or_else(|| {
-                httpdate::parse_http_date(v)
-                    .ok()
-                    .map(|t| t.duration_since(SystemTime::now()).unwrap_or_default())
-            })
-        });
+        .and_then(swallow_shared::retry::parse_retry_after);
     if !status.is_success() {
         return Posted::Retry {
             error: format!("HTTP {}", status.as_u16()),

@@ -30,6 +30,20 @@ pub async fn park(
     }
 }
 
+/// For a message due at `not_before_ms`: `Some(wait)` when it should go
+/// back on the ladder for that long; otherwise waits out a remainder too
+/// short to park (under 100 ms) and returns `None`: it is due.
+pub async fn wait_until_due(not_before_ms: Option<u64>) -> Option<Duration> {
+    let now = crate::messages::now_millis();
+    let due = not_before_ms.filter(|&due| due > now)?;
+    let wait = Duration::from_millis(due - now);
+    if step_for(wait).is_some() {
+        return Some(wait);
+    }
+    tokio::time::sleep(wait).await;
+    None
+}
+
 /// Publishes `body` to the dead-letter queue `queue`, persistent, with
 /// `x-swallow-<name>` headers (`reason`, `error`, `attempts`, …).
 pub async fn dead_letter(

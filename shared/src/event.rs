@@ -93,9 +93,14 @@ impl ChatEvent {
 
     /// The event's `ts` as milliseconds since the epoch, when it is a number.
     pub fn ts_millis(&self) -> Option<u64> {
-        let secs: f64 = self.ts.parse().ok()?;
-        (secs.is_finite() && secs > 0.0).then_some((secs * 1000.0) as u64)
+        ts_to_millis(&self.ts)
     }
+}
+
+/// A Slack `ts` ("1355517523.000005") as milliseconds since the epoch.
+pub fn ts_to_millis(ts: &str) -> Option<u64> {
+    let secs: f64 = ts.parse().ok()?;
+    (secs.is_finite() && secs > 0.0).then_some((secs * 1000.0) as u64)
 }
 
 #[cfg(test)]

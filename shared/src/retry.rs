@@ -53,6 +53,19 @@ impl RetrySchedule {
     }
 }
 
+/// A `Retry-After` header value: seconds, or an HTTP date.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
 /// What to do after a failed attempt.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RetryDecision {
@@ -103,6 +116,18 @@ impl RetrySchedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        assert_eq!(parse_retry_after(" 2"), Some(Duration::from_secs(2)));
+        let later = std::time::SystemTime::now() + Duration::from_secs(120);
+        let got = parse_retry_after(&httpdate::fmt_http_date(later)).unwrap();
+        assert!(
+            got > Duration::from_secs(100) && got <= Duration::from_secs(120),
+            "{got:?}"
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+    }
 
     #[test]
     fn gives_up_on_attempts_or_age() {
