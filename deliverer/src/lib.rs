@@ -206,11 +206,21 @@ async fn session(connection: Arc<Connection>, ctx: Arc<Context>) -> Result<(), S
         }
     };
     ctx.health.set_ready(false);
-    for shard in held.values() {
-        shard.stop.cancel();
-    }
-    for (_, shard) in held.drain() {
-        let _ = shard.task.await;
+    if result.is_ok() {
+        // Shutdown: each shard finishes its work under way and releases its lease.
+        for shard in held.values() {
+            shard.stop.cancel();
+        }
+        for (_, shard) in held.drain() {
+            let _ = shard.task.await;
+        }
+    } else {
+        // The connection is gone: nothing can be acknowledged or released on
+        // it any more (and calls on it may never answer); the broker requeues
+        // the shards' unacknowledged jobs and frees their leases by itself.
+        for (_, shard) in held.drain() {
+            shard.task.abort();
+        }
     }
     ctx.metrics.shards_held.set(0);
     if result.is_ok() {
