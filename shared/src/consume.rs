@@ -142,9 +142,18 @@ where
     while tasks.join_next().await.is_some() {}
     drop(consumer);
     if result.is_ok() {
-        // A round trip on the channel: when it returns, the broker has
-        // processed every ack sent before it, so closing loses none.
+        // A round trip on the channel: when it returns, the broker's channel
+        // has taken every ack sent before it. A quorum queue may still hold
+        // some back (RabbitMQ 3.x stashes settlements while a channel has
+        // many commands pending with the queue, and drops the stash when the
+        // channel closes, so those messages are redelivered): give it a
+        // moment to apply them. This narrows duplicates on a graceful stop;
+        // at least once stays the guarantee.
         let _ = channel.basic_qos(prefetch, BasicQosOptions::default()).await;
+        tokio::time::sleep(SETTLE_LINGER).await;
     }
     result
 }
+
+/// How long a stopping consumer keeps its channel open after its last ack.
+const SETTLE_LINGER: Duration = Duration::from_millis(300);
