@@ -8,7 +8,9 @@
 //!    `<prefix>.chat.outbound`, sustained;
 //! 3. matcher throughput for unmatched events;
 //! 4. latency percentiles at half the measured pipeline rate;
-//! 5. each stage's peak RSS, and with 10,000 deliveries in flight.
+//! 5. each stage's peak RSS, and with 10,000 deliveries in flight;
+//! 6. an offered-load sweep (25% to 125% of the measured rate), drawn to a
+//!    PNG: replies out and p99 event → POST against events offered.
 //!
 //! `cargo build --release --workspace --bins && target/release/swallow-load`
 //! Every loop is bounded in count and time; all traffic is on loopback.
@@ -25,6 +27,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use swallow_shared::Topology;
 
+mod plot;
+
 #[derive(Parser)]
 #[command(about = "Measure swallow against the broker's own ceiling")]
 struct Args {
@@ -39,7 +43,19 @@ struct Args {
     /// Where to write the results as JSON.
     #[arg(long, default_value = "target/swallow-load.json")]
     out: PathBuf,
+    /// Where to draw the offered-load sweep (PNG).
+    #[arg(long, default_value = "target/swallow-load.png")]
+    plot: PathBuf,
+    /// Seconds of load at each step of the sweep.
+    #[arg(long, default_value_t = 8)]
+    sweep_seconds: u64,
+    /// Only redraw the plot from a results file of an earlier run.
+    #[arg(long, value_name = "JSON")]
+    replot: Option<PathBuf>,
 }
+
+/// The sweep's steps, as fractions of the measured pipeline throughput.
+const SWEEP: &[f64] = &[0.25, 0.5, 0.75, 1.0, 1.25];
 
 fn event_body(i: u64, text: &str) -> Vec<u8> {
     let now = std::time::SystemTime::now()
@@ -62,9 +78,37 @@ fn micros_now() -> u128 {
         .as_micros()
 }
 
+/// CPU seconds (user + system) process `pid` has used so far, from
+/// `/proc/<pid>/stat` (`None` where there is no such process or no /proc).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name (in parentheses, may hold spaces);
+    // utime and stime are the 14th and 15th fields of the line.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0) // USER_HZ, 100 on Linux
+}
+
+/// The local broker's process (RabbitMQ's `beam.smp`), when it runs here.
+fn broker_pid() -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+        (comm.trim() == "beam.smp").then_some(pid)
+    })
+}
+
+/// CPU seconds used so far by each named process.
+fn cpu_snapshot(pids: &[(String, u32)]) -> Vec<(String, f64)> {
+    pids.iter()
+        .filter_map(|(name, pid)| Some((name.clone(), cpu_seconds(*pid)?)))
+        .collect()
+}
+
 /// The broker's ceiling: publish with confirms (a window in flight) into one
-/// durable quorum queue while a consumer acks manually; messages/s through.
-async fn ceiling(url: &str, seconds: u64, window: usize, size: usize) -> anyhow::Result<f64> {
+/// durable quorum queue while a consumer acks manually; messages/s through,
+/// and messages through in all.
+async fn ceiling(url: &str, seconds: u64, window: usize, size: usize) -> anyhow::Result<(f64, u64)> {
     let conn = Connection::connect(url, ConnectionProperties::default()).await?;
     let queue = format!("swallow-load-ceiling-{}", std::process::id());
     let ch = conn.create_channel().await?;
@@ -134,7 +178,8 @@ async fn ceiling(url: &str, seconds: u64, window: usize, size: usize) -> anyhow:
         );
     }
     let (t0, c0) = start_count.unwrap_or((Instant::now(), 0));
-    let rate = (*consumed.lock().unwrap() - c0) as f64 / t0.elapsed().as_secs_f64();
+    let total = *consumed.lock().unwrap();
+    let rate = (total - c0) as f64 / t0.elapsed().as_secs_f64();
     for c in confirms {
         let _ = c.await;
     }
@@ -142,7 +187,7 @@ async fn ceiling(url: &str, seconds: u64, window: usize, size: usize) -> anyhow:
     let ch2 = conn.create_channel().await?;
     let _ = ch2.queue_delete(queue.as_str().into(), Default::default()).await;
     let _ = conn.close(200, "".into()).await;
-    Ok(rate)
+    Ok((rate, total))
 }
 
 /// A keep-alive handler that answers `{"text":"ok"}` (after `delay`) and
@@ -183,7 +228,12 @@ struct Stack {
 }
 
 impl Stack {
-    async fn start(url: &str, handler: std::net::SocketAddr, name: &str, concurrency: usize) -> anyhow::Result<Stack> {
+    async fn start(
+        url: &str,
+        handler: std::net::SocketAddr,
+        name: &str,
+        concurrency: Option<usize>,
+    ) -> anyhow::Result<Stack> {
         Self::start_stages(
             url,
             handler,
@@ -198,17 +248,21 @@ impl Stack {
         url: &str,
         handler: std::net::SocketAddr,
         name: &str,
-        concurrency: usize,
+        concurrency: Option<usize>,
         stages: &[&str],
     ) -> anyhow::Result<Stack> {
         let prefix = format!("load-{name}-{}", std::process::id());
         let dir = std::env::temp_dir().join(&prefix);
         std::fs::create_dir_all(&dir)?;
         let path = dir.join("swallow.toml");
+        // No `concurrency` keeps the deliverer's defaults.
+        let limits = concurrency
+            .map(|c| format!("concurrency = {c}\nper_integration_concurrency = {c}\n"))
+            .unwrap_or_default();
         std::fs::write(
             &path,
             format!(
-                "[broker]\nurl = \"{url}\"\nprefix = \"{prefix}\"\n[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\nconcurrency = {concurrency}\nper_integration_concurrency = {concurrency}\n\
+                "[broker]\nurl = \"{url}\"\nprefix = \"{prefix}\"\n[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n{limits}\
                  [responder]\nper_channel_per_second = 1000000.0\nper_channel_burst = 1000000\n\n\
                  [[integrations]]\nid = \"load\"\nteam_id = \"T0001\"\ntrigger_words = [\"load\"]\ntrigger_match = \"word\"\n\
                  urls = [\"http://{handler}/load\"]\ntoken = \"t\"\nrate_limit = {{ per_second = 1000000.0, burst = 1000000 }}\n"
@@ -248,6 +302,13 @@ impl Stack {
     }
 
     /// Peak RSS (VmHWM) and current RSS of each stage, in MiB.
+    fn pids(&self) -> Vec<(String, u32)> {
+        self.children
+            .iter()
+            .filter_map(|(stage, child, _)| Some((stage.clone(), child.id()?)))
+            .collect()
+    }
+
     fn rss(&self) -> Vec<(String, f64, f64)> {
         self.children
             .iter()
@@ -350,6 +411,47 @@ async fn drive(
     Ok(sent)
 }
 
+/// Queues 10,000 jobs (matcher only), then starts a deliverer on the
+/// backlog against a handler that answers after 1 s; returns each stage's
+/// peak RSS, the most attempts seen under way, and the events sent.
+async fn memory(
+    url: &str,
+    conn: &Connection,
+    concurrency: Option<usize>,
+) -> anyhow::Result<(Vec<(String, f64, f64)>, f64, usize)> {
+    let (addr, seen) = handler(Duration::from_secs(1)).await;
+    let name = if concurrency.is_some() {
+        "mem-all"
+    } else {
+        "mem-default"
+    };
+    let mut stack =
+        Stack::start_stages(url, addr, name, concurrency, &["swallow-matcher", "swallow-responder"]).await?;
+    let topology = Topology::new(&stack.prefix);
+    let none = Arc::new(Mutex::new(0u64));
+    let sent = drive(conn, &topology, "load", 2, usize::MAX, Some(5000.0), &none).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stack.metric("swallow-matcher", "swallow_jobs_published_total").await < sent.len() as f64
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stack.add("swallow-deliverer").await?;
+    let mut in_flight_max: f64 = 0.0;
+    // All at once: until every request arrived. Default limits: 15 s of the
+    // steady state (the backlog takes minutes at 64 attempts per second).
+    let limit = if concurrency.is_some() { 60 } else { 15 };
+    let deadline = Instant::now() + Duration::from_secs(limit);
+    while seen.lock().unwrap().len() < sent.len() && Instant::now() < deadline {
+        let now = stack.metric("swallow-deliverer", "swallow_deliveries_in_flight").await;
+        in_flight_max = in_flight_max.max(now);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let hwm = stack.rss();
+    stack.stop(url).await;
+    Ok((hwm, in_flight_max, sent.len()))
+}
+
 fn percentiles(mut v: Vec<f64>) -> serde_json::Value {
     if v.is_empty() {
         return serde_json::json!(null);
@@ -362,19 +464,35 @@ fn percentiles(mut v: Vec<f64>) -> serde_json::Value {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(json) = &args.replot {
+        let results: serde_json::Value = serde_json::from_slice(&std::fs::read(json)?)?;
+        plot::draw(&results, &args.plot)?;
+        println!("plot written to {}", args.plot.display());
+        return Ok(());
+    }
     let url = args.amqp_url.clone();
     let size = event_body(123456, "load").len();
     let mut results = serde_json::Map::new();
 
     println!("1/5 broker ceiling ({size}-byte persistent messages, one quorum queue, confirms, manual acks)…");
-    let ceiling = ceiling(&url, args.seconds.min(20), args.window, size).await?;
+    let broker = broker_pid();
+    let broker_cpu = broker.and_then(cpu_seconds);
+    let (ceiling, through) = ceiling(&url, args.seconds.min(20), args.window, size).await?;
+    // The broker's CPU per message at its ceiling: what one hop costs it.
+    let broker_per_msg = broker
+        .and_then(cpu_seconds)
+        .zip(broker_cpu)
+        .map(|(after, before)| (after - before) / through.max(1) as f64);
     println!("    ceiling: {ceiling:.0} msg/s");
+    if let Some(per) = broker_per_msg {
+        println!("    broker CPU at the ceiling: {:.1} ms per 1,000 messages", per * 1e6);
+    }
     results.insert("ceiling_msgs_per_s".into(), ceiling.into());
 
     // 2. Pipeline throughput.
     println!("2/5 pipeline throughput for {} s…", args.seconds);
     let (addr, _seen) = handler(Duration::ZERO).await;
-    let stack = Stack::start(&url, addr, "pipe", 512).await?;
+    let stack = Stack::start(&url, addr, "pipe", Some(512)).await?;
     let topology = Topology::new(&stack.prefix);
     let conn = Connection::connect(&url, ConnectionProperties::default()).await?;
     let replies = Arc::new(Mutex::new(0u64));
@@ -391,6 +509,10 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     });
+    let mut processes = stack.pids();
+    processes.extend(broker.map(|pid| ("broker".to_owned(), pid)));
+    processes.push(("swallow-load (publisher, handler, chat)".to_owned(), std::process::id()));
+    let cpu_before = cpu_snapshot(&processes);
     let t0 = Instant::now();
     let sent = drive(&conn, &topology, "load", args.seconds, args.window, None, &replies).await?;
     let published = sent.len() as f64;
@@ -398,7 +520,10 @@ async fn main() -> anyhow::Result<()> {
     while (*replies.lock().unwrap() as f64) < published && Instant::now() < wait_until {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let throughput = *replies.lock().unwrap() as f64 / t0.elapsed().as_secs_f64();
+    let elapsed = t0.elapsed().as_secs_f64();
+    let through = *replies.lock().unwrap();
+    let throughput = through as f64 / elapsed;
+    let cpu_after = cpu_snapshot(&processes);
     let hops = 3.0;
     println!(
         "    pipeline: {throughput:.0} matched msg/s end to end ({:.2} × ceiling; target ≥ 0.8 × ceiling/{hops} = {:.0})",
@@ -407,6 +532,28 @@ async fn main() -> anyhow::Result<()> {
     );
     results.insert("pipeline_msgs_per_s".into(), throughput.into());
     results.insert("pipeline_ratio_to_ceiling".into(), (throughput / ceiling).into());
+    // Where the machine's CPU went: per process, ms per 1,000 matched
+    // messages and cores busy on average.
+    let mut cpu = serde_json::Map::new();
+    for ((name, before), (_, after)) in cpu_before.iter().zip(&cpu_after) {
+        let used = after - before;
+        let per_1k = used / through.max(1) as f64 * 1e6;
+        println!(
+            "    CPU {name}: {per_1k:.1} ms per 1,000 messages, {:.2} cores",
+            used / elapsed
+        );
+        cpu.insert(
+            name.clone(),
+            serde_json::json!({"ms_per_1k_msgs": per_1k, "cores": used / elapsed}),
+        );
+    }
+    if let (Some(per), Some(broker)) = (broker_per_msg, cpu.get("broker")) {
+        let hops = broker["ms_per_1k_msgs"].as_f64().unwrap_or(0.0) / (per * 1e6);
+        println!("    the broker spends as much on one matched message as on {hops:.2} messages at its ceiling");
+        results.insert("broker_cost_in_ceiling_messages".into(), hops.into());
+        results.insert("broker_ms_per_1k_at_ceiling".into(), (per * 1e6).into());
+    }
+    results.insert("pipeline_cpu".into(), cpu.into());
     let rss_after_load = stack.rss();
 
     // 3. Matcher, unmatched.
@@ -451,10 +598,10 @@ async fn main() -> anyhow::Result<()> {
 
     // 4. Latency at half the measured rate.
     let half = (throughput / 2.0).max(1.0);
-    println!("4/5 latency at {half:.0} msg/s for 20 s…");
+    println!("4/5 latency at {half:.0} msg/s for 20 s, then the offered-load sweep…");
     let (addr2, seen2) = handler(Duration::ZERO).await;
     stack.stop(&url).await;
-    let stack = Stack::start(&url, addr2, "lat", 512).await?;
+    let stack = Stack::start(&url, addr2, "lat", Some(512)).await?;
     let topology = Topology::new(&stack.prefix);
     let lat_replies = Arc::new(Mutex::new(0u64));
     let lat_times: Arc<Mutex<Vec<(String, u128)>>> = Arc::new(Mutex::new(Vec::new()));
@@ -505,57 +652,83 @@ async fn main() -> anyhow::Result<()> {
     results.insert("half_load_msgs_per_s".into(), half.into());
     results.insert("latency_event_to_post_ms".into(), post_p);
     results.insert("latency_event_to_reply_ms".into(), reply_p);
+
+    // 6 (on the same stages). The sweep: each step paced at a fraction of the
+    // measured rate, then drained; what came out and how long POSTs took.
+    println!("    sweep: {} steps of {} s…", SWEEP.len(), args.sweep_seconds);
+    let mut sweep = Vec::new();
+    for (n, fraction) in SWEEP.iter().enumerate() {
+        let offered = (throughput * fraction).max(1.0);
+        let before = *lat_replies.lock().unwrap();
+        let t = Instant::now();
+        let text = format!("load s{n}");
+        let sent = drive(
+            &conn,
+            &topology,
+            &text,
+            args.sweep_seconds,
+            usize::MAX,
+            Some(offered),
+            &lat_replies,
+        )
+        .await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while ((*lat_replies.lock().unwrap() - before) as usize) < sent.len() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let achieved = (*lat_replies.lock().unwrap() - before) as f64 / t.elapsed().as_secs_f64();
+        let to_post: Vec<f64> = {
+            let seen = seen2.lock().unwrap();
+            sent.iter()
+                .filter_map(|(text, at)| seen.get(text).map(|p| (*p as f64 - *at as f64) / 1000.0))
+                .collect()
+        };
+        let p = percentiles(to_post);
+        println!(
+            "    offered {offered:.0}/s ({:.0}%): {achieved:.0} replies/s, event → POST p99 {} ms",
+            fraction * 100.0,
+            p["p99"]
+        );
+        sweep.push(serde_json::json!({
+            "fraction": fraction, "offered_msgs_per_s": offered,
+            "achieved_msgs_per_s": achieved, "event_to_post_ms": p,
+        }));
+    }
+    results.insert("sweep".into(), sweep.into());
     stack.stop(&url).await;
 
-    // 5. Memory with 10,000 deliveries in flight (the handler answers after 1 s).
+    // 5. Memory with 10,000 deliveries in flight (the handler answers after
+    // 1 s): with the default limits, where the deliverer holds at most
+    // `concurrency` attempts and the rest wait in the broker; and with the
+    // limits raised so that all 10,000 are HTTP requests under way at once.
     println!("5/5 memory with 10,000 deliveries in flight…");
-    // The jobs are queued first (matcher only), then a deliverer starts on
-    // the backlog, so it really has 10,000 attempts under way at once.
-    let (addr3, seen3) = handler(Duration::from_secs(1)).await;
-    let mut stack = Stack::start_stages(&url, addr3, "mem", 12_000, &["swallow-matcher", "swallow-responder"]).await?;
-    let topology = Topology::new(&stack.prefix);
-    let none = Arc::new(Mutex::new(0u64));
-    let sent = drive(&conn, &topology, "load", 2, usize::MAX, Some(5000.0), &none).await?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while stack.metric("swallow-matcher", "swallow_jobs_published_total").await < sent.len() as f64
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    stack.add("swallow-deliverer").await?;
-    let mut in_flight_max: f64 = 0.0;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while seen3.lock().unwrap().len() < sent.len() && Instant::now() < deadline {
-        let now = stack.metric("swallow-deliverer", "swallow_deliveries_in_flight").await;
-        in_flight_max = in_flight_max.max(now);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let hwm = stack.rss();
-    stack.stop(&url).await;
-    println!(
-        "    {} events, at most {in_flight_max} deliveries in flight; peak RSS (MiB):",
-        sent.len()
-    );
     let mut rss = serde_json::Map::new();
     for (stage, hwm_load, _) in &rss_after_load {
-        let hwm_mem = hwm.iter().find(|(s, _, _)| s == stage).map(|r| r.1).unwrap_or(0.0);
-        println!(
-            "    {stage}: {hwm_load:.1} after the throughput run, {hwm_mem:.1} with deliveries in flight (target ≤ 64)"
-        );
-        rss.insert(
-            stage.clone(),
-            serde_json::json!({"peak_mib_throughput": hwm_load, "peak_mib_in_flight": hwm_mem}),
-        );
+        rss.insert(stage.clone(), serde_json::json!({"peak_mib_throughput": hwm_load}));
     }
-    results.insert("in_flight_max".into(), in_flight_max.into());
+    for (label, concurrency) in [("default_limits", None), ("all_at_once", Some(12_000))] {
+        let (hwm, in_flight_max, events) = memory(&url, &conn, concurrency).await?;
+        println!("    {label}: {events} events, at most {in_flight_max} HTTP attempts under way; peak RSS (MiB):");
+        for (stage, peak, _) in &hwm {
+            println!("      {stage}: {peak:.1} (target ≤ 64)");
+            rss[stage.as_str()][format!("peak_mib_{label}")] = (*peak).into();
+        }
+        results.insert(format!("in_flight_max_{label}"), in_flight_max.into());
+        results.insert("in_flight_events".into(), events.into());
+    }
+    for (stage, hwm_load, _) in &rss_after_load {
+        println!("    {stage}: {hwm_load:.1} after the throughput run");
+    }
     results.insert("rss".into(), rss.into());
-    results.insert("in_flight_events".into(), sent.len().into());
 
     let _ = conn.close(200, "".into()).await;
     if let Some(dir) = args.out.parent() {
         std::fs::create_dir_all(dir)?;
     }
+    let results = serde_json::Value::Object(results);
     std::fs::write(&args.out, serde_json::to_string_pretty(&results)?)?;
     println!("results written to {}", args.out.display());
+    plot::draw(&results, &args.plot)?;
+    println!("plot written to {}", args.plot.display());
     Ok(())
 }
