@@ -79,23 +79,13 @@ pub fn draw(results: &serde_json::Value, path: &Path) -> anyhow::Result<()> {
         .y_desc("achieved (replies/s)")
         .label_style(("sans-serif", 12))
         .draw()?;
-    chart
-        .draw_series(LineSeries::new([(0.0, 0.0), (max_rate, max_rate)], BLACK.mix(0.25)))?
-        .label("achieved = offered")
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], BLACK.mix(0.25)));
     let points: Vec<(f64, f64)> = steps.iter().map(|s| (s.offered, s.achieved)).collect();
-    chart
-        .draw_series(LineSeries::new(points.clone(), BLUE.stroke_width(2)))?
-        .label("swallow")
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], BLUE.stroke_width(2)));
-    chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, BLUE.filled())))?;
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .label_font(("sans-serif", 12))
-        .border_style(BLACK.mix(0.3))
-        .background_style(WHITE)
-        .draw()?;
+    let reference = (
+        "achieved = offered",
+        [(0.0, 0.0), (max_rate, max_rate)],
+        BLACK.mix(0.25),
+    );
+    lines(&mut chart, reference, "swallow", &points)?;
 
     let latencies: Vec<(f64, f64)> = steps
         .iter()
@@ -116,15 +106,37 @@ pub fn draw(results: &serde_json::Value, path: &Path) -> anyhow::Result<()> {
         .y_desc("p99 (ms)")
         .label_style(("sans-serif", 12))
         .draw()?;
+    let reference = (
+        "target at half load: 25 ms",
+        [(0.0, 25.0), (max_rate, 25.0)],
+        RED.mix(0.4),
+    );
+    lines(&mut chart, reference, "swallow p99", &latencies)?;
+    root.present().with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// A reference line and the measured points joined, with their legend.
+fn lines<'a, DB, CT>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    (reference_label, reference, reference_color): (&str, [(f64, f64); 2], RGBAColor),
+    label: &str,
+    points: &[(f64, f64)],
+) -> anyhow::Result<()>
+where
+    DB: DrawingBackend + 'a,
+    DB::ErrorType: 'static,
+    CT: CoordTranslate<From = (f64, f64)>,
+{
     chart
-        .draw_series(LineSeries::new([(0.0, 25.0), (max_rate, 25.0)], RED.mix(0.4)))?
-        .label("target at half load: 25 ms")
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], RED.mix(0.4)));
+        .draw_series(LineSeries::new(reference, reference_color))?
+        .label(reference_label)
+        .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], reference_color));
     chart
-        .draw_series(LineSeries::new(latencies.clone(), BLUE.stroke_width(2)))?
-        .label("swallow p99")
+        .draw_series(LineSeries::new(points.to_vec(), BLUE.stroke_width(2)))?
+        .label(label)
         .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], BLUE.stroke_width(2)));
-    chart.draw_series(latencies.iter().map(|&p| Circle::new(p, 4, BLUE.filled())))?;
+    chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, BLUE.filled())))?;
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperLeft)
@@ -132,7 +144,6 @@ pub fn draw(results: &serde_json::Value, path: &Path) -> anyhow::Result<()> {
         .border_style(BLACK.mix(0.3))
         .background_style(WHITE)
         .draw()?;
-    root.present().with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
