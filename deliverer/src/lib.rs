@@ -25,10 +25,7 @@ use std::collections::BTreeSet;
 
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
-};
+use lapin::options::{BasicAckOptions, BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection};
 use tokio::sync::watch;
@@ -142,38 +139,8 @@ async fn session(connection: Arc<Connection>, ctx: Arc<Context>) -> Result<(), S
     let channel = connection.create_channel().await?;
     ctx.topology.declare(&channel).await?;
     let publisher = ConfirmedPublisher::open(&connection).await?;
-    let members_queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
     let exchange = ctx.topology.deliverers_exchange();
-    channel
-        .queue_bind(
-            members_queue.name().clone(),
-            exchange.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let mut announcements = channel
-        .basic_consume(
-            members_queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let mut announcements = broker::subscribe(&channel, &exchange, "").await?;
     ctx.health.set_ready(true);
     info!(replica = %ctx.replica_id, shards = ctx.topology.shards(), "deliverer consuming its shards");
 

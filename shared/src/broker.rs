@@ -14,9 +14,11 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use lapin::Confirmation;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -51,6 +53,44 @@ pub enum PublishError {
     Nacked { target: String },
     #[error("publishing to {target}: unroutable ({reply})")]
     Unroutable { target: String, reply: String },
+}
+
+/// Subscribes `channel` to `exchange`: a server-named queue of its own
+/// (exclusive, gone with the channel's connection) bound with
+/// `routing_key`, consumed without acks. For traffic that is only of use
+/// while the subscriber is there (membership announcements, a listener).
+pub async fn subscribe(channel: &Channel, exchange: &str, routing_key: &str) -> Result<Consumer, lapin::Error> {
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            exchange.into(),
+            routing_key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
 }
 
 /// Properties of a persistent JSON message.

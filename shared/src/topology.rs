@@ -181,7 +181,7 @@ impl Topology {
             self.replies_dead_queue(),
         ];
         for queue in fixed.into_iter().chain(self.delivery_queues()) {
-            declare_quorum(channel, &queue, quorum_args()).await?;
+            declare_quorum_queue(channel, &queue).await?;
         }
         channel
             .queue_bind(
@@ -232,6 +232,11 @@ impl Topology {
         }
         Ok(())
     }
+}
+
+/// Declares the durable quorum queue `name` (idempotent).
+pub async fn declare_quorum_queue(channel: &Channel, name: &str) -> Result<(), lapin::Error> {
+    declare_quorum(channel, name, quorum_args()).await
 }
 
 fn quorum_args() -> FieldTable {

@@ -5,11 +5,9 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection};
 
-use swallow_shared::Topology;
+use swallow_shared::{Topology, broker};
 
 /// A Slack-style `ts` for now: seconds and microseconds.
 pub fn ts_now() -> String {
@@ -62,37 +60,7 @@ pub async fn listen(
 ) -> anyhow::Result<impl futures_util::Stream<Item = serde_json::Value> + use<>> {
     let channel = connection.create_channel().await?;
     topology.declare(&channel).await?;
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            topology.chat_outbound_exchange().as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let consumer = channel
-        .basic_consume(
-            queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let consumer = broker::subscribe(&channel, &topology.chat_outbound_exchange(), "#").await?;
     Ok(consumer.filter_map(move |d| {
         let _keep = &channel;
         let v = d.ok().and_then(|d| serde_json::from_slice(&d.data).ok());

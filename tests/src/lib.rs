@@ -537,7 +537,11 @@ pub async fn listen_outbound(stack: &TestStack) -> anyhow::Result<Collector> {
         auto_delete: true,
         ..Default::default()
     };
-    bind_outbound(stack, &name, options, FieldTable::default()).await?;
+    stack
+        .channel
+        .queue_declare(name.as_str().into(), options, FieldTable::default())
+        .await?;
+    bind_outbound(stack, &name).await?;
     stack.drain(&name).await
 }
 
@@ -546,26 +550,13 @@ pub async fn listen_outbound(stack: &TestStack) -> anyhow::Result<Collector> {
 /// with [`TestStack::drain`] after one. Deleted when the stack is dropped.
 pub async fn listen_outbound_durable(stack: &TestStack) -> anyhow::Result<(String, Collector)> {
     let name = format!("{}.test-outbound", stack.prefix);
-    let options = lapin::options::QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        lapin::types::AMQPValue::LongString("quorum".into()),
-    );
-    bind_outbound(stack, &name, options, args).await?;
+    swallow_shared::topology::declare_quorum_queue(&stack.channel, &name).await?;
+    bind_outbound(stack, &name).await?;
     Ok((name.clone(), stack.drain(&name).await?))
 }
 
-async fn bind_outbound(
-    stack: &TestStack,
-    name: &str,
-    options: lapin::options::QueueDeclareOptions,
-    args: FieldTable,
-) -> anyhow::Result<()> {
-    stack.channel.queue_declare(name.into(), options, args).await?;
+/// Binds `name` to `<prefix>.chat.outbound`, for every routing key.
+async fn bind_outbound(stack: &TestStack, name: &str) -> anyhow::Result<()> {
     stack
         .channel
         .queue_bind(

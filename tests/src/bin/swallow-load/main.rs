@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use swallow_shared::Topology;
 
@@ -112,13 +112,7 @@ async fn ceiling(url: &str, seconds: u64, window: usize, size: usize) -> anyhow:
     let conn = Connection::connect(url, ConnectionProperties::default()).await?;
     let queue = format!("swallow-load-ceiling-{}", std::process::id());
     let ch = conn.create_channel().await?;
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    ch.queue_declare(queue.as_str().into(), durable, args).await?;
+    swallow_shared::topology::declare_quorum_queue(&ch, &queue).await?;
     let pub_ch = conn.create_channel().await?;
     pub_ch.confirm_select(Default::default()).await?;
     ch.basic_qos(500, BasicQosOptions::default()).await?;
@@ -452,6 +446,15 @@ async fn memory(
     Ok((hwm, in_flight_max, sent.len()))
 }
 
+/// Milliseconds from each event's publish (`sent`, by text) to its POST
+/// reaching the handler (`seen`).
+fn post_latencies(sent: &HashMap<String, u128>, seen: &Mutex<HashMap<String, u128>>) -> Vec<f64> {
+    let seen = seen.lock().unwrap();
+    sent.iter()
+        .filter_map(|(text, at)| seen.get(text).map(|p| (*p as f64 - *at as f64) / 1000.0))
+        .collect()
+}
+
 fn percentiles(mut v: Vec<f64>) -> serde_json::Value {
     if v.is_empty() {
         return serde_json::json!(null);
@@ -624,16 +627,7 @@ async fn main() -> anyhow::Result<()> {
     while (*lat_replies.lock().unwrap() as usize) < sent.len() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let to_post: Vec<f64> = sent
-        .iter()
-        .filter_map(|(text, at)| {
-            seen2
-                .lock()
-                .unwrap()
-                .get(text)
-                .map(|p| (*p as f64 - *at as f64) / 1000.0)
-        })
-        .collect();
+    let to_post = post_latencies(&sent, &seen2);
     // Reply latency from the event's ts (its publish time, to the microsecond).
     let to_reply: Vec<f64> = lat_times
         .lock()
@@ -677,13 +671,7 @@ async fn main() -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let achieved = (*lat_replies.lock().unwrap() - before) as f64 / t.elapsed().as_secs_f64();
-        let to_post: Vec<f64> = {
-            let seen = seen2.lock().unwrap();
-            sent.iter()
-                .filter_map(|(text, at)| seen.get(text).map(|p| (*p as f64 - *at as f64) / 1000.0))
-                .collect()
-        };
-        let p = percentiles(to_post);
+        let p = percentiles(post_latencies(&sent, &seen2));
         println!(
             "    offered {offered:.0}/s ({:.0}%): {achieved:.0} replies/s, event → POST p99 {} ms",
             fraction * 100.0,
