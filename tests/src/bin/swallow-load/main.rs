@@ -7,10 +7,12 @@
 //! 2. pipeline throughput: matched events → POST received → reply on
 //!    `<prefix>.chat.outbound`, sustained;
 //! 3. matcher throughput for unmatched events;
-//! 4. latency percentiles at half the measured pipeline rate;
+//! 4. latency percentiles at half the measured pipeline rate, beside the
+//!    broker's own latency for the same two queue hops at the same rate;
 //! 5. each stage's peak RSS, and with 10,000 deliveries in flight;
 //! 6. an offered-load sweep (25% to 125% of the measured rate), drawn to a
-//!    PNG: replies out and p99 event → POST against events offered.
+//!    PNG: replies out and p99 event → POST (swallow's and the broker's
+//!    alone) against events offered.
 //!
 //! `cargo build --release --workspace --bins && target/release/swallow-load`
 //! Every loop is bounded in count and time; all traffic is on loopback.
@@ -105,6 +107,17 @@ fn cpu_snapshot(pids: &[(String, u32)]) -> Vec<(String, f64)> {
         .collect()
 }
 
+/// Consumes `queue` on a channel of its own: manual acks, at most
+/// `prefetch` unacknowledged.
+async fn consume(conn: &Connection, queue: &str, prefetch: u16) -> anyhow::Result<lapin::Consumer> {
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    let options = BasicConsumeOptions::default();
+    Ok(ch
+        .basic_consume(queue.into(), "".into(), options, FieldTable::default())
+        .await?)
+}
+
 /// The broker's ceiling: publish with confirms (a window in flight) into one
 /// durable quorum queue while a consumer acks manually; messages/s through,
 /// and messages through in all.
@@ -115,15 +128,7 @@ async fn ceiling(url: &str, seconds: u64, window: usize, size: usize) -> anyhow:
     swallow_shared::topology::declare_quorum_queue(&ch, &queue).await?;
     let pub_ch = conn.create_channel().await?;
     pub_ch.confirm_select(Default::default()).await?;
-    ch.basic_qos(500, BasicQosOptions::default()).await?;
-    let mut consumer = ch
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let mut consumer = consume(&conn, &queue, 500).await?;
     let consumed = Arc::new(Mutex::new(0u64));
     let counter = consumed.clone();
     // Acknowledge in batches (`multiple`), the cheapest way to consume: the
@@ -353,11 +358,12 @@ impl Stack {
     }
 }
 
-/// Publishes events to the stack, keeping at most `window` not yet answered
-/// (or paced at `rate` per second), for `seconds`; returns publish times.
+/// Publishes events to `(exchange, routing key)`, keeping at most `window`
+/// not yet answered (or paced at `rate` per second), for `seconds`; returns
+/// publish times.
 async fn drive(
     conn: &Connection,
-    topology: &Topology,
+    (exchange, routing_key): (&str, &str),
     text: &str,
     seconds: u64,
     window: usize,
@@ -385,8 +391,8 @@ async fn drive(
         sent.insert(format!("{text} {i}"), micros_now());
         confirms.push_back(
             ch.basic_publish(
-                topology.events_exchange().as_str().into(),
-                "load".into(),
+                exchange.into(),
+                routing_key.into(),
                 BasicPublishOptions::default(),
                 &body,
                 BasicProperties::default().with_delivery_mode(2),
@@ -403,6 +409,109 @@ async fn drive(
         c.await?;
     }
     Ok(sent)
+}
+
+/// The broker's own latency for the two quorum-queue hops an event makes
+/// before its POST, with no swallow code in the way: events go into queue
+/// `a`; a relay consumes it as the matcher does (one task per message,
+/// publish to queue `b` with a confirm, then ack) and a sink consumes `b`,
+/// noting when each event arrives.
+struct Floor {
+    conn: Connection,
+    a: String,
+    b: String,
+    seen: Arc<Mutex<HashMap<String, u128>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Floor {
+    async fn start(url: &str) -> anyhow::Result<Floor> {
+        let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+        let pid = std::process::id();
+        let (a, b) = (
+            format!("swallow-load-floor-a-{pid}"),
+            format!("swallow-load-floor-b-{pid}"),
+        );
+        let ch = conn.create_channel().await?;
+        for q in [&a, &b] {
+            swallow_shared::topology::declare_quorum_queue(&ch, q).await?;
+        }
+        let mut relay = consume(&conn, &a, 512).await?;
+        let publisher = conn.create_channel().await?;
+        publisher.confirm_select(Default::default()).await?;
+        let to = b.clone();
+        let relay = tokio::spawn(async move {
+            while let Some(Ok(d)) = relay.next().await {
+                let (publisher, to) = (publisher.clone(), to.clone());
+                tokio::spawn(async move {
+                    let props = BasicProperties::default().with_delivery_mode(2);
+                    let published = publisher
+                        .basic_publish(
+                            "".into(),
+                            to.as_str().into(),
+                            BasicPublishOptions::default(),
+                            &d.data,
+                            props,
+                        )
+                        .await;
+                    if let Ok(confirm) = published
+                        && confirm.await.is_ok()
+                    {
+                        let _ = d.ack(BasicAckOptions::default()).await;
+                    }
+                });
+            }
+        });
+        let mut sink = consume(&conn, &b, 512).await?;
+        let seen: Arc<Mutex<HashMap<String, u128>>> = Arc::default();
+        let noted = seen.clone();
+        let sink = tokio::spawn(async move {
+            while let Some(Ok(d)) = sink.next().await {
+                let at = micros_now();
+                if let Ok(event) = serde_json::from_slice::<serde_json::Value>(&d.data)
+                    && let Some(text) = event["text"].as_str()
+                {
+                    noted.lock().unwrap().insert(text.to_owned(), at);
+                }
+                let _ = d.ack(BasicAckOptions::default()).await;
+            }
+        });
+        Ok(Floor {
+            conn,
+            a,
+            b,
+            seen,
+            tasks: vec![relay, sink],
+        })
+    }
+
+    /// Percentiles of publish → arrival at the sink, for events offered at
+    /// `rate` per second for `seconds`.
+    async fn measure(&self, text: &str, rate: f64, seconds: u64) -> anyhow::Result<serde_json::Value> {
+        let none = Arc::new(Mutex::new(0u64));
+        let sent = drive(&self.conn, ("", &self.a), text, seconds, usize::MAX, Some(rate), &none).await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let missing = || {
+            let seen = self.seen.lock().unwrap();
+            sent.keys().any(|t| !seen.contains_key(t))
+        };
+        while missing() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(percentiles(post_latencies(&sent, &self.seen)))
+    }
+
+    async fn stop(self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        if let Ok(ch) = self.conn.create_channel().await {
+            for q in [&self.a, &self.b] {
+                let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+            }
+        }
+        let _ = self.conn.close(200, "".into()).await;
+    }
 }
 
 /// Queues 10,000 jobs (matcher only), then starts a deliverer on the
@@ -423,7 +532,16 @@ async fn memory(
         Stack::start_stages(url, addr, name, concurrency, &["swallow-matcher", "swallow-responder"]).await?;
     let topology = Topology::new(&stack.prefix);
     let none = Arc::new(Mutex::new(0u64));
-    let sent = drive(conn, &topology, "load", 2, usize::MAX, Some(5000.0), &none).await?;
+    let sent = drive(
+        conn,
+        (&topology.events_exchange(), "load"),
+        "load",
+        2,
+        usize::MAX,
+        Some(5000.0),
+        &none,
+    )
+    .await?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while stack.metric("swallow-matcher", "swallow_jobs_published_total").await < sent.len() as f64
         && Instant::now() < deadline
@@ -467,6 +585,17 @@ fn percentiles(mut v: Vec<f64>) -> serde_json::Value {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Interrupted, the run is dropped, and with it the stages it started
+    // (their queues, named `load-…`, are left behind).
+    tokio::select! {
+        done = bench(args) => done,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; the stages were stopped"),
+        _ = terminate.recv() => anyhow::bail!("terminated; the stages were stopped"),
+    }
+}
+
+async fn bench(args: Args) -> anyhow::Result<()> {
     if let Some(json) = &args.replot {
         let results: serde_json::Value = serde_json::from_slice(&std::fs::read(json)?)?;
         plot::draw(&results, &args.plot)?;
@@ -517,7 +646,16 @@ async fn main() -> anyhow::Result<()> {
     processes.push(("swallow-load (publisher, handler, chat)".to_owned(), std::process::id()));
     let cpu_before = cpu_snapshot(&processes);
     let t0 = Instant::now();
-    let sent = drive(&conn, &topology, "load", args.seconds, args.window, None, &replies).await?;
+    let sent = drive(
+        &conn,
+        (&topology.events_exchange(), "load"),
+        "load",
+        args.seconds,
+        args.window,
+        None,
+        &replies,
+    )
+    .await?;
     let published = sent.len() as f64;
     let wait_until = Instant::now() + Duration::from_secs(60);
     while (*replies.lock().unwrap() as f64) < published && Instant::now() < wait_until {
@@ -622,7 +760,16 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     });
-    let sent = drive(&conn, &topology, "load", 20, usize::MAX, Some(half), &lat_replies).await?;
+    let sent = drive(
+        &conn,
+        (&topology.events_exchange(), "load"),
+        "load",
+        20,
+        usize::MAX,
+        Some(half),
+        &lat_replies,
+    )
+    .await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while (*lat_replies.lock().unwrap() as usize) < sent.len() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -643,9 +790,14 @@ async fn main() -> anyhow::Result<()> {
     let reply_p = percentiles(to_reply);
     println!("    event → POST (ms): {post_p}");
     println!("    event → reply (ms): {reply_p}");
+    // The same rate through the broker alone (the stages idle meanwhile).
+    let floor = Floor::start(&url).await?;
+    let floor_p = floor.measure("floor", half, 20).await?;
+    println!("    the broker alone, same two hops (ms): {floor_p}");
     results.insert("half_load_msgs_per_s".into(), half.into());
     results.insert("latency_event_to_post_ms".into(), post_p);
     results.insert("latency_event_to_reply_ms".into(), reply_p);
+    results.insert("latency_broker_floor_ms".into(), floor_p);
 
     // 6 (on the same stages). The sweep: each step paced at a fraction of the
     // measured rate, then drained; what came out and how long POSTs took.
@@ -658,7 +810,7 @@ async fn main() -> anyhow::Result<()> {
         let text = format!("load s{n}");
         let sent = drive(
             &conn,
-            &topology,
+            (&topology.events_exchange(), "load"),
             &text,
             args.sweep_seconds,
             usize::MAX,
@@ -672,16 +824,21 @@ async fn main() -> anyhow::Result<()> {
         }
         let achieved = (*lat_replies.lock().unwrap() - before) as f64 / t.elapsed().as_secs_f64();
         let p = percentiles(post_latencies(&sent, &seen2));
+        let floor_p = floor
+            .measure(&format!("floor s{n}"), offered, args.sweep_seconds)
+            .await?;
         println!(
-            "    offered {offered:.0}/s ({:.0}%): {achieved:.0} replies/s, event → POST p99 {} ms",
+            "    offered {offered:.0}/s ({:.0}%): {achieved:.0} replies/s, event → POST p99 {} ms (broker alone {} ms)",
             fraction * 100.0,
-            p["p99"]
+            p["p99"],
+            floor_p["p99"]
         );
         sweep.push(serde_json::json!({
             "fraction": fraction, "offered_msgs_per_s": offered,
-            "achieved_msgs_per_s": achieved, "event_to_post_ms": p,
+            "achieved_msgs_per_s": achieved, "event_to_post_ms": p, "broker_floor_ms": floor_p,
         }));
     }
+    floor.stop().await;
     results.insert("sweep".into(), sweep.into());
     stack.stop(&url).await;
 

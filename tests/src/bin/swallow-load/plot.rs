@@ -12,6 +12,8 @@ struct Step {
     offered: f64,
     achieved: f64,
     p99_ms: f64,
+    /// The broker's own two hops at the same rate (absent in older results).
+    floor_p99_ms: f64,
 }
 
 /// Fonts tried, in order, for the labels (plotters draws text with
@@ -44,6 +46,7 @@ fn steps(results: &serde_json::Value) -> anyhow::Result<Vec<Step>> {
                 offered: s["offered_msgs_per_s"].as_f64().context("offered_msgs_per_s")?,
                 achieved: s["achieved_msgs_per_s"].as_f64().context("achieved_msgs_per_s")?,
                 p99_ms: s["event_to_post_ms"]["p99"].as_f64().unwrap_or(f64::NAN),
+                floor_p99_ms: s["broker_floor_ms"]["p99"].as_f64().unwrap_or(f64::NAN),
             })
         })
         .collect()
@@ -85,14 +88,17 @@ pub fn draw(results: &serde_json::Value, path: &Path) -> anyhow::Result<()> {
         [(0.0, 0.0), (max_rate, max_rate)],
         BLACK.mix(0.25),
     );
-    lines(&mut chart, reference, "swallow", &points)?;
+    lines(&mut chart, reference, &[("swallow", &points[..], BLUE)])?;
 
-    let latencies: Vec<(f64, f64)> = steps
-        .iter()
-        .filter(|s| s.p99_ms.is_finite() && s.p99_ms > 0.0)
-        .map(|s| (s.offered, s.p99_ms))
-        .collect();
-    let top = latencies.iter().map(|p| p.1).fold(25.0, f64::max) * 2.0;
+    let p99 = |of: fn(&Step) -> f64| -> Vec<(f64, f64)> {
+        steps
+            .iter()
+            .filter(|s| of(s).is_finite() && of(s) > 0.0)
+            .map(|s| (s.offered, of(s)))
+            .collect()
+    };
+    let (latencies, floor) = (p99(|s| s.p99_ms), p99(|s| s.floor_p99_ms));
+    let top = latencies.iter().chain(&floor).map(|p| p.1).fold(25.0, f64::max) * 2.0;
     let mut chart = ChartBuilder::on(&right)
         .margin(12)
         .margin_top(36)
@@ -111,17 +117,24 @@ pub fn draw(results: &serde_json::Value, path: &Path) -> anyhow::Result<()> {
         [(0.0, 25.0), (max_rate, 25.0)],
         RED.mix(0.4),
     );
-    lines(&mut chart, reference, "swallow p99", &latencies)?;
+    let floor_color = RGBColor(0, 140, 70);
+    let series = [
+        ("swallow p99", &latencies[..], BLUE),
+        ("broker alone, same two hops, p99", &floor[..], floor_color),
+    ];
+    lines(&mut chart, reference, &series)?;
     root.present().with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
-/// A reference line and the measured points joined, with their legend.
+/// A measured series: its legend, its points, its colour.
+type Series<'a> = (&'a str, &'a [(f64, f64)], RGBColor);
+
+/// A reference line and each series of measured points joined, with their legend.
 fn lines<'a, DB, CT>(
     chart: &mut ChartContext<'a, DB, CT>,
     (reference_label, reference, reference_color): (&str, [(f64, f64); 2], RGBAColor),
-    label: &str,
-    points: &[(f64, f64)],
+    series: &[Series],
 ) -> anyhow::Result<()>
 where
     DB: DrawingBackend + 'a,
@@ -132,11 +145,13 @@ where
         .draw_series(LineSeries::new(reference, reference_color))?
         .label(reference_label)
         .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], reference_color));
-    chart
-        .draw_series(LineSeries::new(points.to_vec(), BLUE.stroke_width(2)))?
-        .label(label)
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], BLUE.stroke_width(2)));
-    chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, BLUE.filled())))?;
+    for &(label, points, color) in series {
+        chart
+            .draw_series(LineSeries::new(points.to_vec(), color.stroke_width(2)))?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2)));
+        chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+    }
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperLeft)
@@ -157,7 +172,8 @@ mod tests {
         }
         let step = |fraction: f64, achieved: f64, p99: f64| {
             serde_json::json!({"fraction": fraction, "offered_msgs_per_s": 4000.0 * fraction,
-                "achieved_msgs_per_s": achieved, "event_to_post_ms": {"p99": p99}})
+                "achieved_msgs_per_s": achieved, "event_to_post_ms": {"p99": p99},
+                "broker_floor_ms": {"p99": p99 / 2.0}})
         };
         let results = serde_json::json!({
             "ceiling_msgs_per_s": 20000.0,
