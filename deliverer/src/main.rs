@@ -38,7 +38,12 @@ async fn main() -> ExitCode {
         Err(e) => return fail(NAME, e),
     };
     match args.command {
-        None => match swallow_deliverer::run(config, swallow_shared::shutdown::on_signal()).await {
+        None => match swallow_deliverer::run(
+            config,
+            swallow_shared::shutdown::on_signal(swallow_deliverer::SHUTDOWN_GRACE),
+        )
+        .await
+        {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(NAME, e),
         },

@@ -32,7 +32,7 @@ use metrics::MatcherMetrics;
 
 /// How long shutdown waits for events being matched (publishing their jobs
 /// takes milliseconds; this only bounds a stuck broker).
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// The matcher could not start.
 pub type MatcherError = ListenError;

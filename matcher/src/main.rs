@@ -13,7 +13,12 @@ async fn main() -> ExitCode {
         Ok(config) => config,
         Err(e) => return fail("swallow-matcher", e),
     };
-    match swallow_matcher::run(config, swallow_shared::shutdown::on_signal()).await {
+    match swallow_matcher::run(
+        config,
+        swallow_shared::shutdown::on_signal(swallow_matcher::SHUTDOWN_GRACE),
+    )
+    .await
+    {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail("swallow-matcher", e),
     }

@@ -32,7 +32,7 @@ use metrics::ResponderMetrics;
 pub use sink::{BOT_ID, OutboundReply, Posted, ReplySink};
 
 /// How long shutdown waits for replies being posted.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 
 /// The responder could not start.
 #[derive(Debug, thiserror::Error)]

@@ -13,7 +13,12 @@ async fn main() -> ExitCode {
         Ok(config) => config,
         Err(e) => return fail("swallow-responder", e),
     };
-    match swallow_responder::run(config, swallow_shared::shutdown::on_signal()).await {
+    match swallow_responder::run(
+        config,
+        swallow_shared::shutdown::on_signal(swallow_responder::SHUTDOWN_GRACE),
+    )
+    .await
+    {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail("swallow-responder", e),
     }

@@ -314,3 +314,42 @@ async fn sigterm_under_load_exits_zero_quickly_and_loses_nothing() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_ends_a_stopping_deliverer_and_its_job_is_delivered_later() {
+    let stack = TestStack::new("fault-term2").await.unwrap();
+    // The first POST hangs for longer than the deliverer's grace period, so
+    // its graceful stop would wait 20 s; later ones are answered at once.
+    let handler = HandlerServer::start(|_, n| {
+        let answer = Answer::text("ok");
+        if n == 0 {
+            answer.after(Duration::from_secs(60))
+        } else {
+            answer
+        }
+    })
+    .await;
+    let dir = tempdir("fault-term2");
+    let path = write_config(&dir, &config_text(&stack, &handler.url("/load"), "timeout_ms = 90000"));
+    let mut out = listen_outbound(&stack).await.unwrap();
+    let mut p = Pipeline::spawn(&path).await.unwrap();
+    stack.publish_events_bytes(&events(0..1)).await.unwrap();
+    handler.until(1, Duration::from_secs(30), "the POST under way").await;
+
+    p.deliverer.signal("TERM").unwrap();
+    // Still finishing its work: the first SIGTERM alone does not end it.
+    let early = tokio::time::timeout(Duration::from_secs(1), p.deliverer.child.wait()).await;
+    assert!(early.is_err(), "the deliverer waits for its attempt under way");
+    p.deliverer.signal("TERM").unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(5), p.deliverer.child.wait())
+        .await
+        .expect("the deliverer exits within 5 s of a second SIGTERM")
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "a forced stop exits 1");
+
+    // The job was not acknowledged: a new deliverer takes it and delivers it.
+    let _again = respawn("swallow-deliverer", &path);
+    expect_all("second sigterm", 1, &handler, &mut out, Duration::from_secs(60)).await;
+    assert_eq!(handler.count(), 2, "the hung POST, then the one that was answered");
+    let _ = std::fs::remove_dir_all(dir);
+}
