@@ -353,3 +353,33 @@ async fn a_second_sigterm_ends_a_stopping_deliverer_and_its_job_is_delivered_lat
     assert_eq!(handler.count(), 2, "the hung POST, then the one that was answered");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_whose_broker_stops_answering_still_exits_after_its_grace_period() {
+    let stack = TestStack::new("fault-stuck").await.unwrap();
+    let relay = FreezableRelay::start(&stack.url).await.unwrap();
+    let dir = tempdir("fault-stuck");
+    let config = config_text(&stack, "http://127.0.0.1:9/unused", "")
+        .replace(&format!("url = \"{}\"", stack.url), &format!("url = \"{}\"", relay.url));
+    assert!(config.contains(&relay.url), "the matcher connects through the relay");
+    let path = write_config(&dir, &config);
+    let mut matcher = StageProcess::spawn("swallow-matcher", &path, &HashMap::new()).unwrap();
+    matcher.ready(Duration::from_secs(30)).await;
+
+    // The broker no longer answers: a graceful stop would wait forever on
+    // cancelling its consumer. The matcher's grace is 10 s, its margin 5 s.
+    relay.freeze();
+    let term_at = std::time::Instant::now();
+    matcher.signal("TERM").unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), matcher.child.wait())
+        .await
+        .expect("the matcher exits within 30 s of SIGTERM with its broker stuck")
+        .unwrap();
+    let took = term_at.elapsed();
+    assert_eq!(status.code(), Some(1), "a forced stop exits 1");
+    assert!(
+        took >= Duration::from_secs(14),
+        "the matcher waited out its grace and margin first (exited after {took:?})"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
