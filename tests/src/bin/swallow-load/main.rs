@@ -564,6 +564,29 @@ async fn memory(
     Ok((hwm, in_flight_max, sent.len()))
 }
 
+/// Listens on the stack's outbound exchange as the chat platform: the
+/// replies counted, and when each arrived by the triggering event's ts
+/// (`in_reply_to`; the reply texts are all alike).
+async fn listen_replies(url: &str, topology: &Topology) -> anyhow::Result<(Arc<Mutex<u64>>, ReplyTimes)> {
+    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+    let mut stream = Box::pin(swallow_tests::chat::listen(&conn, topology).await?);
+    let (count, times): (Arc<Mutex<u64>>, ReplyTimes) = Default::default();
+    let (counter, noted) = (count.clone(), times.clone());
+    tokio::spawn(async move {
+        let _conn = conn;
+        while let Some(reply) = stream.next().await {
+            let at = micros_now();
+            *counter.lock().unwrap() += 1;
+            if let Some(ts) = reply["in_reply_to"].as_str() {
+                noted.lock().unwrap().push((ts.to_owned(), at));
+            }
+        }
+    });
+    Ok((count, times))
+}
+
+type ReplyTimes = Arc<Mutex<Vec<(String, u128)>>>;
+
 /// Milliseconds from each event's publish (`sent`, by text) to its POST
 /// reaching the handler (`seen`).
 fn post_latencies(sent: &HashMap<String, u128>, seen: &Mutex<HashMap<String, u128>>) -> Vec<f64> {
@@ -627,20 +650,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let stack = Stack::start(&url, addr, "pipe", Some(512)).await?;
     let topology = Topology::new(&stack.prefix);
     let conn = Connection::connect(&url, ConnectionProperties::default()).await?;
-    let replies = Arc::new(Mutex::new(0u64));
-    let reply_times: Arc<Mutex<HashMap<String, u128>>> = Arc::new(Mutex::new(HashMap::new()));
-    let listen_conn = Connection::connect(&url, ConnectionProperties::default()).await?;
-    let mut stream = Box::pin(swallow_tests::chat::listen(&listen_conn, &topology).await?);
-    let (counter, times) = (replies.clone(), reply_times.clone());
-    tokio::spawn(async move {
-        while let Some(reply) = stream.next().await {
-            let at = micros_now();
-            *counter.lock().unwrap() += 1;
-            if let Some(d) = reply["delivery_id"].as_str() {
-                times.lock().unwrap().insert(d.to_owned(), at);
-            }
-        }
-    });
+    let (replies, _) = listen_replies(&url, &topology).await?;
     let mut processes = stack.pids();
     processes.extend(broker.map(|pid| ("broker".to_owned(), pid)));
     processes.push(("swallow-load (publisher, handler, chat)".to_owned(), std::process::id()));
@@ -744,22 +754,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     stack.stop(&url).await;
     let stack = Stack::start(&url, addr2, "lat", Some(512)).await?;
     let topology = Topology::new(&stack.prefix);
-    let lat_replies = Arc::new(Mutex::new(0u64));
-    let lat_times: Arc<Mutex<Vec<(String, u128)>>> = Arc::new(Mutex::new(Vec::new()));
-    let listen2 = Connection::connect(&url, ConnectionProperties::default()).await?;
-    let mut stream = Box::pin(swallow_tests::chat::listen(&listen2, &topology).await?);
-    let (counter, times) = (lat_replies.clone(), lat_times.clone());
-    tokio::spawn(async move {
-        while let Some(reply) = stream.next().await {
-            let at = micros_now();
-            *counter.lock().unwrap() += 1;
-            // The reply carries the event's ts; its text is the same for all, so
-            // match replies to events by in_reply_to (the event's ts).
-            if let Some(ts) = reply["in_reply_to"].as_str() {
-                times.lock().unwrap().push((ts.to_owned(), at));
-            }
-        }
-    });
+    let (lat_replies, lat_times) = listen_replies(&url, &topology).await?;
     let sent = drive(
         &conn,
         (&topology.events_exchange(), "load"),
