@@ -36,7 +36,7 @@ use swallow_shared::broker::{self, ConfirmedPublisher, Health, SessionError};
 use swallow_shared::config::{Integration, OnLimit};
 use swallow_shared::consume::consume_queue;
 use swallow_shared::messages::{DeliveryJob, MESSAGE_VERSION, ReplyJob, now_millis};
-use swallow_shared::pacing::{Admission, RateLimiter};
+use swallow_shared::pacing::{RateLimiter, Slot, Turn};
 use swallow_shared::retry::{RetryBudget, RetryDecision, RetrySchedule};
 use swallow_shared::stage::{ListenError, Running, StageParts};
 use swallow_shared::{Config, Integrations, Stage, Topology, delay};
@@ -439,32 +439,37 @@ async fn decide(delivery: &Delivery, ctx: &Context) -> Action {
     }
 
     // The integration's rate limit: a token now, a reserved slot, or a drop.
-    if job.rate_reserved {
-        job.rate_reserved = false;
+    let limit = &integration.rate_limit;
+    let key = &integration.id;
+    if limit.on_limit == OnLimit::Drop && !job.rate_reserved {
+        if !ctx.limiter.try_take(key, limit, Instant::now()) {
+            ctx.metrics.deliveries.with_label_values(&["dropped"]).inc();
+            return Action::Ack;
+        }
     } else {
-        let limit = &integration.rate_limit;
-        let left = Duration::from_millis(deadline - now);
-        let key = &integration.id;
-        match limit.on_limit {
-            OnLimit::Drop => {
-                if !ctx.limiter.try_take(key, limit, Instant::now()) {
-                    ctx.metrics.deliveries.with_label_values(&["dropped"]).inc();
-                    return Action::Ack;
-                }
+        let slot = Slot {
+            reserved: &mut job.rate_reserved,
+            missed: &mut job.slot_missed,
+            not_before_ms: &mut job.not_before_ms,
+        };
+        match ctx
+            .limiter
+            .turn(key, limit, slot, now, Duration::from_millis(deadline - now))
+        {
+            Turn::Go => {}
+            Turn::Wait { wait, missed } => {
+                let counter = if missed {
+                    ctx.metrics.deferred.with_label_values(&["missed_slot"])
+                } else {
+                    ctx.metrics.deliveries.with_label_values(&["rate_limited"])
+                };
+                counter.inc();
+                return Action::Park { job, wait };
             }
-            OnLimit::Delay => match ctx.limiter.reserve(key, limit, Instant::now(), left) {
-                Admission::Now => {}
-                Admission::After(wait) => {
-                    ctx.metrics.deliveries.with_label_values(&["rate_limited"]).inc();
-                    job.rate_reserved = true;
-                    job.not_before_ms = Some(now + wait.as_millis() as u64);
-                    return Action::Park { job, wait };
-                }
-                Admission::TooLong(wait) => {
-                    let detail = format!("rate limited: the next slot is {wait:?} away, past max_age_s");
-                    return dead(job, "max_age", detail);
-                }
-            },
+            Turn::TooLong(wait) => {
+                let detail = format!("rate limited: the next slot is {wait:?} away, past max_age_s");
+                return dead(job, "max_age", detail);
+            }
         }
     }
 
@@ -513,6 +518,7 @@ fn after_attempt(
                     attempt: 0,
                     not_before_ms: None,
                     rate_reserved: false,
+                    slot_missed: false,
                     last_error: None,
                 }),
             }

@@ -68,7 +68,7 @@ impl DelivererMetrics {
             deferred: counter_vec(
                 registry,
                 "swallow_jobs_deferred_total",
-                "Jobs parked on the delay ladder without an attempt, by reason (schedule, busy).",
+                "Jobs parked on the delay ladder without an attempt, by reason (schedule, busy, missed_slot).",
                 &["reason"],
             ),
             shards_held: gauge(
@@ -91,7 +91,7 @@ impl DelivererMetrics {
         for r in DEAD_REASONS {
             m.dead.with_label_values(&[r]);
         }
-        for r in ["schedule", "busy"] {
+        for r in ["schedule", "busy", "missed_slot"] {
             m.deferred.with_label_values(&[r]);
         }
         m

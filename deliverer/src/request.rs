@@ -122,6 +122,7 @@ signing_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
             attempt: 0,
             not_before_ms: None,
             rate_reserved: false,
+            slot_missed: false,
             last_error: None,
         };
         (job, config.integrations.list[0].clone())

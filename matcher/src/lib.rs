@@ -148,6 +148,7 @@ async fn handle(delivery: Delivery, ctx: Arc<Context>, publisher: ConfirmedPubli
                                 attempt: 0,
                                 not_before_ms: None,
                                 rate_reserved: false,
+                                slot_missed: false,
                                 last_error: None,
                             };
                             let body = serde_json::to_vec(&job).expect("a job always serializes");

@@ -23,7 +23,7 @@ use swallow_shared::broker::{self, ConfirmedPublisher, Health, SessionError};
 use swallow_shared::config::{RateLimit, Sink};
 use swallow_shared::consume::{ConsumeOptions, consume};
 use swallow_shared::messages::{MESSAGE_VERSION, ReplyJob, now_millis};
-use swallow_shared::pacing::{Admission, RateLimiter};
+use swallow_shared::pacing::{RateLimiter, Slot, Turn};
 use swallow_shared::retry::{RetryBudget, RetryDecision, RetrySchedule};
 use swallow_shared::stage::{ListenError, Running, StageParts};
 use swallow_shared::{Config, Integration, Integrations, Stage, Topology, delay};
@@ -265,22 +265,23 @@ async fn decide(delivery: &Delivery, ctx: &Context, publisher: &ConfirmedPublish
     }
 
     // Pace per channel, so a chatty handler cannot flood it.
-    if reply.rate_reserved {
-        reply.rate_reserved = false;
-    } else {
-        let key = (reply.team_id.clone(), reply.channel_id.clone());
-        let left = Duration::from_millis(deadline - now);
-        match ctx.limiter.reserve(&key, &ctx.pace, Instant::now(), left) {
-            Admission::Now => {}
-            Admission::After(wait) => {
-                ctx.metrics.replies.with_label_values(&["rate_limited"]).inc();
-                reply.rate_reserved = true;
-                reply.not_before_ms = Some(now + wait.as_millis() as u64);
-                return Action::Park { reply, wait };
-            }
-            Admission::TooLong(wait) => {
-                return dead(reply, "max_age", format!("the channel's next slot is {wait:?} away"));
-            }
+    let key = (reply.team_id.clone(), reply.channel_id.clone());
+    let slot = Slot {
+        reserved: &mut reply.rate_reserved,
+        missed: &mut reply.slot_missed,
+        not_before_ms: &mut reply.not_before_ms,
+    };
+    match ctx
+        .limiter
+        .turn(&key, &ctx.pace, slot, now, Duration::from_millis(deadline - now))
+    {
+        Turn::Go => {}
+        Turn::Wait { wait, .. } => {
+            ctx.metrics.replies.with_label_values(&["rate_limited"]).inc();
+            return Action::Park { reply, wait };
+        }
+        Turn::TooLong(wait) => {
+            return dead(reply, "max_age", format!("the channel's next slot is {wait:?} away"));
         }
     }
 
@@ -345,6 +346,7 @@ mod tests {
             attempt: 0,
             not_before_ms: None,
             rate_reserved: false,
+            slot_missed: false,
             last_error: None,
         }
     }

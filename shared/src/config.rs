@@ -480,9 +480,15 @@ fn check_prefix(prefix: &str) -> Result<(), String> {
     }
 }
 
+/// The slowest rate limit: one an hour.
+pub const MIN_PER_SECOND: f64 = 1.0 / 3600.0;
+
 fn check_rate(rate: &RateLimit) -> Result<(), String> {
-    if !(rate.per_second.is_finite() && rate.per_second > 0.0) {
-        return Err(format!("per_second must be a positive number, not {}", rate.per_second));
+    if !(rate.per_second.is_finite() && rate.per_second >= MIN_PER_SECOND) {
+        return Err(format!(
+            "per_second must be a number of at least {MIN_PER_SECOND:.6} (one an hour), not {}",
+            rate.per_second
+        ));
     }
     if rate.burst == 0 {
         return Err("burst must be at least 1".into());
@@ -731,7 +737,12 @@ rate_limit = { per_second = 2.0, burst = 3, on_limit = "drop" }
             (
                 "rate_limit = {}",
                 "rate_limit = { per_second = 0.0 }",
-                "rate_limit: per_second must be a positive number",
+                "rate_limit: per_second must be a number of at least 0.000278 (one an hour), not 0",
+            ),
+            (
+                "rate_limit = {}",
+                "rate_limit = { per_second = 1e-300 }",
+                "rate_limit: per_second must be a number of at least",
             ),
             (
                 "rate_limit = {}",

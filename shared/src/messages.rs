@@ -49,6 +49,9 @@ pub struct DeliveryJob {
     /// The job already holds a rate-limit token for `not_before_ms`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rate_reserved: bool,
+    /// It missed a reserved slot once and took a new one (see `pacing`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub slot_missed: bool,
     /// What went wrong on the last attempt, for the dead-letter headers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -109,6 +112,8 @@ pub struct ReplyJob {
     pub not_before_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rate_reserved: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub slot_missed: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
 }

@@ -217,8 +217,14 @@ async fn retried_until_delivered_with_the_same_webhook_id() {
         .collect();
     assert_eq!(ids.len(), 1, "one webhook-id across retries");
     let g = gaps(&reqs);
-    // Full jitter under ceilings of 1 s then 2 s (plus the ladder's hop time).
-    assert!(g[0] <= 1.5 && g[1] <= 2.5, "gaps {g:?} within the schedule's ceilings");
+    // Full jitter under ceilings of 1 s then 2 s, plus however late the
+    // broker hands the parked job back (the schedule's own distribution is
+    // unit-tested in swallow_shared::retry).
+    let late = LADDER_LATENESS.as_secs_f64();
+    assert!(
+        g[0] <= 1.0 + late && g[1] <= 2.0 + late,
+        "gaps {g:?} within the schedule's ceilings (1 s, 2 s) and {late} s of broker lateness"
+    );
     wait_for(T, "the delivery to be counted", || async {
         (d.metric("swallow_deliveries_total", &[("outcome", "delivered")]).await == 1.0).then_some(())
     })
@@ -401,15 +407,8 @@ async fn rate_limit_delays_a_burst_and_drop_drops() {
         .collect();
     publish_jobs(&stack, &[jobs, drops].concat()).await;
     let reqs = paced.until(20, Duration::from_secs(40), "paced deliveries").await;
-    let t0 = reqs[0].at;
-    let offsets: Vec<f64> = reqs.iter().map(|r| (r.at - t0).as_secs_f64()).collect();
-    for (i, at) in offsets.iter().enumerate() {
-        let want = i.saturating_sub(4) as f64;
-        assert!(
-            (*at - want).abs() <= 0.6,
-            "request {i} came at {at:.2} s, expected about {want} s: {offsets:.2?}"
-        );
-    }
+    let at: Vec<Instant> = reqs.iter().map(|r| r.at).collect();
+    assert_paced(&at, 1.0, 5, "paced deliveries");
     assert_eq!(dropping.count(), 5, "burst of 5, the rest dropped");
     assert_eq!(
         d.metric("swallow_deliveries_total", &[("outcome", "dropped")]).await,
@@ -421,6 +420,51 @@ async fn rate_limit_delays_a_burst_and_drop_drops() {
         15.0
     );
     d.stop().await;
+}
+
+/// Jobs holding rate-limit slots come back while no deliverer is running and
+/// wait in their queue; the next deliverer spreads them at the limit again
+/// instead of POSTing the whole backlog at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slots_missed_while_no_deliverer_ran_are_spread_again() {
+    let stack = TestStack::new("dlv-missed").await.unwrap();
+    let paced = HandlerServer::start(|_, _| Answer::status(200)).await;
+    let cfg = || {
+        let limit = "rate_limit = { per_second = 2.0, burst = 2 }";
+        config(&stack, LOOPBACK, &integration("paced", &paced.url("/"), limit))
+    };
+    let first = Running::start(cfg()).await;
+    let jobs: Vec<_> = (0..10)
+        .map(|i| job("paced", &paced.url("/"), &format!("{i}")))
+        .collect();
+    publish_jobs(&stack, &jobs).await;
+    // Two go at once; eight reserve slots 0.5 s apart, up to 4 s away.
+    wait_for(T, "eight jobs to reserve slots", || async {
+        let n = first
+            .metric("swallow_deliveries_total", &[("outcome", "rate_limited")])
+            .await;
+        (n == 8.0).then_some(())
+    })
+    .await;
+    first.stop().await;
+    let queue = stack.topology.delivery_queue_for("paced");
+    wait_for(T, "the eight to come back to their queue", || async {
+        (stack.queue_len(&queue).await.ok()? == 8).then_some(())
+    })
+    .await;
+    // Let the last slot pass by more than its grace (0.5 s) for certain.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let second = Running::start(cfg()).await;
+    let reqs = paced.until(10, T, "all ten POSTs").await;
+    let backlog: Vec<Instant> = reqs[2..].iter().map(|r| r.at).collect();
+    assert_within_limit(&backlog, 2.0, 2, 1.0, "the backlog after the restart");
+    // The fresh bucket's burst (and what it refills meanwhile) goes at once;
+    // the rest take new slots.
+    let missed = second
+        .metric("swallow_jobs_deferred_total", &[("reason", "missed_slot")])
+        .await;
+    assert!((1.0..=6.0).contains(&missed), "{missed} late jobs took new slots");
+    second.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
