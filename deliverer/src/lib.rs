@@ -36,6 +36,7 @@ use swallow_shared::broker::{self, ConfirmedPublisher, Health, SessionError};
 use swallow_shared::config::{Integration, OnLimit};
 use swallow_shared::consume::consume_queue;
 use swallow_shared::messages::{DeliveryJob, MESSAGE_VERSION, ReplyJob, now_millis};
+use swallow_shared::metrics::GaugeHold;
 use swallow_shared::pacing::{RateLimiter, Slot, Turn};
 use swallow_shared::retry::{RetryBudget, RetryDecision, RetrySchedule};
 use swallow_shared::stage::{ListenError, Running, StageParts};
@@ -483,11 +484,11 @@ async fn decide(delivery: &Delivery, ctx: &Context) -> Action {
     };
 
     let _attempt_slot = ctx.slots.acquire().await.expect("the semaphore is never closed");
-    ctx.metrics.in_flight.inc();
+    let under_way = GaugeHold::new(&ctx.metrics.in_flight);
     let started = Instant::now();
     let attempted = attempt::attempt(&ctx.client, &ctx.policy, &job, &integration).await;
     ctx.metrics.duration.observe(started.elapsed().as_secs_f64());
-    ctx.metrics.in_flight.dec();
+    drop(under_way);
     ctx.metrics.attempts.with_label_values(&[attempted.class]).inc();
     job.attempt += 1;
     after_attempt(ctx, job, &integration, attempted)

@@ -216,6 +216,9 @@ pub enum SessionError {
     Other(String),
 }
 
+/// How long the supervisor waits for the broker to answer a connection close.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// What the supervisor needs to know about the stage it runs.
 pub struct Supervisor {
     pub url: String,
@@ -262,7 +265,10 @@ impl Supervisor {
                     let result = session(connection.clone()).await;
                     self.health.set_ready(false);
                     self.metrics.broker_connected.set(0);
-                    let _ = connection.close(200, ShortString::from("swallow stage stopping")).await;
+                    // Bounded: on a connection that broke midway the close
+                    // may never be answered.
+                    let close = connection.close(200, ShortString::from("swallow stage stopping"));
+                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
                     match result {
                         Ok(()) => {
                             info!(connection = %self.connection_name, "disconnected from the broker");

@@ -3,7 +3,9 @@
 //! acknowledging its delivery only after its effect is confirmed. On
 //! shutdown the consumer is cancelled first, then the tasks under way are
 //! given `grace` to finish; whatever is left is handed back to the broker
-//! (unacknowledged, so redelivered).
+//! (unacknowledged, so redelivered). When the channel broke, the tasks are
+//! handed back at once: lapin calls on a broken connection may never answer,
+//! and a stage must not stay "ready" waiting for them.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -129,15 +131,25 @@ where
             in_flight = tasks.len(),
             "stopping: finishing work under way"
         );
-        let drained = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
-        if drained.is_err() {
-            warn!(
-                stage,
-                left = tasks.len(),
-                "grace period over: handing unfinished work back to the broker"
-            );
-            tasks.abort_all();
-        }
+    }
+    // Work under way may finish and acknowledge while the channel works: on
+    // shutdown for `grace`, after a failure too if the channel is still open.
+    // On a broken channel it cannot acknowledge, and calls on it may never
+    // answer: it is handed back (the broker requeues it) at once.
+    let wait = if channel.status().connected() {
+        grace
+    } else {
+        Duration::ZERO
+    };
+    let drained = tokio::time::timeout(wait, async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        warn!(
+            stage,
+            queue,
+            left = tasks.len(),
+            "handing unfinished work back to the broker"
+        );
+        tasks.abort_all();
     }
     while tasks.join_next().await.is_some() {}
     drop(consumer);

@@ -63,3 +63,21 @@ impl CommonMetrics {
         m
     }
 }
+
+/// Counts one up on a gauge for as long as it lives, so work that is
+/// cancelled midway (a task aborted at shutdown or on a broken connection)
+/// still counts itself out.
+pub struct GaugeHold<'a>(&'a IntGauge);
+
+impl<'a> GaugeHold<'a> {
+    pub fn new(gauge: &'a IntGauge) -> Self {
+        gauge.inc();
+        GaugeHold(gauge)
+    }
+}
+
+impl Drop for GaugeHold<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

@@ -164,11 +164,13 @@ async fn a_broker_restart_is_survived_and_readyz_tells() {
         let r = reqwest::get(format!("http://{addr}/readyz")).await.ok()?;
         (r.status() == 503).then_some(())
     };
-    for stage in [&p.matcher, &p.deliverer, &p.responder] {
-        wait_for(Duration::from_secs(30), "/readyz to say 503 without a broker", || {
-            not_ready(stage.ops_addr)
-        })
-        .await;
+    for (name, stage) in [
+        ("matcher", &p.matcher),
+        ("deliverer", &p.deliverer),
+        ("responder", &p.responder),
+    ] {
+        let what = format!("the {name}'s /readyz to say 503 without a broker");
+        wait_for(Duration::from_secs(30), &what, || not_ready(stage.ops_addr)).await;
     }
     broker.boot().await.unwrap();
     for stage in [&p.matcher, &p.deliverer, &p.responder] {
