@@ -442,8 +442,10 @@ async fn decide(delivery: &Delivery, ctx: &Context) -> Action {
     // The integration's rate limit: a token now, a reserved slot, or a drop.
     let limit = &integration.rate_limit;
     let key = &integration.id;
-    if limit.on_limit == OnLimit::Drop && !job.rate_reserved {
-        if !ctx.limiter.try_take(key, limit, Instant::now()) {
+    if limit.on_limit == OnLimit::Drop {
+        // A job marked reserved here was admitted and then waited for a
+        // busy integration: it goes, however late.
+        if !std::mem::take(&mut job.rate_reserved) && !ctx.limiter.try_take(key, limit, Instant::now()) {
             ctx.metrics.deliveries.with_label_values(&["dropped"]).inc();
             return Action::Ack;
         }
