@@ -4,7 +4,7 @@
 //! started (at most once), moves the ones that match into
 //! their delivery shard's queue as fresh jobs (attempts and age reset, the same
 //! `webhook-id`), confirmed before each dead copy is acknowledged, and leaves
-//! the rest where they were.
+//! the rest where they were: it returns once they are back in the queue.
 
 use std::time::Duration;
 
@@ -35,17 +35,7 @@ pub async fn replay(
     let channel = connection.create_channel().await?;
     topology.declare(&channel).await?;
     let dead = topology.deliveries_dead_queue();
-    let queue = channel
-        .queue_declare(
-            dead.as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    let present = queue.message_count() as usize;
+    let present = ready_in(&connection, &dead).await?;
     let mut done = Replayed::default();
     if present == 0 || limit == Some(0) {
         let _ = connection.close(200, "replay done".into()).await;
@@ -65,7 +55,8 @@ pub async fn replay(
         .await?;
     let mut seen = 0;
     while seen < present && limit.is_none_or(|l| done.moved < l) {
-        let next = match tokio::time::timeout(Duration::from_secs(2), consumer.next()).await {
+        // Known to be there: a long wait means someone else holds them.
+        let next = match tokio::time::timeout(NEXT_WAIT, consumer.next()).await {
             Ok(Some(next)) => next?,
             _ => break,
         };
@@ -79,6 +70,7 @@ pub async fn replay(
                 job.created_at_ms = now_millis();
                 job.not_before_ms = None;
                 job.rate_reserved = false;
+                job.slot_missed = false;
                 job.last_error = None;
                 let body = serde_json::to_vec(&job).expect("a job always serializes");
                 let work = topology.delivery_queue_for(&job.integration_id);
@@ -90,7 +82,36 @@ pub async fn replay(
             _ => done.left += 1,
         }
     }
+    // Hand back what was looked at and left (the broker requeues a closed
+    // channel's unacknowledged messages), then wait until the queue shows it
+    // again: a replay run right after this one must find it there.
     let _ = channel.close(200, "replay done".into()).await;
+    let back = present - done.moved;
+    let deadline = tokio::time::Instant::now() + REQUEUE_WAIT;
+    while tokio::time::Instant::now() < deadline && ready_in(&connection, &dead).await? < back {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let _ = connection.close(200, "replay done".into()).await;
     Ok(done)
+}
+
+/// How long a replay waits for the next of the dead jobs it counted (a
+/// loaded broker may pause for seconds).
+const NEXT_WAIT: Duration = Duration::from_secs(10);
+
+/// How long a replay waits for the dead jobs it left to be back in the queue.
+const REQUEUE_WAIT: Duration = Duration::from_secs(10);
+
+/// Messages ready in `queue` now.
+async fn ready_in(connection: &lapin::Connection, queue: &str) -> Result<usize, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let q = channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await?;
+    let _ = channel.close(200, "counted".into()).await;
+    Ok(q.message_count() as usize)
 }
