@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 
 use swallow_shared::broker::{self, ConfirmedPublisher, SessionError};
@@ -35,7 +35,7 @@ pub async fn replay(
     let channel = connection.create_channel().await?;
     topology.declare(&channel).await?;
     let dead = topology.deliveries_dead_queue();
-    let present = ready_in(&connection, &dead).await?;
+    let present = broker::ready_count(&connection, &dead).await? as usize;
     let mut done = Replayed::default();
     if present == 0 || limit == Some(0) {
         let _ = connection.close(200, "replay done".into()).await;
@@ -88,7 +88,7 @@ pub async fn replay(
     let _ = channel.close(200, "replay done".into()).await;
     let back = present - done.moved;
     let deadline = tokio::time::Instant::now() + REQUEUE_WAIT;
-    while tokio::time::Instant::now() < deadline && ready_in(&connection, &dead).await? < back {
+    while tokio::time::Instant::now() < deadline && (broker::ready_count(&connection, &dead).await? as usize) < back {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let _ = connection.close(200, "replay done".into()).await;
@@ -101,17 +101,3 @@ const NEXT_WAIT: Duration = Duration::from_secs(10);
 
 /// How long a replay waits for the dead jobs it left to be back in the queue.
 const REQUEUE_WAIT: Duration = Duration::from_secs(10);
-
-/// Messages ready in `queue` now.
-async fn ready_in(connection: &lapin::Connection, queue: &str) -> Result<usize, lapin::Error> {
-    let channel = connection.create_channel().await?;
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    let q = channel
-        .queue_declare(queue.into(), passive, FieldTable::default())
-        .await?;
-    let _ = channel.close(200, "counted".into()).await;
-    Ok(q.message_count() as usize)
-}

@@ -93,6 +93,20 @@ pub async fn subscribe(channel: &Channel, exchange: &str, routing_key: &str) -> 
         .await
 }
 
+/// Messages ready in `queue` now (a passive declare on a channel of its own).
+pub async fn ready_count(connection: &Connection, queue: &str) -> Result<u32, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let q = channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await?;
+    let _ = channel.close(200, "counted".into()).await;
+    Ok(q.message_count())
+}
+
 /// Properties of a persistent JSON message.
 pub fn persistent_json() -> BasicProperties {
     BasicProperties::default()

@@ -268,19 +268,7 @@ impl TestStack {
 
     /// Messages ready in `queue` now.
     pub async fn queue_len(&self, queue: &str) -> anyhow::Result<u32> {
-        let channel = self.connection.create_channel().await?;
-        let q = channel
-            .queue_declare(
-                queue.into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        let _ = channel.close(200, "".into()).await;
-        Ok(q.message_count())
+        Ok(swallow_shared::broker::ready_count(&self.connection, queue).await?)
     }
 }
 
