@@ -2,10 +2,13 @@
 # Offline checks of deploy/ (no cluster needed):
 #  1. kubectl kustomize renders every overlay;
 #  2. the rendered built-in kinds pass kubernetes-validate --strict;
-#  3. promtool check rules passes on the PrometheusRule's rules;
+#  3. promtool check rules passes on the PrometheusRule's rules, and their
+#     unit tests (prometheus-rules.test.yaml) pass promtool test rules;
 #  4. every swallow_* metric the rules and the dashboard use is exported by
 #     the stages (the list is read from a running pipeline by the Rust test
 #     tests/tests/deploy.rs, which also runs promtool check metrics).
+# tests/tests/alerts.rs then runs the rules and the dashboard in a real
+# Prometheus against the running stages and RabbitMQ's own exporter.
 # Needs kubectl, promtool (Debian: prometheus) and kubernetes-validate (PyPI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,3 +42,6 @@ python3 -m kubernetes_validate --strict --quiet "$out"/builtin/*.yaml
 echo "check: kubernetes-validate --strict passes"
 promtool check rules "$out/rules.yaml"
 echo "check: promtool check rules passes"
+cp deploy/k8s/overlays/production/prometheus-rules.test.yaml "$out/"
+promtool test rules "$out/prometheus-rules.test.yaml"
+echo "check: promtool test rules passes"
