@@ -24,6 +24,7 @@ use tokio::sync::OnceCell;
 pub mod chat;
 pub mod googlebot;
 pub mod handler;
+pub mod prometheus;
 
 pub use swallow_shared::Topology;
 
@@ -608,16 +609,22 @@ pub struct OwnBroker {
 impl OwnBroker {
     /// Starts a node and waits until it accepts connections.
     pub async fn start() -> anyhow::Result<OwnBroker> {
+        Self::start_with(&[], "").await
+    }
+
+    /// Starts a node with `plugins` enabled and `extra_conf` appended to its
+    /// rabbitmq.conf; waits until it accepts connections.
+    pub async fn start_with(plugins: &[&str], extra_conf: &str) -> anyhow::Result<OwnBroker> {
         let port = free_addr().port();
         let dist = free_addr().port();
         let node = format!("swallow-t{port}@localhost");
         let dir = tempdir("rabbit");
-        std::fs::write(dir.join("plugins"), "[].\n")?;
+        std::fs::write(dir.join("plugins"), format!("[{}].\n", plugins.join(",")))?;
         // The machine's rabbitmq.conf pins the shared broker's listener: the
         // node gets a configuration file of its own.
         std::fs::write(
             dir.join("rabbitmq.conf"),
-            format!("listeners.tcp.local = 127.0.0.1:{port}\n"),
+            format!("listeners.tcp.local = 127.0.0.1:{port}\n{extra_conf}"),
         )?;
         let status = std::process::Command::new("chown")
             .args(["-R", "rabbitmq:rabbitmq"])
