@@ -4,7 +4,7 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked --bins \
-      -p swallow-matcher -p swallow-deliverer -p swallow-responder -p swallow-tests \
+      -p swallow-matcher -p swallow-deliverer -p swallow-responder -p swallow-tools \
  && mkdir /out \
  && cp target/release/swallow-matcher target/release/swallow-deliverer target/release/swallow-responder \
        target/release/swallow-chat target/release/swallow-googlebot /out/

@@ -17,5 +17,7 @@ if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null && command -v rabbitmq-server
   rabbitmq-server -detached
   for _ in $(seq 1 60); do (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null && break; sleep 1; done
 fi
-cargo build --release --workspace --bins
+# Only what runs: the stages and swallow-tools (chat tool, example handler,
+# quick start), not the test harness or the load generator.
+cargo build --release --bins -p swallow-matcher -p swallow-deliverer -p swallow-responder -p swallow-tools
 exec target/release/swallow-quickstart --config deploy/example.toml "$@"

@@ -21,12 +21,11 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::OnceCell;
 
-pub mod chat;
-pub mod googlebot;
 pub mod handler;
 pub mod prometheus;
 
 pub use swallow_shared::Topology;
+pub use swallow_tools::{chat, googlebot, wait_ready};
 
 static BROKER: OnceCell<String> = OnceCell::const_new();
 
@@ -66,18 +65,6 @@ async fn start_container() -> String {
     // Keep the container for the life of the test process.
     Box::leak(Box::new(container));
     format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
-}
-
-/// Polls a `/readyz` URL until it answers 200; false after `timeout`.
-pub async fn wait_ready(url: &str, timeout: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while tokio::time::Instant::now() < deadline {
-        if reqwest::get(url).await.is_ok_and(|r| r.status().is_success()) {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
 }
 
 /// Polls `check` until it returns `Some`, or fails the test after `timeout`

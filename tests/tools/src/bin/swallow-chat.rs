@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use swallow_shared::{Config, Stage, Topology};
-use swallow_tests::chat::{self, Say};
+use swallow_tools::chat::{self, Say};
 
 #[derive(Parser)]
 #[command(version, about = "Publish chat messages to swallow and watch the replies")]

@@ -12,8 +12,8 @@ use std::time::Duration;
 use clap::Parser;
 use futures_util::StreamExt;
 use swallow_shared::{Config, Stage, Topology};
-use swallow_tests::chat::{self, Say};
-use swallow_tests::googlebot;
+use swallow_tools::chat::{self, Say};
+use swallow_tools::googlebot;
 
 #[derive(Parser)]
 #[command(version, about = "Run swallow end to end on this machine")]
@@ -73,7 +73,7 @@ async fn main() -> anyhow::Result<()> {
     }
     for (stage, addr, _) in &children {
         let url = format!("http://127.0.0.1:{}/readyz", addr.port());
-        let ready = swallow_tests::wait_ready(&url, Duration::from_secs(30)).await;
+        let ready = swallow_tools::wait_ready(&url, Duration::from_secs(30)).await;
         anyhow::ensure!(ready, "{stage} did not become ready on {url}");
         println!(
             "{stage} is running (metrics on http://127.0.0.1:{}/metrics)",

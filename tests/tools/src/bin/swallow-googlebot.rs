@@ -16,7 +16,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let bound = swallow_tests::googlebot::serve(args.addr, tx).await?;
+    let bound = swallow_tools::googlebot::serve(args.addr, tx).await?;
     eprintln!("googlebot answering POSTs on http://{bound}/");
     loop {
         tokio::select! {
