@@ -68,16 +68,49 @@ pub async fn listen(
     }))
 }
 
-/// One line for a reply: `#C2147483705 Google Bot: African or European?`.
+/// One line for a reply: `#C2147483705 googlebot: African or European?`.
 pub fn show_reply(reply: &serde_json::Value) -> String {
+    show_reply_channel(reply, reply["channel_id"].as_str().unwrap_or("?"))
+}
+
+/// A reply in the channel `say` spoke in, shown by that channel's name as
+/// the message was (`#test googlebot: …`); in another channel, by its id.
+pub fn show_reply_in(reply: &serde_json::Value, say: &Say) -> String {
+    let id = reply["channel_id"].as_str().unwrap_or("?");
+    show_reply_channel(reply, if id == say.channel_id { say.channel_name } else { id })
+}
+
+fn show_reply_channel(reply: &serde_json::Value, channel: &str) -> String {
     let thread = reply["thread_ts"]
         .as_str()
         .map(|t| format!(" (thread {t})"))
         .unwrap_or_default();
     format!(
-        "#{}{thread} {}: {}",
-        reply["channel_id"].as_str().unwrap_or("?"),
+        "#{channel}{thread} {}: {}",
         reply["username"].as_str().unwrap_or("?"),
         reply["text"].as_str().unwrap_or("")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_is_shown_in_the_channel_as_the_message_was() {
+        let say = Say {
+            team_id: "T0001",
+            channel_id: "C2147483705",
+            channel_name: "test",
+            user_name: "Steve",
+            text: "googlebot: hi",
+            thread_ts: None,
+        };
+        let reply =
+            serde_json::json!({"channel_id": "C2147483705", "username": "googlebot", "text": "African or European?"});
+        assert_eq!(show_reply_in(&reply, &say), "#test googlebot: African or European?");
+        assert_eq!(show_reply(&reply), "#C2147483705 googlebot: African or European?");
+        let elsewhere = serde_json::json!({"channel_id": "C9", "username": "googlebot", "text": "hi"});
+        assert_eq!(show_reply_in(&elsewhere, &say), "#C9 googlebot: hi");
+    }
 }

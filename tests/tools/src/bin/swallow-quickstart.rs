@@ -2,8 +2,8 @@
 //! `deploy/quickstart.sh`). Starts googlebot and the three real stage
 //! binaries on the example configuration, publishes the seed's message,
 //! prints the POST googlebot received and the reply as it arrives in the
-//! channel, then keeps running until Ctrl-C, which stops everything it
-//! started.
+//! channel, then keeps running until Ctrl-C (or SIGTERM), which stops
+//! everything it started: each stage with one SIGTERM, exiting 0.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -61,6 +61,12 @@ async fn main() -> anyhow::Result<()> {
             .arg(&args.config)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
+            // A process group of its own: a terminal's Ctrl-C (SIGINT to the
+            // foreground group) reaches only the quick start, which then
+            // stops each stage with one SIGTERM. Had the stages got the
+            // SIGINT too, that SIGTERM would be their second signal, which
+            // makes a stage exit at once with status 1.
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| {
@@ -91,7 +97,7 @@ async fn main() -> anyhow::Result<()> {
         thread_ts: None,
     };
     chat::say(&connection, &topology, &say).await?;
-    println!("\n#test Steve: {SEED}");
+    println!("\n#{} {}: {SEED}", say.channel_name, say.user_name);
 
     let post = tokio::time::timeout(Duration::from_secs(30), posts.recv())
         .await
@@ -113,7 +119,7 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "\nthe reply, as it arrived on {}:\n  {}",
         topology.chat_outbound_exchange(),
-        chat::show_reply(&reply)
+        chat::show_reply_in(&reply, &say)
     );
 
     let cfg = args.config.display();
@@ -123,17 +129,20 @@ async fn main() -> anyhow::Result<()> {
          target/release/swallow-chat --config {cfg} listen\n\
          Edit {cfg} to add integrations (reloaded on save). Ctrl-C stops everything.\n"
     );
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
+            _ = terminate.recv() => break,
             Some(post) = posts.recv() => {
                 let text = post.fields.iter().find(|(k, _)| k == "text").map(|(_, v)| v.as_str()).unwrap_or("");
                 println!("googlebot received: {text}");
             }
-            Some(reply) = replies.next() => println!("reply: {}", chat::show_reply(&reply)),
+            Some(reply) = replies.next() => println!("reply: {}", chat::show_reply_in(&reply, &say)),
         }
     }
     println!("stopping the stages…");
+    let mut clean = true;
     for (stage, _, child) in &mut children {
         if let Some(pid) = child.id() {
             let _ = std::process::Command::new("kill")
@@ -142,13 +151,18 @@ async fn main() -> anyhow::Result<()> {
                 .status();
         }
         match tokio::time::timeout(Duration::from_secs(25), child.wait()).await {
-            Ok(Ok(status)) => println!("{stage} stopped ({status})"),
+            Ok(Ok(status)) => {
+                clean &= status.success();
+                println!("{stage} stopped ({status})");
+            }
             _ => {
+                clean = false;
                 let _ = child.kill().await;
                 println!("{stage} killed");
             }
         }
     }
     let _ = connection.close(200, "bye".into()).await;
+    anyhow::ensure!(clean, "a stage did not stop cleanly (see above)");
     Ok(())
 }
