@@ -13,7 +13,7 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 
 use swallow_shared::broker::{self, ConfirmedPublisher, SessionError};
-use swallow_shared::messages::{DeliveryJob, now_millis};
+use swallow_shared::messages::{DeliveryJob, RetryState, now_millis};
 use swallow_shared::{Config, Topology};
 
 /// What a replay did.
@@ -66,12 +66,7 @@ pub async fn replay(
         let job = serde_json::from_slice::<DeliveryJob>(&next.data);
         match (wanted, job) {
             (true, Ok(mut job)) => {
-                job.attempt = 0;
-                job.created_at_ms = now_millis();
-                job.not_before_ms = None;
-                job.rate_reserved = false;
-                job.slot_missed = false;
-                job.last_error = None;
+                job.retry = RetryState::new(now_millis());
                 let body = serde_json::to_vec(&job).expect("a job always serializes");
                 let work = topology.delivery_queue_for(&job.integration_id);
                 publisher.publish("", &work, &body, broker::persistent_json()).await?;

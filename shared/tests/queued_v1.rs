@@ -45,29 +45,29 @@ fn a_fresh_delivery_job() {
     assert_eq!(j.trigger_word, "googlebot:");
     assert_eq!(j.event.ts, "1355517523.000005");
     assert_eq!(j.event.thread_ts, None);
-    assert_eq!(j.created_at_ms, 1_764_300_000_000);
-    assert_eq!(j.attempt, 0);
-    assert_eq!(j.not_before_ms, None);
-    assert!(!j.rate_reserved && !j.slot_missed);
-    assert_eq!(j.last_error, None);
+    assert_eq!(j.retry.created_at_ms, 1_764_300_000_000);
+    assert_eq!(j.retry.attempt, 0);
+    assert_eq!(j.retry.not_before_ms, None);
+    assert!(!j.retry.rate_reserved && !j.retry.slot_missed);
+    assert_eq!(j.retry.last_error, None);
 }
 
 #[test]
 fn a_delivery_job_parked_for_a_retry() {
     let j = delivery("delivery_retry.json");
-    assert_eq!(j.attempt, 2);
-    assert_eq!(j.not_before_ms, Some(1_764_300_004_000));
-    assert!(!j.rate_reserved && !j.slot_missed);
-    assert_eq!(j.last_error.as_deref(), Some("HTTP 503 Service Unavailable"));
+    assert_eq!(j.retry.attempt, 2);
+    assert_eq!(j.retry.not_before_ms, Some(1_764_300_004_000));
+    assert!(!j.retry.rate_reserved && !j.retry.slot_missed);
+    assert_eq!(j.retry.last_error.as_deref(), Some("HTTP 503 Service Unavailable"));
 }
 
 #[test]
 fn a_delivery_job_holding_a_rate_limit_slot() {
     let j = delivery("delivery_rate_reserved.json");
-    assert_eq!(j.attempt, 0);
-    assert_eq!(j.not_before_ms, Some(1_764_300_000_250));
-    assert!(j.rate_reserved);
-    assert!(!j.slot_missed);
+    assert_eq!(j.retry.attempt, 0);
+    assert_eq!(j.retry.not_before_ms, Some(1_764_300_000_250));
+    assert!(j.retry.rate_reserved);
+    assert!(!j.retry.slot_missed);
 }
 
 #[test]
@@ -78,18 +78,18 @@ fn a_delivery_job_with_every_field() {
     assert_eq!(j.event.thread_ts.as_deref(), Some("1355517500.000001"));
     assert_eq!(j.event.channel_type.as_deref(), Some("channel"));
     assert_eq!(j.event.bot_id.as_deref(), Some("B0001"));
-    assert_eq!(j.attempt, 3);
-    assert_eq!(j.not_before_ms, Some(1_764_300_009_500));
-    assert!(j.rate_reserved && j.slot_missed);
-    assert_eq!(j.last_error.as_deref(), Some("timed out after 10s \"quoted\" é"));
+    assert_eq!(j.retry.attempt, 3);
+    assert_eq!(j.retry.not_before_ms, Some(1_764_300_009_500));
+    assert!(j.retry.rate_reserved && j.retry.slot_missed);
+    assert_eq!(j.retry.last_error.as_deref(), Some("timed out after 10s \"quoted\" é"));
 }
 
 #[test]
 fn a_delivery_job_from_before_versions_and_attempts() {
     let bytes = fixture("delivery_without_v_or_attempt.json");
     let j: DeliveryJob = serde_json::from_slice(&bytes).expect("decodes");
-    assert_eq!((j.v, j.attempt, j.not_before_ms), (1, 0, None));
-    assert!(!j.rate_reserved && !j.slot_missed && j.last_error.is_none());
+    assert_eq!((j.v, j.retry.attempt, j.retry.not_before_ms), (1, 0, None));
+    assert!(!j.retry.rate_reserved && !j.retry.slot_missed && j.retry.last_error.is_none());
 }
 
 #[test]
@@ -100,19 +100,19 @@ fn a_fresh_reply() {
     assert_eq!(r.in_reply_to, "1355517523.000005");
     assert_eq!(r.event_thread_ts, None);
     assert_eq!(r.answer.text, "African or European?");
-    assert_eq!(r.created_at_ms, 1_764_300_000_100);
-    assert_eq!(r.attempt, 0);
-    assert_eq!(r.not_before_ms, None);
-    assert!(!r.rate_reserved && !r.slot_missed);
-    assert_eq!(r.last_error, None);
+    assert_eq!(r.retry.created_at_ms, 1_764_300_000_100);
+    assert_eq!(r.retry.attempt, 0);
+    assert_eq!(r.retry.not_before_ms, None);
+    assert!(!r.retry.rate_reserved && !r.retry.slot_missed);
+    assert_eq!(r.retry.last_error, None);
 }
 
 #[test]
 fn a_reply_parked_for_a_retry() {
     let r = reply("reply_retry.json");
-    assert_eq!(r.attempt, 1);
-    assert_eq!(r.not_before_ms, Some(1_764_300_001_100));
-    assert_eq!(r.last_error.as_deref(), Some("connect: connection refused"));
+    assert_eq!(r.retry.attempt, 1);
+    assert_eq!(r.retry.not_before_ms, Some(1_764_300_001_100));
+    assert_eq!(r.retry.last_error.as_deref(), Some("connect: connection refused"));
 }
 
 #[test]
@@ -123,8 +123,8 @@ fn a_reply_with_every_field() {
     assert_eq!(r.answer.response_type.as_deref(), Some("comment"));
     assert_eq!(r.answer.thread_ts.as_deref(), Some("1355517400.000002"));
     assert!(r.answer.attachments.is_some());
-    assert_eq!(r.attempt, 4);
-    assert_eq!(r.not_before_ms, Some(1_764_300_016_000));
-    assert!(r.rate_reserved && r.slot_missed);
-    assert_eq!(r.last_error.as_deref(), Some("HTTP 429: ratelimited"));
+    assert_eq!(r.retry.attempt, 4);
+    assert_eq!(r.retry.not_before_ms, Some(1_764_300_016_000));
+    assert!(r.retry.rate_reserved && r.retry.slot_missed);
+    assert_eq!(r.retry.last_error.as_deref(), Some("HTTP 429: ratelimited"));
 }
