@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use swallow_shared::broker::Health;
 use swallow_shared::pacing::RateLimiter;
 use swallow_shared::retry::RetrySchedule;
-use swallow_shared::stage::{ListenError, Running, StageParts};
+use swallow_shared::stage::{Running, StageParts, StartError};
 use swallow_shared::{Config, Integrations, Stage, Topology};
 
 pub use attempt::{MAX_ANSWER_BYTES, Outcome, parse_answer};
@@ -43,13 +43,7 @@ use metrics::DelivererMetrics;
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// The deliverer could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum DelivererError {
-    #[error(transparent)]
-    Listen(#[from] ListenError),
-    #[error("building the HTTP client: {0}")]
-    Client(#[from] reqwest::Error),
-}
+pub type DelivererError = StartError;
 
 /// A started deliverer.
 pub type Deliverer = Running;
@@ -77,7 +71,7 @@ pub fn http_client(policy: &AddressPolicy) -> Result<reqwest::Client, reqwest::E
 /// Starts the deliverer and returns once its listener is bound.
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Deliverer, DelivererError> {
     let policy = AddressPolicy::new(config.deliverer.allow_networks.clone());
-    let client = http_client(&policy)?;
+    let client = http_client(&policy).map_err(StartError::client)?;
     let parts = StageParts::new(Stage::Deliverer, &config, &shutdown).await?;
     let metrics = DelivererMetrics::new(&parts.registry);
     let topology = Topology::of(&config.broker);

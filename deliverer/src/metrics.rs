@@ -75,19 +75,25 @@ impl DelivererMetrics {
                 "Deliverer replicas this replica hears from (itself included).",
             ),
         };
+        m.show_every_label();
+        m
+    }
+
+    /// Makes every bounded label value show (at 0) from the start, so a
+    /// rate over it is defined before the first event.
+    fn show_every_label(&self) {
         for o in OUTCOMES {
-            m.deliveries.with_label_values(&[o]);
+            self.deliveries.with_label_values(&[o]);
         }
         for c in CLASSES {
-            m.attempts.with_label_values(&[c]);
+            self.attempts.with_label_values(&[c]);
         }
         for r in DeadReason::DELIVERY {
-            m.dead.with_label_values(&[r.as_str()]);
+            self.dead.with_label_values(&[r.as_str()]);
         }
         for r in ["schedule", "busy", "missed_slot"] {
-            m.deferred.with_label_values(&[r]);
+            self.deferred.with_label_values(&[r]);
         }
-        m
     }
 
     /// Counts a job's visit by what was carried out for it.

@@ -81,13 +81,18 @@ pub async fn replay(
     // channel's unacknowledged messages), then wait until the queue shows it
     // again: a replay run right after this one must find it there.
     let _ = channel.close(200, "replay done".into()).await;
-    let back = present - done.moved;
-    let deadline = tokio::time::Instant::now() + REQUEUE_WAIT;
-    while tokio::time::Instant::now() < deadline && (broker::ready_count(&connection, &dead).await? as usize) < back {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_back(&connection, &dead, present - done.moved).await?;
     let _ = connection.close(200, "replay done".into()).await;
     Ok(done)
+}
+
+/// Waits (up to [`REQUEUE_WAIT`]) until `queue` shows `back` messages ready.
+async fn wait_until_back(connection: &lapin::Connection, queue: &str, back: usize) -> Result<(), SessionError> {
+    let deadline = tokio::time::Instant::now() + REQUEUE_WAIT;
+    while tokio::time::Instant::now() < deadline && (broker::ready_count(connection, queue).await? as usize) < back {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }
 
 /// How long a replay waits for the next of the dead jobs it counted (a

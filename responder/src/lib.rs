@@ -27,7 +27,7 @@ use swallow_shared::lifecycle::{self, DeadReason, Disposition, Failure, RetryLim
 use swallow_shared::messages::{ReplyJob, now_millis};
 use swallow_shared::pacing::RateLimiter;
 use swallow_shared::retry::RetrySchedule;
-use swallow_shared::stage::{ListenError, Running, StageParts};
+use swallow_shared::stage::{Running, StageParts, StartError};
 use swallow_shared::{Config, Integration, Integrations, Stage, Topology};
 
 use metrics::ResponderMetrics;
@@ -36,26 +36,14 @@ pub use sink::{BOT_ID, OutboundReply, Posted, ReplySink};
 /// How long shutdown waits for replies being posted.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 
-/// The responder could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum ResponderError {
-    #[error(transparent)]
-    Listen(#[from] ListenError),
-    #[error("building the HTTP client: {0}")]
-    Client(#[from] reqwest::Error),
-}
-
-/// A started responder.
-pub type Responder = Running;
-
 /// Runs the responder until `shutdown` is cancelled.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), ResponderError> {
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), StartError> {
     start(config, shutdown).await?.join().await;
     Ok(())
 }
 
 /// Starts the responder and returns once its listener is bound.
-pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Responder, ResponderError> {
+pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
     let topology = Topology::of(&config.broker);
     let client = || {
         reqwest::Client::builder()
@@ -74,12 +62,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Respon
                     .parse()
                     .expect("a base URL plus a path is a URL"),
                 token: token.clone(),
-                client: client()?,
+                client: client().map_err(StartError::client)?,
             }
         }
         Sink::Webhook { url } => ReplySink::Webhook {
             url: url.clone(),
-            client: client()?,
+            client: client().map_err(StartError::client)?,
         },
     };
     let parts = StageParts::new(Stage::Responder, &config, &shutdown).await?;
