@@ -73,10 +73,14 @@ pub async fn attempt(
     for (name, value) in post.headers {
         builder = builder.header(name, value);
     }
-    let response = match builder.send().await {
-        Ok(r) => r,
-        Err(e) => return transport_error(&e),
-    };
+    match builder.send().await {
+        Ok(response) => answered(response).await,
+        Err(e) => transport_error(&e),
+    }
+}
+
+/// What the handler's response means.
+async fn answered(response: reqwest::Response) -> Attempted {
     let status = response.status();
     let retry_after = retry_after(response.headers());
     let code = status.as_u16();

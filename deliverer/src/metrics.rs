@@ -1,20 +1,13 @@
 //! The deliverer's metrics (CONTRACT §7). Labels are bounded: outcomes,
-//! status classes and dead-letter reasons are fixed sets.
+//! status classes and dead-letter reasons are fixed sets. Each job's visit
+//! is counted once, by [`DelivererMetrics::count`], after it was carried out.
 
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Registry};
+use swallow_shared::lifecycle::{DeadReason, ParkReason, Settled};
 use swallow_shared::metrics::{counter, counter_vec, gauge, register};
 
 pub const OUTCOMES: [&str; 5] = ["delivered", "retried", "dead", "dropped", "rate_limited"];
 pub const CLASSES: [&str; 8] = ["2xx", "3xx", "4xx", "5xx", "timeout", "connect", "error", "blocked"];
-pub const DEAD_REASONS: [&str; 7] = [
-    "max_attempts",
-    "max_age",
-    "gone",
-    "blocked_destination",
-    "unknown_integration",
-    "invalid_job",
-    "unsupported_version",
-];
 
 #[derive(Clone)]
 pub(crate) struct DelivererMetrics {
@@ -82,18 +75,47 @@ impl DelivererMetrics {
                 "Deliverer replicas this replica hears from (itself included).",
             ),
         };
+        m.show_every_label();
+        m
+    }
+
+    /// Makes every bounded label value show (at 0) from the start, so a
+    /// rate over it is defined before the first event.
+    fn show_every_label(&self) {
         for o in OUTCOMES {
-            m.deliveries.with_label_values(&[o]);
+            self.deliveries.with_label_values(&[o]);
         }
         for c in CLASSES {
-            m.attempts.with_label_values(&[c]);
+            self.attempts.with_label_values(&[c]);
         }
-        for r in DEAD_REASONS {
-            m.dead.with_label_values(&[r]);
+        for r in DeadReason::DELIVERY {
+            self.dead.with_label_values(&[r.as_str()]);
         }
         for r in ["schedule", "busy", "missed_slot"] {
-            m.deferred.with_label_values(&[r]);
+            self.deferred.with_label_values(&[r]);
         }
-        m
+    }
+
+    /// Counts a job's visit by what was carried out for it.
+    pub fn count(&self, settled: Settled) {
+        let outcome = |o: &str| self.deliveries.with_label_values(&[o]).inc();
+        let deferred = |r: &str| self.deferred.with_label_values(&[r]).inc();
+        match settled {
+            Settled::Done => outcome("delivered"),
+            Settled::Forwarded => {
+                outcome("delivered");
+                self.replies_queued.inc();
+            }
+            Settled::Dropped => outcome("dropped"),
+            Settled::Parked(ParkReason::Retry) => outcome("retried"),
+            Settled::Parked(ParkReason::RateLimited) => outcome("rate_limited"),
+            Settled::Parked(ParkReason::MissedSlot) => deferred("missed_slot"),
+            Settled::Parked(ParkReason::NotDue) => deferred("schedule"),
+            Settled::Parked(ParkReason::Busy) => deferred("busy"),
+            Settled::Dead(reason) => {
+                outcome("dead");
+                self.dead.with_label_values(&[reason.as_str()]).inc();
+            }
+        }
     }
 }

@@ -13,7 +13,7 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 
 use swallow_shared::broker::{self, ConfirmedPublisher, SessionError};
-use swallow_shared::messages::{DeliveryJob, now_millis};
+use swallow_shared::messages::{DeliveryJob, RetryState, now_millis};
 use swallow_shared::{Config, Topology};
 
 /// What a replay did.
@@ -66,12 +66,7 @@ pub async fn replay(
         let job = serde_json::from_slice::<DeliveryJob>(&next.data);
         match (wanted, job) {
             (true, Ok(mut job)) => {
-                job.attempt = 0;
-                job.created_at_ms = now_millis();
-                job.not_before_ms = None;
-                job.rate_reserved = false;
-                job.slot_missed = false;
-                job.last_error = None;
+                job.retry = RetryState::new(now_millis());
                 let body = serde_json::to_vec(&job).expect("a job always serializes");
                 let work = topology.delivery_queue_for(&job.integration_id);
                 publisher.publish("", &work, &body, broker::persistent_json()).await?;
@@ -86,13 +81,18 @@ pub async fn replay(
     // channel's unacknowledged messages), then wait until the queue shows it
     // again: a replay run right after this one must find it there.
     let _ = channel.close(200, "replay done".into()).await;
-    let back = present - done.moved;
-    let deadline = tokio::time::Instant::now() + REQUEUE_WAIT;
-    while tokio::time::Instant::now() < deadline && (broker::ready_count(&connection, &dead).await? as usize) < back {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_back(&connection, &dead, present - done.moved).await?;
     let _ = connection.close(200, "replay done".into()).await;
     Ok(done)
+}
+
+/// Waits (up to [`REQUEUE_WAIT`]) until `queue` shows `back` messages ready.
+async fn wait_until_back(connection: &lapin::Connection, queue: &str, back: usize) -> Result<(), SessionError> {
+    let deadline = tokio::time::Instant::now() + REQUEUE_WAIT;
+    while tokio::time::Instant::now() < deadline && (broker::ready_count(connection, queue).await? as usize) < back {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }
 
 /// How long a replay waits for the next of the dead jobs it counted (a

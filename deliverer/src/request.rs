@@ -90,6 +90,7 @@ pub fn sign(key: &[u8], id: &str, timestamp: &str, body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use swallow_shared::messages::RetryState;
     use swallow_shared::{ChatEvent, Config};
 
     fn seed() -> (DeliveryJob, std::sync::Arc<Integration>) {
@@ -118,12 +119,7 @@ signing_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
             url: "http://127.0.0.1:1/".into(),
             trigger_word: "googlebot:".into(),
             event,
-            created_at_ms: 0,
-            attempt: 0,
-            not_before_ms: None,
-            rate_reserved: false,
-            slot_missed: false,
-            last_error: None,
+            retry: RetryState::new(0),
         };
         (job, config.integrations.list[0].clone())
     }

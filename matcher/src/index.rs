@@ -156,33 +156,7 @@ impl IntegrationIndex {
             }
         }
 
-        let mut candidates: Vec<usize> = Vec::new();
-        let t = &team.any_channel;
-        if !t.prefix_folded.is_empty() || !t.word_folded.is_empty() {
-            let longest = t.prefix_folded_lengths.last().copied().unwrap_or(0);
-            // Fold only as much of the text as the longest word can cover
-            // (lower-casing can change byte lengths, so take a char margin).
-            let head: String = text.chars().take(longest + 1).collect::<String>().to_lowercase();
-            for &len in &t.prefix_folded_lengths {
-                if let Some(key) = head.get(..len) {
-                    candidates.extend(t.prefix_folded.get(key).into_iter().flatten());
-                }
-            }
-            if !t.word_folded.is_empty() {
-                let first = first_word(text).to_lowercase();
-                candidates.extend(t.word_folded.get(&first).into_iter().flatten());
-            }
-        }
-        for &len in &t.prefix_exact_lengths {
-            if let Some(key) = text.get(..len) {
-                candidates.extend(t.prefix_exact.get(key).into_iter().flatten());
-            }
-        }
-        if !t.word_exact.is_empty() {
-            candidates.extend(t.word_exact.get(first_word(text)).into_iter().flatten());
-        }
-        candidates.sort_unstable();
-        candidates.dedup();
+        let candidates = team.any_channel.candidates(text);
         for i in candidates {
             let integration = &self.integrations[i];
             if let Some(word) = longest_trigger(integration, text) {
@@ -201,6 +175,40 @@ impl IntegrationIndex {
         }
         found.sort_unstable_by_key(|(i, _)| *i);
         Ok(found.into_iter().map(|(_, m)| m).collect())
+    }
+}
+
+impl TriggerIndex {
+    /// The integrations (by index) one of whose words may start `text`,
+    /// sorted and without repeats; `longest_trigger` has the last word.
+    fn candidates(&self, text: &str) -> Vec<usize> {
+        let mut candidates: Vec<usize> = Vec::new();
+        if !self.prefix_folded.is_empty() || !self.word_folded.is_empty() {
+            let longest = self.prefix_folded_lengths.last().copied().unwrap_or(0);
+            // Fold only as much of the text as the longest word can cover
+            // (lower-casing can change byte lengths, so take a char margin).
+            let head: String = text.chars().take(longest + 1).collect::<String>().to_lowercase();
+            for &len in &self.prefix_folded_lengths {
+                if let Some(key) = head.get(..len) {
+                    candidates.extend(self.prefix_folded.get(key).into_iter().flatten());
+                }
+            }
+            if !self.word_folded.is_empty() {
+                let first = first_word(text).to_lowercase();
+                candidates.extend(self.word_folded.get(&first).into_iter().flatten());
+            }
+        }
+        for &len in &self.prefix_exact_lengths {
+            if let Some(key) = text.get(..len) {
+                candidates.extend(self.prefix_exact.get(key).into_iter().flatten());
+            }
+        }
+        if !self.word_exact.is_empty() {
+            candidates.extend(self.word_exact.get(first_word(text)).into_iter().flatten());
+        }
+        candidates.sort_unstable();
+        candidates.dedup();
+        candidates
     }
 }
 

@@ -23,7 +23,7 @@ use tracing::warn;
 
 use swallow_shared::broker::{self, ConfirmedPublisher, Health, SessionError};
 use swallow_shared::consume::{ConsumeOptions, consume};
-use swallow_shared::messages::{DeliveryJob, MESSAGE_VERSION, now_millis};
+use swallow_shared::messages::{DeliveryJob, MESSAGE_VERSION, RetryState, now_millis};
 use swallow_shared::stage::{ListenError, Running, StageParts};
 use swallow_shared::{ChatEvent, Config, Stage, Topology};
 
@@ -144,12 +144,7 @@ async fn handle(delivery: Delivery, ctx: Arc<Context>, publisher: ConfirmedPubli
                                 url: url.to_string(),
                                 trigger_word: m.trigger_word.clone(),
                                 event: event.clone(),
-                                created_at_ms,
-                                attempt: 0,
-                                not_before_ms: None,
-                                rate_reserved: false,
-                                slot_missed: false,
-                                last_error: None,
+                                retry: RetryState::new(created_at_ms),
                             };
                             let body = serde_json::to_vec(&job).expect("a job always serializes");
                             let queue = ctx.topology.delivery_queue_for(&m.integration.id);

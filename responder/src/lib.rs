@@ -12,21 +12,23 @@ pub mod sink;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::ops::ControlFlow;
+
 use lapin::Connection;
 use lapin::message::Delivery;
-use lapin::options::BasicAckOptions;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
-use swallow_shared::broker::{self, ConfirmedPublisher, Health, SessionError};
+use swallow_shared::broker::{ConfirmedPublisher, Health, SessionError};
 use swallow_shared::config::{RateLimit, Sink};
 use swallow_shared::consume::{ConsumeOptions, consume};
-use swallow_shared::messages::{MESSAGE_VERSION, ReplyJob, now_millis};
-use swallow_shared::pacing::{RateLimiter, Slot, Turn};
-use swallow_shared::retry::{RetryBudget, RetryDecision, RetrySchedule};
-use swallow_shared::stage::{ListenError, Running, StageParts};
-use swallow_shared::{Config, Integration, Integrations, Stage, Topology, delay};
+use swallow_shared::lifecycle::{self, DeadReason, Disposition, Failure, RetryLimits, Step, take_turn, within_max_age};
+use swallow_shared::messages::{ReplyJob, now_millis};
+use swallow_shared::pacing::RateLimiter;
+use swallow_shared::retry::RetrySchedule;
+use swallow_shared::stage::{Running, StageParts, StartError};
+use swallow_shared::{Config, Integration, Integrations, Stage, Topology};
 
 use metrics::ResponderMetrics;
 pub use sink::{BOT_ID, OutboundReply, Posted, ReplySink};
@@ -34,26 +36,14 @@ pub use sink::{BOT_ID, OutboundReply, Posted, ReplySink};
 /// How long shutdown waits for replies being posted.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 
-/// The responder could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum ResponderError {
-    #[error(transparent)]
-    Listen(#[from] ListenError),
-    #[error("building the HTTP client: {0}")]
-    Client(#[from] reqwest::Error),
-}
-
-/// A started responder.
-pub type Responder = Running;
-
 /// Runs the responder until `shutdown` is cancelled.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), ResponderError> {
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), StartError> {
     start(config, shutdown).await?.join().await;
     Ok(())
 }
 
 /// Starts the responder and returns once its listener is bound.
-pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Responder, ResponderError> {
+pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
     let topology = Topology::of(&config.broker);
     let client = || {
         reqwest::Client::builder()
@@ -72,12 +62,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Respon
                     .parse()
                     .expect("a base URL plus a path is a URL"),
                 token: token.clone(),
-                client: client()?,
+                client: client().map_err(StartError::client)?,
             }
         }
         Sink::Webhook { url } => ReplySink::Webhook {
             url: url.clone(),
-            client: client()?,
+            client: client().map_err(StartError::client)?,
         },
     };
     let parts = StageParts::new(Stage::Responder, &config, &shutdown).await?;
@@ -85,7 +75,6 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Respon
     info!(sink = sink.name(), "responder posting replies");
     let ctx = Arc::new(Context {
         queue: topology.replies_queue(),
-        dead_queue: topology.replies_dead_queue(),
         topology,
         prefetch: config.broker.prefetch,
         sink,
@@ -93,8 +82,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Respon
         pace: config.responder.per_channel,
         limiter: RateLimiter::new(),
         schedule: RetrySchedule::default(),
-        max_attempts: config.responder.max_attempts,
-        max_age: config.responder.max_age,
+        limits: RetryLimits {
+            max_attempts: config.responder.max_attempts,
+            max_age: config.responder.max_age,
+        },
         timeout: config.responder.timeout,
         metrics,
         health: parts.health.clone(),
@@ -106,15 +97,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Respon
 struct Context {
     topology: Topology,
     queue: String,
-    dead_queue: String,
     prefetch: u16,
     sink: ReplySink,
     integrations: watch::Receiver<Arc<Integrations>>,
     pace: RateLimit,
     limiter: RateLimiter<(String, String)>,
     schedule: RetrySchedule,
-    max_attempts: u32,
-    max_age: Duration,
+    limits: RetryLimits,
     timeout: Duration,
     metrics: ResponderMetrics,
     health: Health,
@@ -178,151 +167,56 @@ pub fn outbound(reply: &ReplyJob, integration: Option<&Integration>) -> Outbound
     }
 }
 
-enum Action {
-    Ack,
-    Park {
-        reply: ReplyJob,
-        wait: Duration,
-    },
-    Dead {
-        body: Vec<u8>,
-        reason: &'static str,
-        detail: String,
-        reply: Option<ReplyJob>,
-    },
-}
-
 async fn handle(delivery: Delivery, ctx: Arc<Context>, publisher: ConfirmedPublisher) -> Result<(), SessionError> {
-    match decide(&delivery, &ctx, &publisher).await {
-        Action::Ack => {}
-        Action::Park { reply, wait } => {
-            let body = serde_json::to_vec(&reply).expect("a reply always serializes");
-            delay::park(
-                &publisher,
-                &ctx.topology,
-                &ctx.queue,
-                &body,
-                broker::persistent_json(),
-                wait,
-            )
-            .await?;
-        }
-        Action::Dead {
-            body,
-            reason,
-            detail,
-            reply,
-        } => {
-            let mut headers = vec![("reason", reason.to_owned()), ("error", detail.clone())];
-            if let Some(r) = &reply {
-                headers.push(("integration", r.integration_id.clone()));
-                headers.push(("delivery-id", r.delivery_id.clone()));
-                headers.push(("attempts", r.attempt.to_string()));
-                headers.push(("channel", format!("{}.{}", r.team_id, r.channel_id)));
-            }
-            delay::dead_letter(&publisher, &ctx.dead_queue, &body, &headers).await?;
-            ctx.metrics.replies.with_label_values(&["dead"]).inc();
-            warn!(reason, error = %detail, "reply dead-lettered");
-        }
-    }
-    delivery.ack(BasicAckOptions::default()).await?;
+    let settled = lifecycle::handle(&delivery, &publisher, &ctx.topology, |reply| {
+        decide(reply, &ctx, &publisher)
+    })
+    .await?;
+    ctx.metrics.count(settled);
     Ok(())
 }
 
-fn dead(reply: ReplyJob, reason: &'static str, detail: String) -> Action {
-    Action::Dead {
-        body: serde_json::to_vec(&reply).expect("a reply always serializes"),
-        reason,
-        detail,
-        reply: Some(reply),
-    }
+/// The responder's own part of a reply's life: its channel's pace, then
+/// the post and what the sink's answer means.
+async fn decide(reply: ReplyJob, ctx: &Context, publisher: &ConfirmedPublisher) -> Disposition<ReplyJob> {
+    let reply = match admit(reply, ctx) {
+        ControlFlow::Continue(reply) => reply,
+        ControlFlow::Break(settled) => return settled,
+    };
+    post(reply, ctx, publisher).await
 }
 
-async fn decide(delivery: &Delivery, ctx: &Context, publisher: &ConfirmedPublisher) -> Action {
-    let mut reply: ReplyJob = match serde_json::from_slice(&delivery.data) {
-        Ok(r) => r,
-        Err(e) => {
-            return Action::Dead {
-                body: delivery.data.clone(),
-                reason: "invalid_reply",
-                detail: format!("not a reply: {e}"),
-                reply: None,
-            };
-        }
-    };
-    if reply.v > MESSAGE_VERSION {
-        let detail = format!("reply version {} is newer than this responder", reply.v);
-        return dead(reply, "unsupported_version", detail);
-    }
-    if let Some(wait) = delay::wait_until_due(reply.not_before_ms).await {
-        return Action::Park { reply, wait };
-    }
+/// Not too old, and paced per channel, so a chatty handler cannot flood it.
+fn admit(reply: ReplyJob, ctx: &Context) -> Step<ReplyJob> {
     let now = now_millis();
-    let deadline = reply.created_at_ms + ctx.max_age.as_millis() as u64;
-    if now >= deadline {
-        let detail = reply.last_error.clone().unwrap_or_else(|| "not posted in time".into());
-        return dead(reply, "max_age", detail);
-    }
-
-    // Pace per channel, so a chatty handler cannot flood it.
+    let (reply, deadline) = within_max_age(reply, ctx.limits.max_age, now)?;
     let key = (reply.team_id.clone(), reply.channel_id.clone());
-    let slot = Slot {
-        reserved: &mut reply.rate_reserved,
-        missed: &mut reply.slot_missed,
-        not_before_ms: &mut reply.not_before_ms,
-    };
-    match ctx
-        .limiter
-        .turn(&key, &ctx.pace, slot, now, Duration::from_millis(deadline - now))
-    {
-        Turn::Go => {}
-        Turn::Wait { wait, .. } => {
-            ctx.metrics.replies.with_label_values(&["rate_limited"]).inc();
-            return Action::Park { reply, wait };
-        }
-        Turn::TooLong(wait) => {
-            return dead(reply, "max_age", format!("the channel's next slot is {wait:?} away"));
-        }
-    }
+    take_turn(reply, &ctx.limiter, &key, &ctx.pace, now, deadline)
+}
 
+async fn post(mut reply: ReplyJob, ctx: &Context, publisher: &ConfirmedPublisher) -> Disposition<ReplyJob> {
     let integrations = ctx.integrations.borrow().clone();
     let out = outbound(&reply, integrations.get(&reply.integration_id).map(|i| i.as_ref()));
     let started = Instant::now();
     let posted = ctx.sink.post(&out, publisher, ctx.timeout).await;
     ctx.metrics.post_duration.observe(started.elapsed().as_secs_f64());
-    reply.attempt += 1;
+    reply.retry.attempt += 1;
     match posted {
         Posted::Ok => {
-            ctx.metrics.replies.with_label_values(&["posted"]).inc();
             if let Some(ts_ms) = swallow_shared::event::ts_to_millis(&reply.in_reply_to) {
                 let latency = now_millis().saturating_sub(ts_ms);
                 ctx.metrics.end_to_end.observe(latency as f64 / 1000.0);
             }
-            Action::Ack
+            Disposition::Done
         }
-        Posted::Rejected { error } => {
-            ctx.metrics.replies.with_label_values(&["rejected"]).inc();
-            dead(reply, "rejected", error)
-        }
+        Posted::Rejected { error } => Disposition::dead(reply, DeadReason::Rejected, error),
         Posted::Retry { error, retry_after } => {
-            reply.last_error = Some(error.clone());
-            let budget = RetryBudget {
-                max_attempts: ctx.max_attempts,
-                max_age: ctx.max_age,
-                created_at_ms: reply.created_at_ms,
+            let failure = Failure {
+                error,
+                retry_after,
+                status: None,
             };
-            let now = now_millis();
-            match ctx
-                .schedule
-                .after_failure(budget, reply.attempt, retry_after, now, &error)
-            {
-                RetryDecision::GiveUp { reason, detail } => dead(reply, reason, detail),
-                RetryDecision::RetryIn(wait) => {
-                    ctx.metrics.replies.with_label_values(&["retried"]).inc();
-                    reply.not_before_ms = Some(now + wait.as_millis() as u64);
-                    Action::Park { reply, wait }
-                }
-            }
+            lifecycle::retry_or_dead(reply, &ctx.schedule, ctx.limits, failure)
         }
     }
 }
@@ -330,7 +224,7 @@ async fn decide(delivery: &Delivery, ctx: &Context, publisher: &ConfirmedPublish
 #[cfg(test)]
 mod tests {
     use super::*;
-    use swallow_shared::messages::HandlerAnswer;
+    use swallow_shared::messages::{HandlerAnswer, RetryState};
 
     fn reply(answer: HandlerAnswer, event_thread_ts: Option<&str>) -> ReplyJob {
         ReplyJob {
@@ -342,12 +236,7 @@ mod tests {
             in_reply_to: "100.000001".into(),
             event_thread_ts: event_thread_ts.map(str::to_owned),
             answer,
-            created_at_ms: 0,
-            attempt: 0,
-            not_before_ms: None,
-            rate_reserved: false,
-            slot_missed: false,
-            last_error: None,
+            retry: RetryState::new(0),
         }
     }
 

@@ -1,6 +1,9 @@
-//! The responder's metrics (CONTRACT §7).
+//! The responder's metrics (CONTRACT §7). Each reply's visit is counted
+//! once, by [`ResponderMetrics::count`], after it was carried out: a reply
+//! the sink refused is `rejected` (and dead-lettered), not also `dead`.
 
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Registry};
+use swallow_shared::lifecycle::{DeadReason, ParkReason, Settled};
 use swallow_shared::metrics::{counter_vec, register};
 
 pub const OUTCOMES: [&str; 5] = ["posted", "retried", "dead", "rate_limited", "rejected"];
@@ -50,5 +53,19 @@ impl ResponderMetrics {
             m.replies.with_label_values(&[o]);
         }
         m
+    }
+
+    /// Counts a reply's visit by what was carried out for it.
+    pub fn count(&self, settled: Settled) {
+        let outcome = match settled {
+            Settled::Done => "posted",
+            Settled::Parked(ParkReason::Retry) => "retried",
+            Settled::Parked(ParkReason::RateLimited | ParkReason::MissedSlot) => "rate_limited",
+            Settled::Dead(DeadReason::Rejected) => "rejected",
+            Settled::Dead(_) => "dead",
+            // Not due yet: the same reply, counted when it is handled.
+            Settled::Parked(ParkReason::NotDue | ParkReason::Busy) | Settled::Dropped | Settled::Forwarded => return,
+        };
+        self.replies.with_label_values(&[outcome]).inc();
     }
 }

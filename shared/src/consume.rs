@@ -5,25 +5,27 @@
 //! given `grace` to finish; whatever is left is handed back to the broker
 //! (unacknowledged, so redelivered). When the channel broke, the tasks are
 //! handed back at once: lapin calls on a broken connection may never answer,
-//! and a stage must not stay "ready" waiting for them.
+//! and a stage must not stay "ready" waiting for them. A handler that panics
+//! hands its delivery back (requeued) and the loop goes on.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::Topology;
 use crate::broker::{ConfirmedPublisher, Health, SessionError};
 
-/// What the loop needs besides the handler.
+/// What [`consume`] needs besides the handler.
 pub struct ConsumeOptions<'a> {
     pub stage: &'static str,
     pub topology: &'a Topology,
@@ -31,6 +33,20 @@ pub struct ConsumeOptions<'a> {
     pub prefetch: u16,
     pub health: &'a Health,
     pub shutdown: &'a CancellationToken,
+    pub grace: Duration,
+}
+
+/// What [`consume_queue`] needs besides the channels and the handler.
+#[derive(Clone, Copy)]
+pub struct QueueOptions<'a> {
+    /// The stage's name, for logs.
+    pub stage: &'static str,
+    pub queue: &'a str,
+    /// Deliveries (and so handler tasks) under way at most.
+    pub prefetch: u16,
+    /// Cancelled to stop consuming.
+    pub stop: &'a CancellationToken,
+    /// How long work under way may finish after `stop`.
     pub grace: Duration,
 }
 
@@ -58,10 +74,14 @@ where
     topology.declare(&channel).await?;
     let publisher = ConfirmedPublisher::open(&connection).await?;
     let ready = || health.set_ready(true);
-    let result = consume_queue(
-        &channel, &publisher, stage, queue, prefetch, shutdown, grace, ready, handle,
-    )
-    .await;
+    let options = QueueOptions {
+        stage,
+        queue,
+        prefetch,
+        stop: shutdown,
+        grace,
+    };
+    let result = consume_queue(&channel, &publisher, options, ready, handle).await;
     health.set_ready(false);
     if result.is_ok() {
         let _ = publisher.channel().close(200, "stopping".into()).await;
@@ -70,18 +90,13 @@ where
     result
 }
 
-/// Consumes `queue` on `channel` until `stop` (`Ok`, after the work under way
-/// finished or `grace` ran out) or a broker failure (`Err`). `on_consuming`
-/// runs once the consumer is registered.
-#[allow(clippy::too_many_arguments)]
+/// Consumes `options.queue` on `channel` until `options.stop` (`Ok`, after
+/// the work under way finished or `grace` ran out) or a broker failure
+/// (`Err`). `on_consuming` runs once the consumer is registered.
 pub async fn consume_queue<H, Fut>(
     channel: &Channel,
     publisher: &ConfirmedPublisher,
-    stage: &'static str,
-    queue: &str,
-    prefetch: u16,
-    stop: &CancellationToken,
-    grace: Duration,
+    options: QueueOptions<'_>,
     on_consuming: impl FnOnce(),
     handle: H,
 ) -> Result<(), SessionError>
@@ -89,6 +104,13 @@ where
     H: Fn(Delivery, ConfirmedPublisher) -> Fut,
     Fut: Future<Output = Result<(), SessionError>> + Send + 'static,
 {
+    let QueueOptions {
+        stage,
+        queue,
+        prefetch,
+        stop,
+        ..
+    } = options;
     channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
     let mut consumer = channel
         .basic_consume(
@@ -114,7 +136,7 @@ where
                 None => break Err(SessionError::ConsumerEnded(queue.to_owned())),
                 Some(Err(error)) => break Err(error.into()),
                 Some(Ok(delivery)) => {
-                    tasks.spawn(handle(delivery, publisher.clone()));
+                    tasks.spawn(guarded(stage, delivery, publisher.clone(), &handle));
                 }
             },
         }
@@ -132,26 +154,7 @@ where
             "stopping: finishing work under way"
         );
     }
-    // Work under way may finish and acknowledge while the channel works: on
-    // shutdown for `grace`, after a failure too if the channel is still open.
-    // On a broken channel it cannot acknowledge, and calls on it may never
-    // answer: it is handed back (the broker requeues it) at once.
-    let wait = if channel.status().connected() {
-        grace
-    } else {
-        Duration::ZERO
-    };
-    let drained = tokio::time::timeout(wait, async { while tasks.join_next().await.is_some() {} }).await;
-    if drained.is_err() {
-        warn!(
-            stage,
-            queue,
-            left = tasks.len(),
-            "handing unfinished work back to the broker"
-        );
-        tasks.abort_all();
-    }
-    while tasks.join_next().await.is_some() {}
+    finish(channel, &mut tasks, options).await;
     drop(consumer);
     if result.is_ok() {
         // A round trip on the channel: when it returns, the broker's channel
@@ -165,6 +168,66 @@ where
         tokio::time::sleep(SETTLE_LINGER).await;
     }
     result
+}
+
+/// The handler's task for one delivery. A handler that panics has not
+/// settled its delivery: the panic is logged with its message and the
+/// delivery handed back to the broker (requeued) at once, instead of being
+/// left unacknowledged, holding a prefetch place until the channel closes.
+fn guarded<H, Fut>(
+    stage: &'static str,
+    delivery: Delivery,
+    publisher: ConfirmedPublisher,
+    handle: &H,
+) -> impl Future<Output = Result<(), SessionError>> + Send + 'static
+where
+    H: Fn(Delivery, ConfirmedPublisher) -> Fut,
+    Fut: Future<Output = Result<(), SessionError>> + Send + 'static,
+{
+    let acker = delivery.acker.clone();
+    let tag = delivery.delivery_tag;
+    let work = AssertUnwindSafe(handle(delivery, publisher)).catch_unwind();
+    async move {
+        let panic = match work.await {
+            Ok(result) => return result,
+            Err(panic) => panic,
+        };
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        error!(stage, delivery_tag = tag, panic = %message, "handler panicked; handing its delivery back");
+        let requeue = BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        };
+        acker.nack(requeue).await?;
+        Ok(())
+    }
+}
+
+/// Lets the work under way finish: on shutdown for `grace`, after a
+/// failure too if the channel is still open. On a broken channel it cannot
+/// acknowledge, and calls on it may never answer: it is handed back (the
+/// broker requeues it) at once.
+async fn finish(channel: &Channel, tasks: &mut JoinSet<Result<(), SessionError>>, options: QueueOptions<'_>) {
+    let wait = if channel.status().connected() {
+        options.grace
+    } else {
+        Duration::ZERO
+    };
+    let drained = tokio::time::timeout(wait, async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        warn!(
+            stage = options.stage,
+            queue = options.queue,
+            left = tasks.len(),
+            "handing unfinished work back to the broker"
+        );
+        tasks.abort_all();
+    }
+    while tasks.join_next().await.is_some() {}
 }
 
 /// How long a stopping consumer keeps its channel open after its last ack.

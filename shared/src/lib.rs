@@ -1,6 +1,7 @@
 //! What two or more swallow stages share: configuration, the messages that
 //! cross the broker, the topology, the broker connection and its recovery,
-//! the operations listener, shutdown, reload, and the pacing and retry logic.
+//! the operations listener, shutdown, reload, the pacing and retry logic,
+//! and the one lifecycle of a job that is retried (`lifecycle`).
 
 pub mod broker;
 pub mod cli;
@@ -8,6 +9,7 @@ pub mod config;
 pub mod consume;
 pub mod delay;
 pub mod event;
+pub mod lifecycle;
 pub mod messages;
 pub mod metrics;
 pub mod ops;

@@ -6,9 +6,10 @@
 //! dead-lettered rather than misread.
 
 use serde::{Deserialize, Serialize};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::event::ChatEvent;
+use crate::pacing::Slot;
 
 /// The version of [`DeliveryJob`] and [`ReplyJob`] this build writes.
 pub const MESSAGE_VERSION: u32 = 1;
@@ -38,23 +39,10 @@ pub struct DeliveryJob {
     /// The trigger word that matched; empty when the channel alone matched.
     pub trigger_word: String,
     pub event: ChatEvent,
-    /// When the matcher made the job (ms since epoch); `max_age_s` counts from here.
-    pub created_at_ms: u64,
-    /// Attempts made so far.
-    #[serde(default)]
-    pub attempt: u32,
-    /// Not to be attempted before this time (ms since epoch).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub not_before_ms: Option<u64>,
-    /// The job already holds a rate-limit token for `not_before_ms`.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub rate_reserved: bool,
-    /// It missed a reserved slot once and took a new one (see `pacing`).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub slot_missed: bool,
-    /// What went wrong on the last attempt, for the dead-letter headers.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
+    /// Age, attempts and the wait on the ladder; flattened, so the JSON is
+    /// what version 1 always wrote.
+    #[serde(flatten)]
+    pub retry: RetryState,
 }
 
 impl DeliveryJob {
@@ -105,17 +93,70 @@ pub struct ReplyJob {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_thread_ts: Option<String>,
     pub answer: HandlerAnswer,
+    /// Flattened like [`DeliveryJob::retry`].
+    #[serde(flatten)]
+    pub retry: RetryState,
+}
+
+/// Where a job stands in its life: how old it is, the attempts made, when it
+/// may next be tried and whether it holds a rate-limit slot for then. Both
+/// job types carry it (flattened into their JSON, so the fields sit where
+/// version 1 put them); the stages read and change it only through its
+/// methods and [`crate::lifecycle`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetryState {
+    /// When the job was made (ms since epoch); `max_age` counts from here.
     pub created_at_ms: u64,
+    /// Attempts made so far.
     #[serde(default)]
     pub attempt: u32,
+    /// Not to be attempted before this time (ms since epoch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_before_ms: Option<u64>,
+    /// The job already holds a rate-limit token for `not_before_ms`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rate_reserved: bool,
+    /// It missed a reserved slot once and took a new one (see `pacing`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub slot_missed: bool,
+    /// What went wrong on the last attempt, for the dead-letter headers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+}
+
+impl RetryState {
+    /// A job made at `created_at_ms`, not yet attempted.
+    pub fn new(created_at_ms: u64) -> Self {
+        RetryState {
+            created_at_ms,
+            attempt: 0,
+            not_before_ms: None,
+            rate_reserved: false,
+            slot_missed: false,
+            last_error: None,
+        }
+    }
+
+    /// When a job of this age is too old under `max_age` (ms since epoch).
+    pub fn deadline_ms(&self, max_age: Duration) -> u64 {
+        self.created_at_ms + max_age.as_millis() as u64
+    }
+
+    /// The rate-limit fields, for [`crate::pacing::RateLimiter::turn`].
+    pub fn slot(&mut self) -> Slot<'_> {
+        Slot {
+            reserved: &mut self.rate_reserved,
+            missed: &mut self.slot_missed,
+            not_before_ms: &mut self.not_before_ms,
+        }
+    }
+
+    /// Parks the job for `wait` from `now_ms` holding the token it already
+    /// paid (an integration busy with attempts: it keeps its turn).
+    pub fn hold_token_for(&mut self, wait: Duration, now_ms: u64) {
+        self.rate_reserved = true;
+        self.not_before_ms = Some(now_ms + wait.as_millis() as u64);
+    }
 }
 
 #[cfg(test)]
@@ -142,6 +183,6 @@ mod tests {
         )
         .unwrap();
         assert_eq!(j.v, 1);
-        assert_eq!(j.attempt, 0);
+        assert_eq!(j.retry, RetryState::new(1));
     }
 }

@@ -13,6 +13,8 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use rand::Rng;
 
+use crate::lifecycle::DeadReason;
+
 #[derive(Debug, Clone, Copy)]
 pub struct RetrySchedule {
     pub first: Duration,
@@ -71,8 +73,8 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
 pub enum RetryDecision {
     /// Try again after this long.
     RetryIn(Duration),
-    /// Stop: `reason` is `max_attempts` or `max_age`.
-    GiveUp { reason: &'static str, detail: String },
+    /// Stop: `reason` is `MaxAttempts` or `MaxAge`.
+    GiveUp { reason: DeadReason, detail: String },
 }
 
 /// A message's retry budget.
@@ -97,7 +99,7 @@ impl RetrySchedule {
     ) -> RetryDecision {
         if attempts >= budget.max_attempts {
             return RetryDecision::GiveUp {
-                reason: "max_attempts",
+                reason: DeadReason::MaxAttempts,
                 detail: format!("{attempts} attempts; last: {error}"),
             };
         }
@@ -105,7 +107,7 @@ impl RetrySchedule {
         let deadline = budget.created_at_ms + budget.max_age.as_millis() as u64;
         if now_ms + wait.as_millis() as u64 >= deadline {
             return RetryDecision::GiveUp {
-                reason: "max_age",
+                reason: DeadReason::MaxAge,
                 detail: format!("the next attempt would be past max_age_s; last: {error}"),
             };
         }
@@ -143,13 +145,19 @@ mod tests {
         assert!(matches!(
             s.after_failure(budget, 3, None, 1_000_000, "e"),
             RetryDecision::GiveUp {
-                reason: "max_attempts",
+                reason: DeadReason::MaxAttempts,
                 ..
             }
         ));
         let late = s.after_failure(budget, 1, Some(Duration::from_secs(20)), 1_000_000, "HTTP 429");
         assert!(
-            matches!(late, RetryDecision::GiveUp { reason: "max_age", .. }),
+            matches!(
+                late,
+                RetryDecision::GiveUp {
+                    reason: DeadReason::MaxAge,
+                    ..
+                }
+            ),
             "{late:?}"
         );
     }

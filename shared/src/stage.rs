@@ -28,6 +28,23 @@ pub struct ListenError {
     pub source: std::io::Error,
 }
 
+/// A stage that makes HTTP requests (the deliverer, the responder) could
+/// not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    #[error("building the HTTP client: {0}")]
+    Client(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl StartError {
+    /// The HTTP client could not be built.
+    pub fn client(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StartError::Client(Box::new(error))
+    }
+}
+
 /// A stage being started: register the stage's own metrics on `registry`,
 /// then [`StageParts::run`] it.
 pub struct StageParts {

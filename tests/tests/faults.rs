@@ -385,3 +385,63 @@ async fn a_stage_whose_broker_stops_answering_still_exits_after_its_grace_period
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A handler task that panics does not lose or strand its delivery: the
+/// consumer loop hands it back to the broker (requeued, so it comes again,
+/// marked redelivered) at once, and goes on with the others.
+#[tokio::test]
+async fn a_panicking_handler_hands_its_delivery_back() {
+    use swallow_shared::broker::ConfirmedPublisher;
+    use swallow_shared::consume::{QueueOptions, consume_queue};
+
+    let stack = TestStack::new("panic").await.unwrap();
+    let queue = stack.topology.replies_queue();
+    let channel = stack.connection.create_channel().await.unwrap();
+    stack.topology.declare(&channel).await.unwrap();
+    let publisher = ConfirmedPublisher::open(&stack.connection).await.unwrap();
+    for body in ["first", "boom", "last"] {
+        publisher
+            .publish("", &queue, body.as_bytes(), Default::default())
+            .await
+            .unwrap();
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let handle = move |delivery: lapin::message::Delivery, _: ConfirmedPublisher| {
+        let tx = tx.clone();
+        async move {
+            let body = String::from_utf8_lossy(&delivery.data).into_owned();
+            if body == "boom" && !delivery.redelivered {
+                panic!("the handler panicked on purpose");
+            }
+            delivery.ack(Default::default()).await?;
+            let _ = tx.send((body, delivery.redelivered));
+            Ok(())
+        }
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let options = QueueOptions {
+        stage: "test",
+        queue: &queue,
+        prefetch: 10,
+        stop: &stop,
+        grace: Duration::from_secs(5),
+    };
+    let consuming = consume_queue(&channel, &publisher, options, || {}, handle);
+    let watch = async {
+        let mut got = HashMap::new();
+        while got.len() < 3 {
+            let next = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+            let (body, redelivered) = next
+                .expect("all three handled within 10 s: the panicked one was not handed back")
+                .expect("the handler is alive");
+            got.insert(body, redelivered);
+        }
+        stop.cancel();
+        got
+    };
+    let (consumed, got) = tokio::join!(consuming, watch);
+    consumed.expect("the loop went on after the panic and stopped cleanly");
+    assert_eq!(got.get("boom"), Some(&true), "the panicked delivery came back: {got:?}");
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert_eq!(stack.queue_len(&queue).await.unwrap(), 0, "nothing left unacknowledged");
+}

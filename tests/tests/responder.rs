@@ -221,6 +221,19 @@ async fn slack_sink_retries_ok_false_honours_retry_after_and_dead_letters() {
             .then_some(())
     })
     .await;
+    // Each reply counted once, by what became of it: the refused one is
+    // `rejected`, not also `dead`.
+    let ops = responder.ops_addr;
+    wait_for(T, "one reply counted dead and one rejected, once each", || async move {
+        let dead = metric(ops, "swallow_replies_total", &[("outcome", "dead")])
+            .await
+            .ok()?;
+        let rejected = metric(ops, "swallow_replies_total", &[("outcome", "rejected")])
+            .await
+            .ok()?;
+        (dead == 1.0 && rejected == 1.0).then_some(())
+    })
+    .await;
     let reqs = slack.requests();
     let text_of = |r: &swallow_tests::handler::Recorded| {
         serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["text"]

@@ -1,0 +1,539 @@
+//! The one life of a job in a stage that retries (the deliverer's delivery
+//! jobs, the responder's replies): opened from the broker's bytes (parsed,
+//! version checked, sent back to the ladder while not due), checked
+//! against its age and its rate limit, attempted by the stage, and then
+//! settled in exactly one [`Disposition`].
+//!
+//! [`carry_out`] is the only place a disposition becomes durable: whatever
+//! it publishes (a reply for the next stage, the job parked on the delay
+//! ladder, a dead letter) is confirmed by the broker *before* the delivery
+//! is acknowledged, so a crash at any point redelivers and nothing
+//! acknowledged is lost. It returns what was done as a [`Settled`], which
+//! the stage counts once, there.
+
+use std::ops::ControlFlow;
+use std::time::Duration;
+
+use lapin::message::Delivery;
+use lapin::options::BasicAckOptions;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tracing::warn;
+
+use crate::Topology;
+use crate::broker::{self, ConfirmedPublisher, SessionError};
+use crate::config::{Integration, RateLimit};
+use crate::delay;
+use crate::messages::{DeliveryJob, MESSAGE_VERSION, ReplyJob, RetryState, now_millis};
+use crate::pacing::{RateLimiter, Turn};
+use crate::retry::{RetryBudget, RetryDecision, RetrySchedule};
+
+/// A message that leads the life above.
+pub trait Job: Serialize + DeserializeOwned + Send + 'static {
+    /// What it is called in errors and logs ("delivery job", "reply").
+    const KIND: &'static str;
+    /// The dead-letter reason for bytes that are not this kind of job.
+    const INVALID: DeadReason;
+    fn version(&self) -> u32;
+    fn retry(&self) -> &RetryState;
+    fn retry_mut(&mut self) -> &mut RetryState;
+    fn integration_id(&self) -> &str;
+    fn delivery_id(&self) -> &str;
+    /// The work queue a parked job comes back to.
+    fn home_queue(&self, topology: &Topology) -> String;
+    /// Where jobs of this kind are dead-lettered.
+    fn dead_queue(topology: &Topology) -> String;
+    /// Where it was going, for its dead letter's headers (`url`, `channel`).
+    fn destination(&self) -> (&'static str, String);
+}
+
+/// The accessors both job types have alike.
+macro_rules! job_fields {
+    () => {
+        fn version(&self) -> u32 {
+            self.v
+        }
+        fn retry(&self) -> &RetryState {
+            &self.retry
+        }
+        fn retry_mut(&mut self) -> &mut RetryState {
+            &mut self.retry
+        }
+        fn integration_id(&self) -> &str {
+            &self.integration_id
+        }
+        fn delivery_id(&self) -> &str {
+            &self.delivery_id
+        }
+    };
+}
+
+impl Job for DeliveryJob {
+    const KIND: &'static str = "delivery job";
+    const INVALID: DeadReason = DeadReason::InvalidJob;
+    job_fields!();
+    fn home_queue(&self, topology: &Topology) -> String {
+        topology.delivery_queue_for(&self.integration_id)
+    }
+    fn dead_queue(topology: &Topology) -> String {
+        topology.deliveries_dead_queue()
+    }
+    fn destination(&self) -> (&'static str, String) {
+        ("url", self.url.clone())
+    }
+}
+
+impl Job for ReplyJob {
+    const KIND: &'static str = "reply";
+    const INVALID: DeadReason = DeadReason::InvalidReply;
+    job_fields!();
+    fn home_queue(&self, topology: &Topology) -> String {
+        topology.replies_queue()
+    }
+    fn dead_queue(topology: &Topology) -> String {
+        topology.replies_dead_queue()
+    }
+    fn destination(&self) -> (&'static str, String) {
+        ("channel", format!("{}.{}", self.team_id, self.channel_id))
+    }
+}
+
+/// Why a job was dead-lettered: its `x-swallow-reason` header and its
+/// metric label, from one place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeadReason {
+    MaxAttempts,
+    MaxAge,
+    /// The handler answered 410 Gone.
+    Gone,
+    /// The destination's address is not allowed.
+    BlockedDestination,
+    UnknownIntegration,
+    /// Bytes that are not a delivery job.
+    InvalidJob,
+    /// Bytes that are not a reply.
+    InvalidReply,
+    /// A message from a newer version than this build.
+    UnsupportedVersion,
+    /// The reply sink refused the reply for good.
+    Rejected,
+}
+
+impl DeadReason {
+    /// The reasons a delivery job can die of.
+    pub const DELIVERY: [DeadReason; 7] = [
+        DeadReason::MaxAttempts,
+        DeadReason::MaxAge,
+        DeadReason::Gone,
+        DeadReason::BlockedDestination,
+        DeadReason::UnknownIntegration,
+        DeadReason::InvalidJob,
+        DeadReason::UnsupportedVersion,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DeadReason::MaxAttempts => "max_attempts",
+            DeadReason::MaxAge => "max_age",
+            DeadReason::Gone => "gone",
+            DeadReason::BlockedDestination => "blocked_destination",
+            DeadReason::UnknownIntegration => "unknown_integration",
+            DeadReason::InvalidJob => "invalid_job",
+            DeadReason::InvalidReply => "invalid_reply",
+            DeadReason::UnsupportedVersion => "unsupported_version",
+            DeadReason::Rejected => "rejected",
+        }
+    }
+}
+
+impl std::fmt::Display for DeadReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a job went back on the delay ladder without being finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ParkReason {
+    /// It came back before its `not_before_ms`.
+    NotDue,
+    /// It reserved a rate-limit slot and waits for it.
+    RateLimited,
+    /// It missed its slot and reserved a new one.
+    MissedSlot,
+    /// Its integration has as many attempts under way as it may.
+    Busy,
+    /// An attempt failed; it waits for the next.
+    Retry,
+}
+
+/// What becomes of one delivery of a job, decided before anything is
+/// acknowledged, carried out by [`carry_out`].
+#[derive(Debug)]
+pub enum Disposition<J> {
+    /// Its effect happened (delivered, posted): acknowledge.
+    Done,
+    /// Deliberately not done (`on_limit = "drop"`): acknowledge.
+    Dropped,
+    /// Its effect is a message for the next stage: publish it (confirmed) to
+    /// `queue`, then acknowledge.
+    Forward { queue: String, body: Vec<u8> },
+    /// Back on the delay ladder to its home queue for `wait` (confirmed),
+    /// then acknowledge.
+    Park { job: J, wait: Duration, why: ParkReason },
+    /// To the dead-letter queue (confirmed), then acknowledge.
+    Dead(DeadLetter<J>),
+}
+
+/// A dead letter: the job (or, when it did not parse, its bytes) and why.
+#[derive(Debug)]
+pub struct DeadLetter<J> {
+    pub reason: DeadReason,
+    /// The `x-swallow-error` header: what went wrong, in words.
+    pub detail: String,
+    /// The last attempt's HTTP status, when there was one.
+    pub status: Option<u16>,
+    pub body: Result<J, Vec<u8>>,
+}
+
+impl<J> Disposition<J> {
+    pub fn park(job: J, wait: Duration, why: ParkReason) -> Self {
+        Disposition::Park { job, wait, why }
+    }
+
+    pub fn dead(job: J, reason: DeadReason, detail: impl Into<String>) -> Self {
+        Disposition::dead_after(job, reason, detail, None)
+    }
+
+    /// Dead-letters a job, keeping the last attempt's HTTP status.
+    pub fn dead_after(job: J, reason: DeadReason, detail: impl Into<String>, status: Option<u16>) -> Self {
+        Disposition::Dead(DeadLetter {
+            reason,
+            detail: detail.into(),
+            status,
+            body: Ok(job),
+        })
+    }
+
+    /// What it comes to, for counting.
+    pub fn settled(&self) -> Settled {
+        match self {
+            Disposition::Done => Settled::Done,
+            Disposition::Dropped => Settled::Dropped,
+            Disposition::Forward { .. } => Settled::Forwarded,
+            Disposition::Park { why, .. } => Settled::Parked(*why),
+            Disposition::Dead(d) => Settled::Dead(d.reason),
+        }
+    }
+}
+
+/// What [`carry_out`] did: a disposition without its payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    Done,
+    Dropped,
+    Forwarded,
+    Parked(ParkReason),
+    Dead(DeadReason),
+}
+
+/// A job that is still going, or its disposition: the type of each check
+/// in a stage's `decide` (`?` stops at the first that settles the job).
+pub type Step<J, T = J> = ControlFlow<Disposition<J>, T>;
+
+/// Opens a delivery's bytes as a `J`: not one, or from a newer version,
+/// is dead; one not due yet goes back on the ladder (a remainder too
+/// short to park is waited out here).
+pub async fn open<J: Job>(data: &[u8]) -> Step<J> {
+    let job: J = match serde_json::from_slice(data) {
+        Ok(job) => job,
+        Err(e) => {
+            return ControlFlow::Break(Disposition::Dead(DeadLetter {
+                reason: J::INVALID,
+                detail: format!("not a {}: {e}", J::KIND),
+                status: None,
+                body: Err(data.to_vec()),
+            }));
+        }
+    };
+    if job.version() > MESSAGE_VERSION {
+        let detail = format!(
+            "{} version {} is newer than this build's ({MESSAGE_VERSION})",
+            J::KIND,
+            job.version()
+        );
+        return ControlFlow::Break(Disposition::dead(job, DeadReason::UnsupportedVersion, detail));
+    }
+    match delay::wait_until_due(job.retry().not_before_ms).await {
+        Some(wait) => ControlFlow::Break(Disposition::park(job, wait, ParkReason::NotDue)),
+        None => ControlFlow::Continue(job),
+    }
+}
+
+/// A job past `max_age` at `now_ms` is dead; otherwise its deadline (ms
+/// since epoch) comes with it.
+pub fn within_max_age<J: Job>(job: J, max_age: Duration, now_ms: u64) -> Step<J, (J, u64)> {
+    let deadline = job.retry().deadline_ms(max_age);
+    if now_ms < deadline {
+        return ControlFlow::Continue((job, deadline));
+    }
+    let last = job.retry().last_error.as_deref().unwrap_or("no attempt made");
+    let detail = format!("older than max_age_s; last error: {last}");
+    ControlFlow::Break(Disposition::dead(job, DeadReason::MaxAge, detail))
+}
+
+/// The job's turn under `limit` (see [`RateLimiter::turn`]): go, park for
+/// the slot it reserved, or die when that slot is past its deadline.
+pub fn take_turn<J: Job, K: std::hash::Hash + Eq + Clone>(
+    mut job: J,
+    limiter: &RateLimiter<K>,
+    key: &K,
+    limit: &RateLimit,
+    now_ms: u64,
+    deadline_ms: u64,
+) -> Step<J> {
+    let max_wait = Duration::from_millis(deadline_ms.saturating_sub(now_ms));
+    match limiter.turn(key, limit, job.retry_mut().slot(), now_ms, max_wait) {
+        Turn::Go => ControlFlow::Continue(job),
+        Turn::Wait { wait, missed } => {
+            let why = if missed {
+                ParkReason::MissedSlot
+            } else {
+                ParkReason::RateLimited
+            };
+            ControlFlow::Break(Disposition::park(job, wait, why))
+        }
+        Turn::TooLong(wait) => {
+            let detail = format!("rate limited: the next slot is {wait:?} away, past max_age_s");
+            ControlFlow::Break(Disposition::dead(job, DeadReason::MaxAge, detail))
+        }
+    }
+}
+
+/// A failed attempt, as the stage saw it.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub error: String,
+    /// What the far side asked for with `Retry-After`.
+    pub retry_after: Option<Duration>,
+    /// The attempt's HTTP status, when there was one.
+    pub status: Option<u16>,
+}
+
+/// How many attempts and how long a job gets.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryLimits {
+    pub max_attempts: u32,
+    pub max_age: Duration,
+}
+
+impl From<&Integration> for RetryLimits {
+    fn from(integration: &Integration) -> Self {
+        RetryLimits {
+            max_attempts: integration.max_attempts,
+            max_age: integration.max_age,
+        }
+    }
+}
+
+/// After a failed attempt (already counted in `attempt`): park the job for
+/// the schedule's next wait, or dead-letter it when its attempts or its age
+/// are spent.
+pub fn retry_or_dead<J: Job>(
+    mut job: J,
+    schedule: &RetrySchedule,
+    limits: RetryLimits,
+    failure: Failure,
+) -> Disposition<J> {
+    let now = now_millis();
+    let retry = job.retry_mut();
+    retry.last_error = Some(failure.error.clone());
+    let budget = RetryBudget {
+        max_attempts: limits.max_attempts,
+        max_age: limits.max_age,
+        created_at_ms: retry.created_at_ms,
+    };
+    match schedule.after_failure(budget, retry.attempt, failure.retry_after, now, &failure.error) {
+        RetryDecision::GiveUp { reason, detail } => Disposition::dead_after(job, reason, detail, failure.status),
+        RetryDecision::RetryIn(wait) => {
+            retry.not_before_ms = Some(now + wait.as_millis() as u64);
+            Disposition::park(job, wait, ParkReason::Retry)
+        }
+    }
+}
+
+/// Carries `disposition` out for `delivery`: what it publishes is confirmed
+/// by the broker first, the delivery acknowledged after. The one place a
+/// stage's job is acknowledged.
+pub async fn carry_out<J: Job>(
+    delivery: &Delivery,
+    disposition: Disposition<J>,
+    publisher: &ConfirmedPublisher,
+    topology: &Topology,
+) -> Result<Settled, SessionError> {
+    let settled = disposition.settled();
+    match disposition {
+        Disposition::Done | Disposition::Dropped => {}
+        Disposition::Forward { queue, body } => {
+            publisher.publish("", &queue, &body, broker::persistent_json()).await?;
+        }
+        Disposition::Park { job, wait, .. } => {
+            let body = serde_json::to_vec(&job).expect("a job always serializes");
+            let home = job.home_queue(topology);
+            delay::park(publisher, topology, &home, &body, broker::persistent_json(), wait).await?;
+        }
+        Disposition::Dead(letter) => dead_letter(letter, publisher, topology).await?,
+    }
+    delivery.ack(BasicAckOptions::default()).await?;
+    Ok(settled)
+}
+
+async fn dead_letter<J: Job>(
+    letter: DeadLetter<J>,
+    publisher: &ConfirmedPublisher,
+    topology: &Topology,
+) -> Result<(), SessionError> {
+    let DeadLetter {
+        reason,
+        detail,
+        status,
+        body,
+    } = letter;
+    let mut headers = vec![("reason", reason.as_str().to_owned()), ("error", detail.clone())];
+    if let Some(status) = status {
+        headers.push(("status", status.to_string()));
+    }
+    let mut integration = String::new();
+    let bytes = match body {
+        Ok(job) => {
+            integration = job.integration_id().to_owned();
+            headers.push(("integration", integration.clone()));
+            headers.push(("delivery-id", job.delivery_id().to_owned()));
+            headers.push(("attempts", job.retry().attempt.to_string()));
+            headers.push(job.destination());
+            serde_json::to_vec(&job).expect("a job always serializes")
+        }
+        Err(raw) => raw,
+    };
+    delay::dead_letter(publisher, &J::dead_queue(topology), &bytes, &headers).await?;
+    warn!(kind = J::KIND, reason = reason.as_str(), error = %detail, integration, "dead-lettered");
+    Ok(())
+}
+
+/// The whole life of one delivery: [`open`] it, let the stage's `decide`
+/// settle it, [`carry_out`] the result.
+pub async fn handle<J, F, Fut>(
+    delivery: &Delivery,
+    publisher: &ConfirmedPublisher,
+    topology: &Topology,
+    decide: F,
+) -> Result<Settled, SessionError>
+where
+    J: Job,
+    F: FnOnce(J) -> Fut,
+    Fut: Future<Output = Disposition<J>>,
+{
+    let disposition = match open::<J>(&delivery.data).await {
+        ControlFlow::Continue(job) => decide(job).await,
+        ControlFlow::Break(settled) => settled,
+    };
+    carry_out(delivery, disposition, publisher, topology).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(attempt: u32, created_at_ms: u64) -> ReplyJob {
+        serde_json::from_value(serde_json::json!({
+            "delivery_id": "d", "integration_id": "g", "team_id": "T", "channel_id": "C",
+            "in_reply_to": "1.0", "answer": {"text": "hi"},
+            "created_at_ms": created_at_ms, "attempt": attempt,
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn opening_refuses_garbage_and_newer_versions_and_parks_what_is_not_due() {
+        let garbage = open::<ReplyJob>(b"{").await;
+        assert!(matches!(
+            garbage,
+            ControlFlow::Break(Disposition::Dead(DeadLetter { reason: DeadReason::InvalidReply, body: Err(ref b), .. })) if b == b"{"
+        ));
+        let mut newer = serde_json::to_value(reply(0, 1)).unwrap();
+        newer["v"] = (MESSAGE_VERSION + 1).into();
+        let opened = open::<ReplyJob>(newer.to_string().as_bytes()).await;
+        assert_eq!(
+            opened.break_value().map(|d| d.settled()),
+            Some(Settled::Dead(DeadReason::UnsupportedVersion))
+        );
+        let mut later = reply(0, 1);
+        later.retry.not_before_ms = Some(now_millis() + 5_000);
+        let opened = open::<ReplyJob>(&serde_json::to_vec(&later).unwrap()).await;
+        assert_eq!(
+            opened.break_value().map(|d| d.settled()),
+            Some(Settled::Parked(ParkReason::NotDue))
+        );
+        let due = open::<ReplyJob>(&serde_json::to_vec(&reply(2, 1)).unwrap()).await;
+        assert!(matches!(due, ControlFlow::Continue(r) if r.retry.attempt == 2));
+    }
+
+    #[test]
+    fn age_and_retries_settle_in_the_right_place() {
+        let old = within_max_age(reply(0, 1_000), Duration::from_secs(1), 2_000);
+        assert_eq!(
+            old.break_value().map(|d| d.settled()),
+            Some(Settled::Dead(DeadReason::MaxAge))
+        );
+        assert!(matches!(
+            within_max_age(reply(0, 1_000), Duration::from_secs(1), 1_999),
+            ControlFlow::Continue((_, 2_000))
+        ));
+
+        let limits = RetryLimits {
+            max_attempts: 3,
+            max_age: Duration::from_secs(3600),
+        };
+        let failure = Failure {
+            error: "HTTP 503".into(),
+            retry_after: None,
+            status: Some(503),
+        };
+        let schedule = RetrySchedule::default();
+        match retry_or_dead(reply(1, now_millis()), &schedule, limits, failure.clone()) {
+            Disposition::Park {
+                job,
+                why: ParkReason::Retry,
+                ..
+            } => {
+                assert_eq!(job.retry.last_error.as_deref(), Some("HTTP 503"));
+                assert!(job.retry.not_before_ms.is_some());
+            }
+            other => panic!("expected a retry, got {other:?}"),
+        }
+        match retry_or_dead(reply(3, now_millis()), &schedule, limits, failure) {
+            Disposition::Dead(d) => {
+                assert_eq!((d.reason, d.status), (DeadReason::MaxAttempts, Some(503)));
+            }
+            other => panic!("expected a dead letter, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn reasons_are_their_labels() {
+        let labels: Vec<&str> = DeadReason::DELIVERY.iter().map(|r| r.as_str()).collect();
+        assert_eq!(
+            labels,
+            [
+                "max_attempts",
+                "max_age",
+                "gone",
+                "blocked_destination",
+                "unknown_integration",
+                "invalid_job",
+                "unsupported_version"
+            ]
+        );
+        assert_eq!(DeadReason::Rejected.to_string(), "rejected");
+    }
+}

@@ -1,0 +1,81 @@
+//! Finding the broker tests use, and forcing its connections closed as an
+//! operator would.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use tokio::sync::OnceCell;
+
+static BROKER: OnceCell<String> = OnceCell::const_new();
+
+/// The broker tests use: `AMQP_URL`, else `127.0.0.1:5672` when it answers,
+/// else a RabbitMQ container started with testcontainers (needs Docker).
+pub async fn broker_url() -> String {
+    BROKER
+        .get_or_init(|| async {
+            if let Ok(url) = std::env::var("AMQP_URL")
+                && !url.is_empty()
+            {
+                return url;
+            }
+            let local = "127.0.0.1:5672";
+            if tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(local))
+                .await
+                .is_ok_and(|c| c.is_ok())
+            {
+                return format!("amqp://guest:guest@{local}/%2f");
+            }
+            start_container().await
+        })
+        .await
+        .clone()
+}
+
+async fn start_container() -> String {
+    use testcontainers::core::{IntoContainerPort, WaitFor};
+    use testcontainers::runners::AsyncRunner;
+    let container = testcontainers::GenericImage::new("rabbitmq", "3.13")
+        .with_exposed_port(5672.tcp())
+        .with_wait_for(WaitFor::message_on_stdout("Server startup complete"))
+        .start()
+        .await
+        .expect("no broker at AMQP_URL or 127.0.0.1:5672, and starting one with Docker failed");
+    let port = container.get_host_port_ipv4(5672).await.expect("container port");
+    // Keep the container for the life of the test process.
+    Box::leak(Box::new(container));
+    format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
+}
+
+/// Forces closed the broker connection whose `connection_name` is `name`
+/// (and only that one), as an operator would with `rabbitmqctl`.
+pub async fn close_connection_named(name: &str) -> anyhow::Result<()> {
+    let closed = close_connections_matching(&format!("\"{name}\"")).await?;
+    anyhow::ensure!(closed == 1, "expected one connection named {name:?}, closed {closed}");
+    Ok(())
+}
+
+/// Forces closed every connection whose client properties contain `pattern`
+/// (e.g. a test's prefix); returns how many.
+pub async fn close_connections_matching(pattern: &str) -> anyhow::Result<usize> {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "pid", "client_properties"])
+        .output()
+        .await
+        .context("running rabbitmqctl (this test needs a local RabbitMQ)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let pids: Vec<String> = text
+        .lines()
+        .filter(|l| l.contains(pattern))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect();
+    for pid in &pids {
+        let status = tokio::process::Command::new("rabbitmqctl")
+            .args(["-q", "close_connection", pid, "closed by a swallow test"])
+            .status()
+            .await?;
+        if !status.success() {
+            bail!("rabbitmqctl close_connection {pid} failed");
+        }
+    }
+    Ok(pids.len())
+}

@@ -1,0 +1,166 @@
+//! `TestStack`: one test's own corner of the broker, under a unique prefix
+//! deleted when the stack is dropped.
+
+use anyhow::Context as _;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ExchangeDeleteOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+
+use crate::{Collector, Topology, broker_url};
+
+/// One test's own corner of the broker: a unique prefix whose exchanges and
+/// queues are deleted when the stack is dropped.
+pub struct TestStack {
+    pub url: String,
+    pub prefix: String,
+    pub topology: Topology,
+    pub connection: Connection,
+    pub channel: Channel,
+}
+
+impl TestStack {
+    pub async fn new(name: &str) -> anyhow::Result<TestStack> {
+        Self::on(name, broker_url().await).await
+    }
+
+    /// A stack on the broker at `url`.
+    pub async fn on(name: &str, url: String) -> anyhow::Result<TestStack> {
+        let prefix = format!("t-{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        Self::with_prefix(url, prefix).await
+    }
+
+    /// A stack with a given prefix (e.g. to reconnect after a broker restart).
+    pub async fn with_prefix(url: String, prefix: String) -> anyhow::Result<TestStack> {
+        let topology = Topology::new(&prefix);
+        let connection = Connection::connect(
+            &url,
+            ConnectionProperties::default().with_connection_name(format!("swallow-test {prefix}").into()),
+        )
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+        let channel = connection.create_channel().await?;
+        channel.confirm_select(Default::default()).await?;
+        topology.declare(&channel).await.context("declaring the topology")?;
+        Ok(TestStack {
+            url,
+            prefix,
+            topology,
+            connection,
+            channel,
+        })
+    }
+
+    /// A configuration file's `[broker]` table for this stack.
+    pub fn broker_toml(&self) -> String {
+        format!("[broker]\nurl = \"{}\"\nprefix = \"{}\"\n", self.url, self.prefix)
+    }
+
+    /// Publishes raw bytes to `<prefix>.events`, persistent, confirmed.
+    pub async fn publish_event_bytes(&self, body: &[u8]) -> anyhow::Result<()> {
+        self.publish_events_bytes(&[body.to_vec()]).await
+    }
+
+    pub async fn publish_event(&self, event: &serde_json::Value) -> anyhow::Result<()> {
+        self.publish_event_bytes(&serde_json::to_vec(event)?).await
+    }
+
+    /// Publishes many raw events, then waits for all confirms.
+    pub async fn publish_events_bytes(&self, bodies: &[Vec<u8>]) -> anyhow::Result<()> {
+        let mut confirms = Vec::with_capacity(bodies.len());
+        for body in bodies {
+            confirms.push(
+                self.channel
+                    .basic_publish(
+                        self.topology.events_exchange().as_str().into(),
+                        "chat.message".into(),
+                        BasicPublishOptions::default(),
+                        body,
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await?,
+            );
+        }
+        for c in confirms {
+            anyhow::ensure!(c.await?.is_ack(), "event publish not confirmed");
+        }
+        Ok(())
+    }
+
+    /// Starts draining `queue` into a collector (acking what it takes).
+    pub async fn drain(&self, queue: &str) -> anyhow::Result<Collector> {
+        self.drain_many(&[queue.to_owned()]).await
+    }
+
+    /// Drains every delivery shard's queue into one collector.
+    pub async fn drain_jobs(&self) -> anyhow::Result<Collector> {
+        self.drain_many(&self.topology.delivery_queues()).await
+    }
+
+    /// Starts draining several queues into one collector.
+    pub async fn drain_many(&self, queues: &[String]) -> anyhow::Result<Collector> {
+        let channel = self.connection.create_channel().await?;
+        channel.basic_qos(1000, BasicQosOptions::default()).await?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        for queue in queues {
+            let mut consumer = channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            let tx = tx.clone();
+            let keep = channel.clone();
+            tokio::spawn(async move {
+                let _keep = keep;
+                while let Some(Ok(delivery)) = consumer.next().await {
+                    let _ = delivery.ack(BasicAckOptions::default()).await;
+                    if tx.send(delivery).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Ok(Collector::new(rx))
+    }
+
+    /// Messages ready in `queue` now.
+    pub async fn queue_len(&self, queue: &str) -> anyhow::Result<u32> {
+        Ok(swallow_shared::broker::ready_count(&self.connection, queue).await?)
+    }
+}
+
+impl Drop for TestStack {
+    fn drop(&mut self) {
+        let url = self.url.clone();
+        let topology = self.topology.clone();
+        // Delete on a thread of its own: Drop cannot await.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async move {
+                let conn = Connection::connect(&url, ConnectionProperties::default()).await.ok()?;
+                let ch = conn.create_channel().await.ok()?;
+                let own = format!("{}.test-outbound", topology.prefix());
+                for q in topology.queues().into_iter().chain([own]) {
+                    let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+                }
+                for e in topology.exchanges() {
+                    let _ = ch
+                        .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+                        .await;
+                }
+                let _ = conn.close(200, "".into()).await;
+                Some(())
+            })
+        })
+        .join();
+    }
+}
