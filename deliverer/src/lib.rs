@@ -11,8 +11,12 @@
 //! never delays anyone else's jobs.
 
 mod attempt;
+#[allow(dead_code)]
+pub mod circuit;
 pub mod destination;
 mod metrics;
+#[allow(dead_code)]
+mod permits;
 pub mod replay;
 pub mod request;
 pub mod shards;
