@@ -33,7 +33,7 @@ const LOST_PROBE_MARGIN: Duration = Duration::from_secs(1);
 
 /// What an attempt says about the handler's health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Health {
+pub enum Verdict {
     /// The handler answered (2xx, or a 4xx other than 429: it is up, the
     /// request was the problem).
     Answered,
@@ -43,15 +43,15 @@ pub enum Health {
     Unknown,
 }
 
-impl Health {
+impl Verdict {
     /// Classifies an attempt by its HTTP status, or its failure class when
     /// there was no status (`timeout`, `connect`, `error`, `blocked`).
-    pub fn of(status: Option<u16>, class: &str) -> Health {
+    pub fn of(status: Option<u16>, class: &str) -> Verdict {
         match status {
-            Some(429) | Some(500..=599) => Health::Failed,
-            Some(_) => Health::Answered,
-            None if class == "blocked" => Health::Unknown,
-            None => Health::Failed,
+            Some(429) | Some(500..=599) => Verdict::Failed,
+            Some(_) => Verdict::Answered,
+            None if class == "blocked" => Verdict::Unknown,
+            None => Verdict::Failed,
         }
     }
 }
@@ -107,7 +107,6 @@ enum State {
         openings: u32,
     },
     HalfOpen {
-        probe_started_ms: u64,
         probe_deadline_ms: u64,
         openings: u32,
     },
@@ -156,16 +155,19 @@ impl Circuits {
                 openings,
             } => {
                 if now_ms < next_probe_ms {
+                    // Back once the probe's result is in, so that a waiting
+                    // job makes one trip on the ladder per probe, not two
+                    // (the probe itself is the first job due after
+                    // `next_probe_ms`).
                     return (
                         Admission::Wait {
-                            until_ms: next_probe_ms,
+                            until_ms: next_probe_ms + (probe_timeout + LOST_PROBE_MARGIN).as_millis() as u64,
                             last_error: circuit.last_error.clone(),
                         },
                         None,
                     );
                 }
                 circuit.state = State::HalfOpen {
-                    probe_started_ms: now_ms,
                     probe_deadline_ms: probe_until,
                     openings,
                 };
@@ -191,7 +193,6 @@ impl Circuits {
                 }
                 // The probe's result never came (its task was aborted): probe again.
                 circuit.state = State::HalfOpen {
-                    probe_started_ms: now_ms,
                     probe_deadline_ms: probe_until,
                     openings,
                 };
@@ -207,17 +208,17 @@ impl Circuits {
         &self,
         key: (&str, &str),
         threshold: u32,
-        health: Health,
+        verdict: Verdict,
         error: &str,
         now_ms: u64,
         jitter: f64,
     ) -> Option<Transition> {
-        if threshold == 0 || health == Health::Unknown {
+        if threshold == 0 || verdict == Verdict::Unknown {
             return None;
         }
         let mut map = self.map.lock().expect("circuits lock");
         let id = (key.0.to_owned(), key.1.to_owned());
-        if health == Health::Answered {
+        if verdict == Verdict::Answered {
             let was = map.remove(&id)?;
             return match was.state {
                 State::Closed { .. } => None,
@@ -251,6 +252,13 @@ impl Circuits {
             to: CircuitState::Open,
             last_error: circuit.last_error.clone(),
         })
+    }
+
+    /// Whether `key`'s circuit is open or half-open now.
+    pub fn is_open(&self, key: (&str, &str)) -> bool {
+        let map = self.map.lock().expect("circuits lock");
+        map.get(&(key.0.to_owned(), key.1.to_owned()))
+            .is_some_and(|c| !matches!(c.state, State::Closed { .. }))
     }
 
     /// How many circuits are not closed (open or half-open) now.
@@ -304,21 +312,21 @@ mod tests {
     const T: Duration = Duration::from_secs(1);
 
     fn fail(c: &Circuits, now: u64) -> Option<Transition> {
-        c.record(KEY, 3, Health::Failed, "HTTP 500", now, 0.0)
+        c.record(KEY, 3, Verdict::Failed, "HTTP 500", now, 0.0)
     }
 
     #[test]
     fn which_failures_count() {
-        assert_eq!(Health::of(Some(500), "5xx"), Health::Failed);
-        assert_eq!(Health::of(Some(503), "5xx"), Health::Failed);
-        assert_eq!(Health::of(Some(429), "4xx"), Health::Failed);
-        assert_eq!(Health::of(None, "timeout"), Health::Failed);
-        assert_eq!(Health::of(None, "connect"), Health::Failed);
-        assert_eq!(Health::of(None, "error"), Health::Failed);
-        assert_eq!(Health::of(Some(404), "4xx"), Health::Answered);
-        assert_eq!(Health::of(Some(410), "4xx"), Health::Answered);
-        assert_eq!(Health::of(Some(200), "2xx"), Health::Answered);
-        assert_eq!(Health::of(None, "blocked"), Health::Unknown);
+        assert_eq!(Verdict::of(Some(500), "5xx"), Verdict::Failed);
+        assert_eq!(Verdict::of(Some(503), "5xx"), Verdict::Failed);
+        assert_eq!(Verdict::of(Some(429), "4xx"), Verdict::Failed);
+        assert_eq!(Verdict::of(None, "timeout"), Verdict::Failed);
+        assert_eq!(Verdict::of(None, "connect"), Verdict::Failed);
+        assert_eq!(Verdict::of(None, "error"), Verdict::Failed);
+        assert_eq!(Verdict::of(Some(404), "4xx"), Verdict::Answered);
+        assert_eq!(Verdict::of(Some(410), "4xx"), Verdict::Answered);
+        assert_eq!(Verdict::of(Some(200), "2xx"), Verdict::Answered);
+        assert_eq!(Verdict::of(None, "blocked"), Verdict::Unknown);
     }
 
     #[test]
@@ -332,10 +340,11 @@ mod tests {
         assert_eq!(opened.to, CircuitState::Open);
         assert_eq!(opened.last_error, "HTTP 500");
         assert_eq!(c.open(), 1);
+        assert!(c.is_open(KEY));
         assert_eq!(
             c.admit(KEY, 3, T, 3).0,
             Admission::Wait {
-                until_ms: 2 + 5_000,
+                until_ms: 2 + 5_000 + 2_000,
                 last_error: "HTTP 500".into()
             }
         );
@@ -346,11 +355,11 @@ mod tests {
         let c = Circuits::new();
         fail(&c, 0);
         fail(&c, 1);
-        assert_eq!(c.record(KEY, 3, Health::Answered, "", 2, 0.0), None);
+        assert_eq!(c.record(KEY, 3, Verdict::Answered, "", 2, 0.0), None);
         fail(&c, 3);
         fail(&c, 4);
         assert_eq!(c.open(), 0, "two failures after an answer are not three in a row");
-        assert_eq!(c.record(KEY, 3, Health::Unknown, "blocked", 5, 0.0), None);
+        assert_eq!(c.record(KEY, 3, Verdict::Unknown, "blocked", 5, 0.0), None);
         assert!(fail(&c, 6).is_some(), "a blocked attempt neither counts nor resets");
     }
 
@@ -358,7 +367,7 @@ mod tests {
     fn zero_turns_the_breaker_off() {
         let c = Circuits::new();
         for now in 0..100 {
-            assert_eq!(c.record(KEY, 0, Health::Failed, "HTTP 500", now, 0.0), None);
+            assert_eq!(c.record(KEY, 0, Verdict::Failed, "HTTP 500", now, 0.0), None);
             assert_eq!(c.admit(KEY, 0, T, now).0, Admission::Go);
         }
         assert_eq!(c.open(), 0);
@@ -379,7 +388,7 @@ mod tests {
             Admission::Wait { until_ms, .. } => assert_eq!(until_ms, probe_at + 2_000),
             other => panic!("a second job went while the probe was under way: {other:?}"),
         }
-        let closed = c.record(KEY, 3, Health::Answered, "", probe_at + 50, 0.0).unwrap();
+        let closed = c.record(KEY, 3, Verdict::Answered, "", probe_at + 50, 0.0).unwrap();
         assert_eq!(closed.to, CircuitState::Closed);
         assert_eq!(c.open(), 0);
         assert_eq!(c.admit(KEY, 3, T, probe_at + 60).0, Admission::Go);
@@ -401,10 +410,10 @@ mod tests {
             let Admission::Wait { until_ms, .. } = c.admit(KEY, 3, T, now).0 else {
                 panic!("open circuit let a job through");
             };
-            waits.push((until_ms - now) / 1000);
+            waits.push((until_ms - now - 2_000) / 1000); // the probe, then its timeout and margin
             now = until_ms;
             assert_eq!(c.admit(KEY, 3, T, now).0, Admission::Probe);
-            let again = c.record(KEY, 3, Health::Failed, "timeout", now + 1, 0.999);
+            let again = c.record(KEY, 3, Verdict::Failed, "timeout", now + 1, 0.999);
             assert_eq!(again.unwrap().to, CircuitState::Open);
             now += 1;
         }

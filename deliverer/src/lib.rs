@@ -11,12 +11,11 @@
 //! never delays anyone else's jobs.
 
 mod attempt;
-#[allow(dead_code)]
 pub mod circuit;
 pub mod destination;
 mod metrics;
-#[allow(dead_code)]
-mod permits;
+mod notice;
+pub mod permits;
 pub mod replay;
 pub mod request;
 pub mod shards;
@@ -47,8 +46,10 @@ use swallow_shared::stage::{ListenError, Running, StageParts};
 use swallow_shared::{Config, Integrations, Stage, Topology, delay};
 
 pub use attempt::{MAX_ANSWER_BYTES, Outcome, parse_answer};
+use circuit::{Admission, Circuits, Transition, Verdict};
 use destination::{AddressPolicy, GuardedResolver};
 use metrics::DelivererMetrics;
+use permits::AttemptPermits;
 
 /// How long shutdown waits for HTTP attempts under way before handing them
 /// back to the broker (they are redelivered).
@@ -102,13 +103,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Delive
         replies_queue: topology.replies_queue(),
         topology,
         prefetch: config.deliverer.concurrency.min(u16::MAX as usize) as u16,
-        per_integration: config.deliverer.per_integration_concurrency,
         integrations: parts.integrations.clone(),
         client,
         policy,
         limiter: RateLimiter::new(),
-        in_flight: Mutex::new(HashMap::new()),
-        slots: tokio::sync::Semaphore::new(config.deliverer.concurrency),
+        permits: AttemptPermits::new(
+            config.deliverer.concurrency,
+            config.deliverer.per_integration_concurrency,
+        ),
+        circuits: Circuits::new(),
+        notices: Mutex::new(HashMap::new()),
         schedule: RetrySchedule::default(),
         metrics,
         health: parts.health.clone(),
@@ -124,14 +128,16 @@ struct Context {
     dead_queue: String,
     replies_queue: String,
     prefetch: u16,
-    per_integration: usize,
     integrations: watch::Receiver<Arc<Integrations>>,
     client: reqwest::Client,
     policy: AddressPolicy,
     limiter: RateLimiter<String>,
-    in_flight: Mutex<HashMap<String, usize>>,
-    /// `[deliverer] concurrency`: HTTP attempts under way at once.
-    slots: tokio::sync::Semaphore,
+    /// `[deliverer] concurrency` HTTP attempts under way at once, fairly shared.
+    permits: Arc<AttemptPermits>,
+    /// Circuit breakers per (integration, URL) of the shards held.
+    circuits: Circuits,
+    /// When each (integration, channel) last got a failure notice (ms).
+    notices: Mutex<HashMap<(String, String), u64>>,
     schedule: RetrySchedule,
     metrics: DelivererMetrics,
     health: Health,
@@ -244,6 +250,10 @@ async fn rebalance(
         if !mine.contains(k) && !shard.stop.is_cancelled() {
             info!(shard = k, "giving the shard up to another replica");
             shard.stop.cancel();
+            // The next owner starts with its circuits closed.
+            let queue = ctx.topology.delivery_shard_queue(*k);
+            ctx.circuits.retain(|id| ctx.topology.delivery_queue_for(id) != queue);
+            ctx.metrics.circuits_open.set(ctx.circuits.open() as i64);
         }
     }
     // Each shard may bring up to `concurrency` jobs; `slots` bounds the
@@ -334,11 +344,13 @@ enum Action {
         detail: String,
         status: Option<u16>,
         job: Option<DeliveryJob>,
+        /// A failure notice for the channel (`on_failure = "notify"`).
+        notice: Option<ReplyJob>,
     },
 }
 
 async fn handle(delivery: Delivery, ctx: Arc<Context>, publisher: ConfirmedPublisher) -> Result<(), SessionError> {
-    let action = decide(&delivery, &ctx).await;
+    let action = notice::attach(&ctx, decide(&delivery, &ctx).await);
     match action {
         Action::Ack => {}
         Action::Reply(reply) => {
@@ -366,6 +378,7 @@ async fn handle(delivery: Delivery, ctx: Arc<Context>, publisher: ConfirmedPubli
             detail,
             status,
             job,
+            notice,
         } => {
             let mut headers = vec![("reason", reason.to_owned()), ("error", detail.clone())];
             if let Some(status) = status {
@@ -378,6 +391,13 @@ async fn handle(delivery: Delivery, ctx: Arc<Context>, publisher: ConfirmedPubli
                 headers.push(("url", job.url.clone()));
             }
             delay::dead_letter(&publisher, &ctx.dead_queue, &body, &headers).await?;
+            if let Some(notice) = notice {
+                let body = serde_json::to_vec(&notice).expect("a reply always serializes");
+                publisher
+                    .publish("", &ctx.replies_queue, &body, broker::persistent_json())
+                    .await?;
+                ctx.metrics.notices.inc();
+            }
             ctx.metrics.deliveries.with_label_values(&["dead"]).inc();
             ctx.metrics.dead.with_label_values(&[reason]).inc();
             warn!(
@@ -404,6 +424,7 @@ fn dead_after(job: DeliveryJob, reason: &'static str, detail: String, status: Op
         detail,
         status,
         job: Some(job),
+        notice: None,
     }
 }
 
@@ -417,6 +438,7 @@ async fn decide(delivery: &Delivery, ctx: &Context) -> Action {
                 detail: format!("not a delivery job: {e}"),
                 status: None,
                 job: None,
+                notice: None,
             };
         }
     };
@@ -440,13 +462,24 @@ async fn decide(delivery: &Delivery, ctx: &Context) -> Action {
     let deadline = job.created_at_ms + integration.max_age.as_millis() as u64;
     if now >= deadline {
         let detail = job.last_error.clone().unwrap_or_else(|| "no attempt made".into());
+        if ctx.circuits.is_open((&job.integration_id, &job.url)) {
+            let detail = format!("its URL's circuit was open until max_age_s; last error: {detail}");
+            return dead(job, "circuit_open", detail);
+        }
         return dead(job, "max_age", format!("older than max_age_s; last error: {detail}"));
     }
+    let probe = match admit(ctx, &integration, &mut job, now, deadline) {
+        Ok(probe) => probe,
+        Err(wait) => return Action::Park { job, wait },
+    };
 
     // The integration's rate limit: a token now, a reserved slot, or a drop.
     let limit = &integration.rate_limit;
     let key = &integration.id;
-    if limit.on_limit == OnLimit::Drop {
+    if probe {
+        // A circuit's one probe goes without a token: the jobs that waited
+        // behind it then meet a full bucket.
+    } else if limit.on_limit == OnLimit::Drop {
         // A job marked reserved here was admitted and then waited for a
         // busy integration: it goes, however late.
         if !std::mem::take(&mut job.rate_reserved) && !ctx.limiter.try_take(key, limit, Instant::now()) {
@@ -482,20 +515,20 @@ async fn decide(delivery: &Delivery, ctx: &Context) -> Action {
 
     // Isolation: an integration with many attempts under way waits its turn
     // on the ladder instead of holding more of the shared slots.
-    let Some(_slot) = InFlightSlot::take(ctx, &integration.id) else {
+    let Ok(_permit) = ctx.permits.acquire(&integration.id).await else {
         ctx.metrics.deferred.with_label_values(&["busy"]).inc();
         job.rate_reserved = true; // it already paid its token
         job.not_before_ms = Some(now + BUSY_WAIT.as_millis() as u64);
         return Action::Park { job, wait: BUSY_WAIT };
     };
 
-    let _attempt_slot = ctx.slots.acquire().await.expect("the semaphore is never closed");
     let under_way = GaugeHold::new(&ctx.metrics.in_flight);
     let started = Instant::now();
     let attempted = attempt::attempt(&ctx.client, &ctx.policy, &job, &integration).await;
     ctx.metrics.duration.observe(started.elapsed().as_secs_f64());
     drop(under_way);
     ctx.metrics.attempts.with_label_values(&[attempted.class]).inc();
+    record_health(ctx, &job, &integration, &attempted);
     job.attempt += 1;
     after_attempt(ctx, job, &integration, attempted)
 }
@@ -560,32 +593,93 @@ fn after_attempt(
     }
 }
 
-/// One of an integration's `per_integration_concurrency` attempt slots.
-struct InFlightSlot<'a> {
-    ctx: &'a Context,
-    id: String,
-}
-
-impl<'a> InFlightSlot<'a> {
-    fn take(ctx: &'a Context, id: &str) -> Option<Self> {
-        let mut map = ctx.in_flight.lock().expect("in-flight lock");
-        let n = map.entry(id.to_owned()).or_insert(0);
-        if *n >= ctx.per_integration {
-            return None;
+/// The circuit's word on `job`: `Ok(false)` go, `Ok(true)` go as the
+/// circuit's probe, `Err(wait)` park until the next probe time (or the
+/// job's `max_age`), uncharged.
+fn admit(
+    ctx: &Context,
+    integration: &Integration,
+    job: &mut DeliveryJob,
+    now: u64,
+    deadline: u64,
+) -> Result<bool, Duration> {
+    let key = (job.integration_id.as_str(), job.url.as_str());
+    let (admission, transition) = ctx
+        .circuits
+        .admit(key, integration.circuit_failures, integration.timeout, now);
+    if let Some(t) = transition {
+        note_transition(ctx, &job.integration_id, &job.url, t);
+    }
+    match admission {
+        Admission::Go => Ok(false),
+        Admission::Probe => Ok(true),
+        Admission::Wait { until_ms, last_error } => {
+            ctx.metrics.deferred.with_label_values(&["circuit_open"]).inc();
+            // One trip on the ladder, rounded up: a little late costs nothing
+            // here, and thousands of waiting jobs bouncing would cost the
+            // broker (and everyone's jobs behind them in the shard).
+            let one_trip = swallow_shared::topology::one_trip(Duration::from_millis(until_ms.saturating_sub(now)));
+            let until = (now + one_trip.as_millis() as u64).min(deadline).max(now + 1);
+            // A held rate-limit slot would be long gone by then.
+            job.rate_reserved = false;
+            job.slot_missed = false;
+            job.not_before_ms = Some(until);
+            if job.last_error.is_none() {
+                job.last_error = Some(last_error);
+            }
+            Err(Duration::from_millis(until - now))
         }
-        *n += 1;
-        Some(InFlightSlot { ctx, id: id.to_owned() })
     }
 }
 
-impl Drop for InFlightSlot<'_> {
-    fn drop(&mut self) {
-        let mut map = self.ctx.in_flight.lock().expect("in-flight lock");
-        if let Some(n) = map.get_mut(&self.id) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.id);
-            }
+/// Tells the circuit what the attempt said about the handler.
+fn record_health(ctx: &Context, job: &DeliveryJob, integration: &Integration, attempted: &attempt::Attempted) {
+    let error = match (&attempted.outcome, attempted.status) {
+        (Outcome::Retry { error, .. }, _) => error.clone(),
+        (_, Some(status)) => format!("HTTP {status}"),
+        _ => attempted.class.to_owned(),
+    };
+    let verdict = Verdict::of(attempted.status, attempted.class);
+    let key = (job.integration_id.as_str(), job.url.as_str());
+    if let Some(t) = ctx.circuits.record(
+        key,
+        integration.circuit_failures,
+        verdict,
+        &error,
+        now_millis(),
+        rand::random(),
+    ) {
+        note_transition(ctx, &job.integration_id, &job.url, t);
+    }
+}
+
+/// One log line and the metrics for a circuit's change of state.
+fn note_transition(ctx: &Context, integration: &str, url: &str, t: Transition) {
+    ctx.metrics.circuit_transitions.with_label_values(&[t.to.label()]).inc();
+    ctx.metrics.circuits_open.set(ctx.circuits.open() as i64);
+    let url = redact_url(url);
+    match t.to {
+        circuit::CircuitState::Open => {
+            warn!(integration, url = %url, last_error = %t.last_error, "circuit opened: the handler's jobs wait for a probe")
         }
+        circuit::CircuitState::HalfOpen => {
+            info!(integration, url = %url, last_error = %t.last_error, "circuit half-open: one probe goes")
+        }
+        circuit::CircuitState::Closed => {
+            info!(integration, url = %url, last_error = %t.last_error, "circuit closed: the handler answers again")
+        }
+    }
+}
+
+/// A handler URL for a log line: no credentials, no query (it may hold a key).
+fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_password(None);
+            let _ = u.set_username("");
+            u.set_query(None);
+            u.to_string()
+        }
+        Err(_) => "(invalid URL)".into(),
     }
 }

@@ -6,8 +6,9 @@ use swallow_shared::metrics::{counter, counter_vec, gauge, register};
 
 pub const OUTCOMES: [&str; 5] = ["delivered", "retried", "dead", "dropped", "rate_limited"];
 pub const CLASSES: [&str; 8] = ["2xx", "3xx", "4xx", "5xx", "timeout", "connect", "error", "blocked"];
-pub const DEAD_REASONS: [&str; 7] = [
+pub const DEAD_REASONS: [&str; 8] = [
     "max_attempts",
+    "circuit_open",
     "max_age",
     "gone",
     "blocked_destination",
@@ -27,6 +28,9 @@ pub(crate) struct DelivererMetrics {
     pub deferred: IntCounterVec,
     pub shards_held: IntGauge,
     pub members: IntGauge,
+    pub circuits_open: IntGauge,
+    pub circuit_transitions: IntCounterVec,
+    pub notices: IntCounter,
 }
 
 impl DelivererMetrics {
@@ -68,7 +72,7 @@ impl DelivererMetrics {
             deferred: counter_vec(
                 registry,
                 "swallow_jobs_deferred_total",
-                "Jobs parked on the delay ladder without an attempt, by reason (schedule, busy, missed_slot).",
+                "Jobs parked on the delay ladder without an attempt, by reason (schedule, busy, missed_slot, circuit_open).",
                 &["reason"],
             ),
             shards_held: gauge(
@@ -81,7 +85,26 @@ impl DelivererMetrics {
                 "swallow_deliverer_members",
                 "Deliverer replicas this replica hears from (itself included).",
             ),
+            circuits_open: gauge(
+                registry,
+                "swallow_circuits_open",
+                "Circuits (integration, URL) open or half-open now: their jobs wait, unattempted.",
+            ),
+            circuit_transitions: counter_vec(
+                registry,
+                "swallow_circuit_transitions_total",
+                "Circuit breaker transitions, by the state entered (open, half_open, closed).",
+                &["to"],
+            ),
+            notices: counter(
+                registry,
+                "swallow_failure_notices_total",
+                "Failure notices handed to the responder for integrations with on_failure = \"notify\".",
+            ),
         };
+        for to in crate::circuit::CircuitState::ALL {
+            m.circuit_transitions.with_label_values(&[to.label()]);
+        }
         for o in OUTCOMES {
             m.deliveries.with_label_values(&[o]);
         }
@@ -91,7 +114,7 @@ impl DelivererMetrics {
         for r in DEAD_REASONS {
             m.dead.with_label_values(&[r]);
         }
-        for r in ["schedule", "busy", "missed_slot"] {
+        for r in ["schedule", "busy", "missed_slot", "circuit_open"] {
             m.deferred.with_label_values(&[r]);
         }
         m
