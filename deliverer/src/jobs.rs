@@ -1,12 +1,12 @@
 //! One delivery job's visit to the deliverer: the checks only the deliverer
-//! makes (a known integration, its rate limit or `on_limit = "drop"`, its
-//! share of the attempt permits), the HTTP attempt, and what the attempt
-//! means. Opening the job, retries, and carrying the decision out durably
+//! makes (a known integration, its URL's circuit, its rate limit or
+//! `on_limit = "drop"`, its fair share of the attempt permits), the HTTP
+//! attempt, and what the attempt means (for the job and for the circuit). Opening the job, retries, and carrying the decision out durably
 //! before the ack are the shared lifecycle's (`swallow_shared::lifecycle`).
 
-use std::collections::HashMap;
 use std::ops::ControlFlow;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use lapin::message::Delivery;
@@ -17,8 +17,8 @@ use swallow_shared::lifecycle::{self, DeadReason, Disposition, Failure, ParkReas
 use swallow_shared::messages::{DeliveryJob, MESSAGE_VERSION, ReplyJob, RetryState, now_millis};
 use swallow_shared::metrics::GaugeHold;
 
-use crate::Context;
 use crate::attempt::{self, Attempted, Outcome};
+use crate::{Context, guard, notice};
 
 /// How long a job waits when its integration already has
 /// `per_integration_concurrency` attempts under way.
@@ -30,23 +30,33 @@ pub(crate) async fn handle(
     ctx: Arc<Context>,
     publisher: ConfirmedPublisher,
 ) -> Result<(), SessionError> {
-    let settled = lifecycle::handle(&delivery, &publisher, &ctx.topology, |job| decide(job, &ctx)).await?;
+    let noticed = AtomicBool::new(false);
+    let settled = lifecycle::handle(&delivery, &publisher, &ctx.topology, |job| async {
+        let (disposition, with_notice) = notice::attach(&ctx, decide(job, &ctx).await);
+        noticed.store(with_notice, Ordering::Relaxed);
+        disposition
+    })
+    .await?;
     ctx.metrics.count(settled);
+    if noticed.load(Ordering::Relaxed) {
+        ctx.metrics.notices.inc();
+    }
     Ok(())
 }
 
 async fn decide(job: DeliveryJob, ctx: &Context) -> Disposition<DeliveryJob> {
-    let (job, integration, permit) = match admit(job, ctx) {
+    let (mut job, integration) = match admit(job, ctx) {
         ControlFlow::Continue(admitted) => admitted,
         ControlFlow::Break(settled) => return settled,
     };
+    // Isolation: an integration that has its share of the attempt permits
+    // under way waits its turn on the ladder (see `permits`).
+    let Ok(permit) = ctx.permits.acquire(&integration.id).await else {
+        job.retry.hold_token_for(BUSY_WAIT, now_millis()); // it already paid its token
+        return Disposition::park(job, BUSY_WAIT, ParkReason::Busy);
+    };
     let attempted = {
         let _permit = permit;
-        let _attempt_permit = ctx
-            .attempt_permits
-            .acquire()
-            .await
-            .expect("the semaphore is never closed");
         let _under_way = GaugeHold::new(&ctx.metrics.in_flight);
         let started = Instant::now();
         let attempted = attempt::attempt(&ctx.client, &ctx.policy, &job, &integration).await;
@@ -54,25 +64,27 @@ async fn decide(job: DeliveryJob, ctx: &Context) -> Disposition<DeliveryJob> {
         attempted
     };
     ctx.metrics.attempts.with_label_values(&[attempted.class]).inc();
+    guard::record(ctx, &job, &integration, &attempted);
     after_attempt(ctx, job, &integration, attempted)
 }
 
 /// The deliverer's own checks before an attempt: the integration is known,
-/// the job is not too old, its rate limit lets it go, and its integration
-/// has a permit free.
-fn admit<'a>(
-    job: DeliveryJob,
-    ctx: &'a Context,
-) -> Step<DeliveryJob, (DeliveryJob, Arc<Integration>, IntegrationPermit<'a>)> {
+/// the job is not too old, its URL's circuit and its rate limit let it go.
+fn admit(job: DeliveryJob, ctx: &Context) -> Step<DeliveryJob, (DeliveryJob, Arc<Integration>)> {
     let integrations = ctx.integrations.borrow().clone();
     let Some(integration) = integrations.get(&job.integration_id).cloned() else {
         let detail = format!("integration {:?} is not in the configuration", job.integration_id);
         return ControlFlow::Break(Disposition::dead(job, DeadReason::UnknownIntegration, detail));
     };
     let now = now_millis();
-    let (mut job, deadline) = within_max_age(job, integration.max_age, now)?;
+    let job = guard::aged_behind_open_circuit(ctx, job, &integration, now)?;
+    let (job, deadline) = within_max_age(job, integration.max_age, now)?;
+    let (mut job, probe) = guard::admit(ctx, &integration, job, now, deadline)?;
     let limit = &integration.rate_limit;
-    if limit.on_limit == OnLimit::Drop {
+    if probe {
+        // A circuit's one probe goes without a token: the jobs that waited
+        // behind it then meet a full bucket.
+    } else if limit.on_limit == OnLimit::Drop {
         // A job marked reserved here was admitted and then waited for a
         // busy integration: it goes, however late.
         if !std::mem::take(&mut job.retry.rate_reserved)
@@ -83,13 +95,7 @@ fn admit<'a>(
     } else {
         job = take_turn(job, &ctx.limiter, &integration.id, limit, now, deadline)?;
     }
-    // Isolation: an integration with many attempts under way waits its turn
-    // on the ladder instead of holding more of the shared permits.
-    let Some(permit) = IntegrationPermit::take(ctx, &integration.id) else {
-        job.retry.hold_token_for(BUSY_WAIT, now); // it already paid its token
-        return ControlFlow::Break(Disposition::park(job, BUSY_WAIT, ParkReason::Busy));
-    };
-    ControlFlow::Continue((job, integration, permit))
+    ControlFlow::Continue((job, integration))
 }
 
 /// What an attempt means for the job.
@@ -134,40 +140,6 @@ fn after_attempt(
                 status,
             };
             lifecycle::retry_or_dead(job, &ctx.schedule, integration.into(), failure)
-        }
-    }
-}
-
-/// Attempts under way per integration, bounded by `per_integration_concurrency`.
-#[derive(Default)]
-pub(crate) struct IntegrationAttempts(Mutex<HashMap<String, usize>>);
-
-/// One of an integration's `per_integration_concurrency` attempt permits.
-struct IntegrationPermit<'a> {
-    ctx: &'a Context,
-    id: String,
-}
-
-impl<'a> IntegrationPermit<'a> {
-    fn take(ctx: &'a Context, id: &str) -> Option<Self> {
-        let mut map = ctx.under_way.0.lock().expect("attempts-under-way lock");
-        let n = map.entry(id.to_owned()).or_insert(0);
-        if *n >= ctx.per_integration {
-            return None;
-        }
-        *n += 1;
-        Some(IntegrationPermit { ctx, id: id.to_owned() })
-    }
-}
-
-impl Drop for IntegrationPermit<'_> {
-    fn drop(&mut self) {
-        let mut map = self.ctx.under_way.0.lock().expect("attempts-under-way lock");
-        if let Some(n) = map.get_mut(&self.id) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.id);
-            }
         }
     }
 }

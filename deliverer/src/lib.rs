@@ -6,23 +6,28 @@
 //! `<prefix>.replies`), parked on the delay ladder for a retry or a
 //! rate-limit slot (confirmed), dead-lettered (confirmed), or dropped by an
 //! `on_limit = "drop"` integration. Nothing waits in memory holding a broker
-//! delivery except the HTTP attempt itself, so a slow or failing handler
-//! takes at most `per_integration_concurrency` of the `concurrency` attempt
-//! permits and never delays anyone else's jobs.
+//! delivery except the HTTP attempt itself; a failing handler's circuit
+//! opens (`circuit`), and slow ones share the attempt permits fairly
+//! (`permits`), so they never delay anyone else's jobs.
 //!
 //! `membership` serves the shards this replica holds; `jobs` handles each
 //! job on them.
 
 mod attempt;
+pub mod circuit;
 pub mod destination;
+mod guard;
 mod jobs;
 mod membership;
 mod metrics;
+mod notice;
+pub mod permits;
 pub mod replay;
 pub mod request;
 pub mod shards;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -35,8 +40,10 @@ use swallow_shared::stage::{Running, StageParts, StartError};
 use swallow_shared::{Config, Integrations, Stage, Topology};
 
 pub use attempt::{MAX_ANSWER_BYTES, Outcome, parse_answer};
+use circuit::Circuits;
 use destination::{AddressPolicy, GuardedResolver};
 use metrics::DelivererMetrics;
+use permits::AttemptPermits;
 
 /// How long shutdown waits for HTTP attempts under way before handing them
 /// back to the broker (they are redelivered).
@@ -80,13 +87,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Delive
         replies_queue: topology.replies_queue(),
         topology,
         prefetch: config.deliverer.concurrency.min(u16::MAX as usize) as u16,
-        per_integration: config.deliverer.per_integration_concurrency,
         integrations: parts.integrations.clone(),
         client,
         policy,
         limiter: RateLimiter::new(),
-        under_way: jobs::IntegrationAttempts::default(),
-        attempt_permits: tokio::sync::Semaphore::new(config.deliverer.concurrency),
+        permits: AttemptPermits::new(
+            config.deliverer.concurrency,
+            config.deliverer.per_integration_concurrency,
+        ),
+        circuits: Circuits::new(),
+        notices: Mutex::new(HashMap::new()),
         schedule: RetrySchedule::default(),
         metrics,
         health: parts.health.clone(),
@@ -103,14 +113,16 @@ struct Context {
     replica_id: String,
     replies_queue: String,
     prefetch: u16,
-    per_integration: usize,
     integrations: watch::Receiver<Arc<Integrations>>,
     client: reqwest::Client,
     policy: AddressPolicy,
     limiter: RateLimiter<String>,
-    under_way: jobs::IntegrationAttempts,
-    /// `[deliverer] concurrency`: HTTP attempts under way at once.
-    attempt_permits: tokio::sync::Semaphore,
+    /// `[deliverer] concurrency` HTTP attempts under way at once, fairly shared.
+    permits: Arc<AttemptPermits>,
+    /// Circuit breakers per (integration, URL) of the shards held.
+    circuits: Circuits,
+    /// When each (integration, channel) last got a failure notice (ms).
+    notices: Mutex<HashMap<(String, String), u64>>,
     schedule: RetrySchedule,
     metrics: DelivererMetrics,
     health: Health,

@@ -118,6 +118,10 @@ async fn rebalance(
         if !mine.contains(k) && !shard.stop.is_cancelled() {
             info!(shard = k, "giving the shard up to another replica");
             shard.stop.cancel();
+            // The next owner starts with its circuits closed.
+            let queue = ctx.topology.delivery_shard_queue(*k);
+            ctx.circuits.retain(|id| ctx.topology.delivery_queue_for(id) != queue);
+            ctx.metrics.circuits_open.set(ctx.circuits.open() as i64);
         }
     }
     for &k in &mine {

@@ -20,6 +20,9 @@ pub(crate) struct DelivererMetrics {
     pub deferred: IntCounterVec,
     pub shards_held: IntGauge,
     pub members: IntGauge,
+    pub circuits_open: IntGauge,
+    pub circuit_transitions: IntCounterVec,
+    pub notices: IntCounter,
 }
 
 impl DelivererMetrics {
@@ -61,7 +64,7 @@ impl DelivererMetrics {
             deferred: counter_vec(
                 registry,
                 "swallow_jobs_deferred_total",
-                "Jobs parked on the delay ladder without an attempt, by reason (schedule, busy, missed_slot).",
+                "Jobs parked on the delay ladder without an attempt, by reason (schedule, busy, missed_slot, circuit_open).",
                 &["reason"],
             ),
             shards_held: gauge(
@@ -73,6 +76,22 @@ impl DelivererMetrics {
                 registry,
                 "swallow_deliverer_members",
                 "Deliverer replicas this replica hears from (itself included).",
+            ),
+            circuits_open: gauge(
+                registry,
+                "swallow_circuits_open",
+                "Circuits (integration, URL) open or half-open now: their jobs wait, unattempted.",
+            ),
+            circuit_transitions: counter_vec(
+                registry,
+                "swallow_circuit_transitions_total",
+                "Circuit breaker transitions, by the state entered (open, half_open, closed).",
+                &["to"],
+            ),
+            notices: counter(
+                registry,
+                "swallow_failure_notices_total",
+                "Failure notices handed to the responder (on_failure = \"notify\").",
             ),
         };
         m.show_every_label();
@@ -91,8 +110,11 @@ impl DelivererMetrics {
         for r in DeadReason::DELIVERY {
             self.dead.with_label_values(&[r.as_str()]);
         }
-        for r in ["schedule", "busy", "missed_slot"] {
+        for r in ["schedule", "busy", "missed_slot", "circuit_open"] {
             self.deferred.with_label_values(&[r]);
+        }
+        for to in crate::circuit::CircuitState::ALL {
+            self.circuit_transitions.with_label_values(&[to.label()]);
         }
     }
 
@@ -112,6 +134,7 @@ impl DelivererMetrics {
             Settled::Parked(ParkReason::MissedSlot) => deferred("missed_slot"),
             Settled::Parked(ParkReason::NotDue) => deferred("schedule"),
             Settled::Parked(ParkReason::Busy) => deferred("busy"),
+            Settled::Parked(ParkReason::CircuitOpen) => deferred("circuit_open"),
             Settled::Dead(reason) => {
                 outcome("dead");
                 self.dead.with_label_values(&[reason.as_str()]).inc();

@@ -64,7 +64,9 @@ impl ResponderMetrics {
             Settled::Dead(DeadReason::Rejected) => "rejected",
             Settled::Dead(_) => "dead",
             // Not due yet: the same reply, counted when it is handled.
-            Settled::Parked(ParkReason::NotDue | ParkReason::Busy) | Settled::Dropped | Settled::Forwarded => return,
+            Settled::Parked(ParkReason::NotDue | ParkReason::Busy | ParkReason::CircuitOpen)
+            | Settled::Dropped
+            | Settled::Forwarded => return,
         };
         self.replies.with_label_values(&[outcome]).inc();
     }

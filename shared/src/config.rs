@@ -108,6 +108,7 @@ struct RawDeliverer {
     concurrency: Option<usize>,
     per_integration_concurrency: Option<usize>,
     allow_networks: Option<Vec<String>>,
+    circuit_failures: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -145,6 +146,9 @@ struct RawIntegration {
     max_attempts: Option<u32>,
     max_age_s: Option<u64>,
     signing_secret: Option<String>,
+    circuit_failures: Option<u32>,
+    on_failure: Option<String>,
+    failure_notice_interval_s: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -194,6 +198,8 @@ pub struct DelivererConfig {
     pub concurrency: usize,
     pub per_integration_concurrency: usize,
     pub allow_networks: Vec<ipnet::IpNet>,
+    /// The default of integrations' `circuit_failures`.
+    pub circuit_failures: u32,
 }
 
 /// Where the responder posts replies.
@@ -249,6 +255,16 @@ pub enum TriggerMatch {
     Word,
 }
 
+/// What an integration does when a delivery is dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFailure {
+    /// Nothing in the channel (dead letter, metrics and log only).
+    Quiet,
+    /// A short notice in the channel, at most one per channel per
+    /// `failure_notice_interval`.
+    Notify,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnLimit {
     Delay,
@@ -293,6 +309,10 @@ pub struct Integration {
     pub max_age: Duration,
     /// The decoded key of a `whsec_…` secret.
     pub signing_key: Option<Vec<u8>>,
+    /// Consecutive failed attempts that open a URL's circuit (0: never).
+    pub circuit_failures: u32,
+    pub on_failure: OnFailure,
+    pub failure_notice_interval: Duration,
 }
 
 impl Config {
@@ -367,6 +387,7 @@ impl Config {
                 .unwrap_or(64)
                 .clamp(1, concurrency),
             allow_networks,
+            circuit_failures: raw.deliverer.circuit_failures.unwrap_or(DEFAULT_CIRCUIT_FAILURES),
         };
         let r = raw.responder;
         let sink = match r.sink.as_deref().unwrap_or("amqp") {
@@ -418,7 +439,7 @@ impl Config {
             max_age: Duration::from_secs(r.max_age_s.unwrap_or(600).max(1)),
             timeout: Duration::from_millis(r.timeout_ms.unwrap_or(5000).max(1)),
         };
-        let integrations = validate_integrations(raw.integrations, &shown)?;
+        let integrations = validate_integrations(raw.integrations, &shown, deliverer.circuit_failures)?;
         Ok(Config {
             path: path.map(Path::to_owned),
             reload_interval: Duration::from_millis(raw.reload_interval_ms.unwrap_or(2000).max(50)),
@@ -510,7 +531,14 @@ fn parse_http_url(text: &str) -> Result<Url, String> {
     Ok(url)
 }
 
-fn validate_integrations(raw: Vec<RawIntegration>, path: &Path) -> Result<Integrations, ConfigError> {
+/// Consecutive failed attempts that open a circuit, unless configured.
+pub const DEFAULT_CIRCUIT_FAILURES: u32 = 5;
+
+fn validate_integrations(
+    raw: Vec<RawIntegration>,
+    path: &Path,
+    circuit_failures: u32,
+) -> Result<Integrations, ConfigError> {
     let mut seen = HashSet::new();
     let mut list = Vec::with_capacity(raw.len());
     for (index, r) in raw.into_iter().enumerate() {
@@ -644,6 +672,17 @@ fn validate_integrations(raw: Vec<RawIntegration>, path: &Path) -> Result<Integr
                 Some(key)
             }
         };
+        let on_failure = match r.on_failure.as_deref().unwrap_or("quiet") {
+            "quiet" => OnFailure::Quiet,
+            "notify" => OnFailure::Notify,
+            other => {
+                return Err(err("on_failure", format!("{other:?} is not \"quiet\" or \"notify\"")));
+            }
+        };
+        let failure_notice_interval_s = r.failure_notice_interval_s.unwrap_or(300);
+        if failure_notice_interval_s == 0 {
+            return Err(err("failure_notice_interval_s", "must be at least 1".into()));
+        }
         if r.icon_url.is_some() && r.icon_emoji.is_some() {
             return Err(err("icon_emoji", "give icon_url or icon_emoji, not both".into()));
         }
@@ -665,6 +704,9 @@ fn validate_integrations(raw: Vec<RawIntegration>, path: &Path) -> Result<Integr
             max_attempts,
             max_age: Duration::from_secs(max_age_s),
             signing_key,
+            circuit_failures: r.circuit_failures.unwrap_or(circuit_failures),
+            on_failure,
+            failure_notice_interval: Duration::from_secs(failure_notice_interval_s),
         }));
     }
     Ok(Integrations { list })

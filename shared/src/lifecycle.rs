@@ -117,13 +117,16 @@ pub enum DeadReason {
     UnsupportedVersion,
     /// The reply sink refused the reply for good.
     Rejected,
+    /// It aged out waiting behind its URL's open circuit.
+    CircuitOpen,
 }
 
 impl DeadReason {
     /// The reasons a delivery job can die of.
-    pub const DELIVERY: [DeadReason; 7] = [
+    pub const DELIVERY: [DeadReason; 8] = [
         DeadReason::MaxAttempts,
         DeadReason::MaxAge,
+        DeadReason::CircuitOpen,
         DeadReason::Gone,
         DeadReason::BlockedDestination,
         DeadReason::UnknownIntegration,
@@ -142,6 +145,7 @@ impl DeadReason {
             DeadReason::InvalidReply => "invalid_reply",
             DeadReason::UnsupportedVersion => "unsupported_version",
             DeadReason::Rejected => "rejected",
+            DeadReason::CircuitOpen => "circuit_open",
         }
     }
 }
@@ -165,6 +169,8 @@ pub enum ParkReason {
     Busy,
     /// An attempt failed; it waits for the next.
     Retry,
+    /// Its URL's circuit is open: it waits, unattempted, for the next probe.
+    CircuitOpen,
 }
 
 /// What becomes of one delivery of a job, decided before anything is
@@ -194,6 +200,9 @@ pub struct DeadLetter<J> {
     /// The last attempt's HTTP status, when there was one.
     pub status: Option<u16>,
     pub body: Result<J, Vec<u8>>,
+    /// A message to publish as well (confirmed) before the ack: the
+    /// deliverer's failure notice for the channel, `(queue, body)`.
+    pub notice: Option<(String, Vec<u8>)>,
 }
 
 impl<J> Disposition<J> {
@@ -212,6 +221,7 @@ impl<J> Disposition<J> {
             detail: detail.into(),
             status,
             body: Ok(job),
+            notice: None,
         })
     }
 
@@ -253,6 +263,7 @@ pub async fn open<J: Job>(data: &[u8]) -> Step<J> {
                 detail: format!("not a {}: {e}", J::KIND),
                 status: None,
                 body: Err(data.to_vec()),
+                notice: None,
             }));
         }
     };
@@ -398,6 +409,7 @@ async fn dead_letter<J: Job>(
         detail,
         status,
         body,
+        notice,
     } = letter;
     let mut headers = vec![("reason", reason.as_str().to_owned()), ("error", detail.clone())];
     if let Some(status) = status {
@@ -416,6 +428,9 @@ async fn dead_letter<J: Job>(
         Err(raw) => raw,
     };
     delay::dead_letter(publisher, &J::dead_queue(topology), &bytes, &headers).await?;
+    if let Some((queue, body)) = notice {
+        publisher.publish("", &queue, &body, broker::persistent_json()).await?;
+    }
     warn!(kind = J::KIND, reason = reason.as_str(), error = %detail, integration, "dead-lettered");
     Ok(())
 }

@@ -273,9 +273,28 @@ pub fn step_for(remaining: Duration) -> Option<u32> {
     (0..DELAY_STEPS).rev().find(|&s| delay_step(s) <= remaining)
 }
 
+/// A wait of at least `wanted` made in one trip on the ladder: the shortest
+/// step not shorter than it (the longest step at most). For waits where
+/// coming back a little late costs nothing and every extra trip costs a
+/// broker round (jobs behind an open circuit).
+pub fn one_trip(wanted: Duration) -> Duration {
+    (0..DELAY_STEPS)
+        .map(delay_step)
+        .find(|&step| step >= wanted)
+        .unwrap_or(delay_step(DELAY_STEPS - 1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_trip_rounds_up_to_a_step() {
+        assert_eq!(one_trip(Duration::ZERO), Duration::from_millis(100));
+        assert_eq!(one_trip(Duration::from_millis(6_400)), Duration::from_millis(6_400));
+        assert_eq!(one_trip(Duration::from_millis(7_000)), Duration::from_millis(12_800));
+        assert_eq!(one_trip(Duration::from_secs(3_600)), Duration::from_millis(409_600));
+    }
 
     #[test]
     fn steps_cover_the_range_largest_first() {

@@ -29,6 +29,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use swallow_shared::Topology;
 
+mod failing;
 mod plot;
 
 #[derive(Parser)]
@@ -51,6 +52,13 @@ struct Args {
     /// Seconds of load at each step of the sweep.
     #[arg(long, default_value_t = 8)]
     sweep_seconds: u64,
+    /// Run only the failing-handlers step (a healthy integration alone and
+    /// beside hanging handlers) and print its figures.
+    #[arg(long)]
+    failing_only: bool,
+    /// Hanging integrations in the failing-handlers step.
+    #[arg(long, default_value_t = 80)]
+    hanging: usize,
     /// Only redraw the plot from a results file of an earlier run.
     #[arg(long, value_name = "JSON")]
     replot: Option<PathBuf>,
@@ -241,6 +249,29 @@ impl Stack {
             &["swallow-matcher", "swallow-deliverer", "swallow-responder"],
         )
         .await
+    }
+
+    /// The three stages with these `[[integrations]]` tables (and the
+    /// deliverer's default limits).
+    async fn with_integrations(url: &str, name: &str, integrations: &str) -> anyhow::Result<Stack> {
+        let prefix = format!("load-{name}-{}", std::process::id());
+        let dir = std::env::temp_dir().join(&prefix);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("swallow.toml"),
+            format!(
+                "[broker]\nurl = \"{url}\"\nprefix = \"{prefix}\"\n[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n\n{integrations}"
+            ),
+        )?;
+        let mut stack = Stack {
+            prefix,
+            children: Vec::new(),
+            dir,
+        };
+        for stage in ["swallow-matcher", "swallow-deliverer", "swallow-responder"] {
+            stack.add(stage).await?;
+        }
+        Ok(stack)
     }
 
     async fn start_stages(
@@ -626,10 +657,19 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let url = args.amqp_url.clone();
+    if args.failing_only {
+        println!(
+            "failing handlers: a healthy integration alone, then beside {} hanging ones…",
+            args.hanging
+        );
+        let figures = failing::measure(&url, args.hanging, 20).await?;
+        println!("{}", serde_json::to_string(&figures)?);
+        return Ok(());
+    }
     let size = event_body(123456, "load").len();
     let mut results = serde_json::Map::new();
 
-    println!("1/5 broker ceiling ({size}-byte persistent messages, one quorum queue, confirms, manual acks)…");
+    println!("1/6 broker ceiling ({size}-byte persistent messages, one quorum queue, confirms, manual acks)…");
     let broker = broker_pid();
     let broker_cpu = broker.and_then(cpu_seconds);
     let (ceiling, through) = ceiling(&url, args.seconds.min(20), args.window, size).await?;
@@ -645,7 +685,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     results.insert("ceiling_msgs_per_s".into(), ceiling.into());
 
     // 2. Pipeline throughput.
-    println!("2/5 pipeline throughput for {} s…", args.seconds);
+    println!("2/6 pipeline throughput for {} s…", args.seconds);
     let (addr, _seen) = handler(Duration::ZERO).await;
     let stack = Stack::start(&url, addr, "pipe", Some(512)).await?;
     let topology = Topology::new(&stack.prefix);
@@ -708,7 +748,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let rss_after_load = stack.rss();
 
     // 3. Matcher, unmatched.
-    println!("3/5 matcher throughput for unmatched events…");
+    println!("3/6 matcher throughput for unmatched events…");
     let before = stack.metric("swallow-matcher", "swallow_events_received_total").await;
     let n_unmatched = 50_000u64;
     let ch = conn.create_channel().await?;
@@ -749,7 +789,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
 
     // 4. Latency at half the measured rate.
     let half = (throughput / 2.0).max(1.0);
-    println!("4/5 latency at {half:.0} msg/s for 20 s, then the offered-load sweep…");
+    println!("4/6 latency at {half:.0} msg/s for 20 s, then the offered-load sweep…");
     let (addr2, seen2) = handler(Duration::ZERO).await;
     stack.stop(&url).await;
     let stack = Stack::start(&url, addr2, "lat", Some(512)).await?;
@@ -841,7 +881,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     // 1 s): with the default limits, where the deliverer holds at most
     // `concurrency` attempts and the rest wait in the broker; and with the
     // limits raised so that all 10,000 are HTTP requests under way at once.
-    println!("5/5 memory with 10,000 deliveries in flight…");
+    println!("5/6 memory with 10,000 deliveries in flight…");
     let mut rss = serde_json::Map::new();
     for (stage, hwm_load, _) in &rss_after_load {
         rss.insert(stage.clone(), serde_json::json!({"peak_mib_throughput": hwm_load}));
@@ -860,6 +900,15 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         println!("    {stage}: {hwm_load:.1} after the throughput run");
     }
     results.insert("rss".into(), rss.into());
+
+    println!(
+        "6/6 failing handlers: a healthy integration alone, then beside {} hanging ones…",
+        args.hanging
+    );
+    results.insert(
+        "failing_handlers".into(),
+        failing::measure(&url, args.hanging, 20).await?,
+    );
 
     let _ = conn.close(200, "".into()).await;
     if let Some(dir) = args.out.parent() {

@@ -1,0 +1,122 @@
+//! The failing-handlers step: a healthy integration's event → POST latency
+//! alone, then beside `hanging` integrations whose handlers hang (they
+//! answer after 8 s; `timeout_ms = 1000`), each channel sent 4 events a
+//! second, on a fresh stack each time (so the second run starts with every
+//! circuit closed). The ratio of the two p99s is what slow handlers cost
+//! everyone else.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use swallow_shared::Topology;
+
+use crate::{Stack, handler, micros_now, percentiles, post_latencies};
+
+const EVENTS_PER_SECOND: u64 = 4;
+const LIMITS: &str = "timeout_ms = 1000\nrate_limit = { per_second = 5.0, burst = 10 }\n";
+
+fn integration(id: &str, channel: &str, url: &str) -> String {
+    format!(
+        "[[integrations]]\nid = \"{id}\"\nteam_id = \"T0001\"\nchannel = \"{channel}\"\nurls = [\"{url}\"]\ntoken = \"t\"\n{LIMITS}\n"
+    )
+}
+
+fn event(channel: &str, text: &str) -> Vec<u8> {
+    let now = micros_now();
+    serde_json::to_vec(&serde_json::json!({
+        "team_id": "T0001", "channel_id": channel, "channel_name": channel.to_lowercase(),
+        "user_id": "U2147483697", "ts": format!("{}.{:06}", now / 1_000_000, now % 1_000_000),
+        "text": text,
+    }))
+    .unwrap()
+}
+
+/// One run: `hanging` integrations sent events beside the healthy one.
+async fn run(url: &str, hanging: usize, seconds: u64, name: &str) -> anyhow::Result<(serde_json::Value, u64)> {
+    let (healthy_addr, seen) = handler(Duration::ZERO).await;
+    let (hanging_addr, _) = handler(Duration::from_secs(8)).await;
+    let mut integrations = integration("healthy", "COK", &format!("http://{healthy_addr}/ok"));
+    for i in 0..hanging {
+        integrations.push_str(&integration(
+            &format!("hang{i}"),
+            &format!("CH{i}"),
+            &format!("http://{hanging_addr}/h{i}"),
+        ));
+    }
+    let stack = Stack::with_integrations(url, name, &integrations).await?;
+    let topology = Topology::new(&stack.prefix);
+    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(Default::default()).await?;
+    let exchange = topology.events_exchange();
+    let mut sent: HashMap<String, u128> = HashMap::new();
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(1000 / EVENTS_PER_SECOND));
+    let mut n = 0u64;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        tick.tick().await;
+        n += 1;
+        let mut confirms = Vec::new();
+        for i in 0..hanging {
+            let body = event(&format!("CH{i}"), &format!("h{i} {n}"));
+            confirms.push(
+                ch.basic_publish(
+                    exchange.as_str().into(),
+                    "".into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await?,
+            );
+        }
+        let text = format!("ok {n}");
+        sent.insert(text.clone(), micros_now());
+        let body = event("COK", &text);
+        confirms.push(
+            ch.basic_publish(
+                exchange.as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?,
+        );
+        for c in confirms {
+            c.await?;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.lock().unwrap().len() < sent.len() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let attempts_hanging = stack
+        .metric("swallow-deliverer", "swallow_delivery_attempts_total")
+        .await as u64
+        - seen.lock().unwrap().len() as u64;
+    let latencies = post_latencies(&sent, &seen);
+    let _ = conn.close(200, "".into()).await;
+    stack.stop(url).await;
+    Ok((percentiles(latencies), attempts_hanging))
+}
+
+/// The step: alone, then beside `hanging` hanging handlers.
+pub async fn measure(url: &str, hanging: usize, seconds: u64) -> anyhow::Result<serde_json::Value> {
+    let (alone, _) = run(url, 0, seconds, "healthy-alone").await?;
+    println!("    healthy alone: p50 {} ms, p99 {} ms", alone["p50"], alone["p99"]);
+    let (beside, attempts) = run(url, hanging, seconds, "healthy-beside").await?;
+    println!(
+        "    healthy beside {hanging} hanging handlers: p50 {} ms, p99 {} ms ({attempts} attempts reached the hanging handlers)",
+        beside["p50"], beside["p99"]
+    );
+    let ratio = beside["p99"].as_f64().unwrap_or(f64::NAN) / alone["p99"].as_f64().unwrap_or(f64::NAN);
+    println!("    p99 beside ÷ alone: {ratio:.2} (target ≤ 2)");
+    Ok(serde_json::json!({
+        "hanging": hanging, "seconds": seconds, "events_per_second_each": EVENTS_PER_SECOND,
+        "healthy_alone_ms": alone, "healthy_beside_ms": beside, "p99_ratio": ratio,
+        "attempts_to_hanging": attempts,
+    }))
+}
