@@ -22,6 +22,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::OnceCell;
 
 pub mod chat;
+pub mod cluster;
 pub mod googlebot;
 pub mod handler;
 
