@@ -174,3 +174,115 @@ async fn a_publish_whose_confirm_never_comes_fails_after_two_heartbeats() {
     );
     let _ = tokio::time::timeout(Duration::from_secs(2), connection.close(200, "".into())).await;
 }
+
+/// A CA, and a certificate it signed for `names`, as PEM files in `dir`
+/// (`<stem>.pem`, `<stem>.key`); returns the CA's issuer to sign more.
+struct TestCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    fn new(name: &str) -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().unwrap();
+        TestCa {
+            issuer: rcgen::CertifiedIssuer::self_signed(params, key).unwrap(),
+        }
+    }
+
+    fn write(&self, dir: &std::path::Path, stem: &str) -> std::path::PathBuf {
+        let path = dir.join(format!("{stem}.pem"));
+        std::fs::write(&path, self.issuer.pem()).unwrap();
+        path
+    }
+
+    /// Signs a certificate for `names`; writes `<stem>.pem` and `<stem>.key`.
+    fn sign(&self, dir: &std::path::Path, stem: &str, names: &[&str]) -> (std::path::PathBuf, std::path::PathBuf) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, stem);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let (pem, key_path) = (dir.join(format!("{stem}.pem")), dir.join(format!("{stem}.key")));
+        std::fs::write(&pem, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (pem, key_path)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqps_with_a_ca_and_a_client_certificate_and_a_wrong_ca_is_a_clear_error() {
+    let certs = tempdir("tls-certs");
+    let ca = TestCa::new("swallow test CA");
+    let ca_file = ca.write(&certs, "ca");
+    let (server_pem, server_key) = ca.sign(&certs, "server", &["localhost", "127.0.0.1"]);
+    let (client_pem, client_key) = ca.sign(&certs, "client", &["swallow-client"]);
+    let wrong_ca = TestCa::new("another CA").write(&certs, "wrong-ca");
+    chown_to_rabbitmq(&certs).unwrap();
+    let tls_port = free_addr().port();
+    // Mutual TLS: the node refuses a client without a certificate its CA signed.
+    let conf = format!(
+        "listeners.ssl.default = 127.0.0.1:{tls_port}\nssl_options.cacertfile = {}\nssl_options.certfile = {}\nssl_options.keyfile = {}\nssl_options.verify = verify_peer\nssl_options.fail_if_no_peer_cert = true\n",
+        ca_file.display(),
+        server_pem.display(),
+        server_key.display()
+    );
+    let node = Node::new(&node_stem(), 1, &conf).unwrap();
+    node.start().await.expect("starting a node with a TLS listener");
+    let url = format!("amqps://guest:guest@127.0.0.1:{tls_port}/%2f");
+    let broker_toml = |ca: &std::path::Path| {
+        format!(
+            "[broker]\nurl = \"{url}\"\nprefix = \"t-tls\"\nheartbeat_s = 2\nca_file = \"{}\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"\n",
+            ca.display(),
+            client_pem.display(),
+            client_key.display()
+        )
+    };
+    let parse = |text: &str| swallow_shared::config::Config::parse(text, None).unwrap();
+
+    // The library's connect, then a stage over TLS.
+    let good = parse(&broker_toml(&ca_file));
+    let connection = swallow_shared::broker::connect(&good.broker, "swallow-test tls")
+        .await
+        .expect("connecting over TLS with the CA and the client certificate");
+    let channel = connection.create_channel().await.unwrap();
+    drop(channel);
+    let dir = tempdir("tls");
+    let path = write_config(
+        &dir,
+        &config_with_broker(&broker_toml(&ca_file), "http://127.0.0.1:9/unused"),
+    );
+    let matcher = LoggedStage::spawn("swallow-matcher", &path, &dir).unwrap();
+    matcher.ready(Duration::from_secs(30)).await;
+    let listed = node
+        .ctl(&["list_connections", "ssl", "client_properties"])
+        .await
+        .unwrap();
+    let line = listed
+        .lines()
+        .find(|l| l.contains("swallow-matcher t-tls"))
+        .unwrap_or_default();
+    assert!(line.starts_with("true"), "the matcher's connection is TLS: {listed}");
+
+    // A wrong CA: a clear error, at once, not a hang.
+    let wrong = parse(&broker_toml(&wrong_ca));
+    let started = Instant::now();
+    let error = swallow_shared::broker::connect(&wrong.broker, "swallow-test wrong ca")
+        .await
+        .expect_err("a broker certificate from another CA is refused")
+        .to_string();
+    println!("tls: wrong CA refused after {:?}: {error}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(5), "refused at once");
+    assert!(
+        error.contains("certificate") || error.contains("UnknownIssuer"),
+        "{error}"
+    );
+    assert!(!error.contains("guest:guest"), "{error}");
+    let _ = connection.close(200, "".into()).await;
+    drop(matcher);
+    drop(node);
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(certs);
+}
