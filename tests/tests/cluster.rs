@@ -286,3 +286,251 @@ async fn amqps_with_a_ca_and_a_client_certificate_and_a_wrong_ca_is_a_clear_erro
     let _ = std::fs::remove_dir_all(dir);
     let _ = std::fs::remove_dir_all(certs);
 }
+
+/// What one fault cost, measured under load.
+struct FaultReport {
+    name: &'static str,
+    events: usize,
+    lost_posts: usize,
+    lost_replies: usize,
+    duplicate_posts: usize,
+    duplicate_replies: usize,
+    first_post_after: Duration,
+    longest_pause: Duration,
+}
+
+impl std::fmt::Display for FaultReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:<44} events {:>5}  lost POSTs {}  lost replies {}  duplicate POSTs {:>3}  duplicate replies {:>3}  first POST after the fault {:>6.2} s  longest pause in POSTs {:>6.2} s",
+            self.name,
+            self.events,
+            self.lost_posts,
+            self.lost_replies,
+            self.duplicate_posts,
+            self.duplicate_replies,
+            self.first_post_after.as_secs_f64(),
+            self.longest_pause.as_secs_f64()
+        )
+    }
+}
+
+fn distinct_posts(handler: &HandlerServer) -> std::collections::BTreeSet<String> {
+    handler
+        .requests()
+        .iter()
+        .filter_map(|r| r.header("webhook-id").map(str::to_owned))
+        .collect()
+}
+
+/// Runs `fault` (which returns when it struck) while events flow at 20/s
+/// from 3 s before it to 3 s after it has finished; then waits until every
+/// event published is POSTed and its reply posted, and every stage is
+/// ready again, the same processes.
+async fn under_load(
+    name: &'static str,
+    chat: &ChatSide,
+    handler: &HandlerServer,
+    stages: &mut [LoggedStage],
+    fault: impl std::future::Future<Output = Instant>,
+) -> FaultReport {
+    let posts_before = handler.count();
+    let distinct_posts_before = distinct_posts(handler).len();
+    let replies_before = chat.replies();
+    let distinct_replies_before = replies_before.iter().collect::<std::collections::BTreeSet<_>>().len();
+    let events_before = chat.published.load(std::sync::atomic::Ordering::SeqCst);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let struck = async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let at = fault.await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        stop.cancel();
+        at
+    };
+    let ((), fault_at) = tokio::join!(chat.publish_until(20, stop.clone()), struck);
+    let n = chat.published.load(std::sync::atomic::Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let distinct_replies = || {
+        chat.replies()
+            .into_iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+    };
+    while (distinct_posts(handler).len() < n || distinct_replies() < n) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for stage in stages.iter_mut() {
+        assert!(
+            stage.child.try_wait().unwrap().is_none(),
+            "{name}: {} exited:\n{}",
+            stage.name,
+            stage.log_text()
+        );
+        stage.ready(Duration::from_secs(60)).await;
+    }
+    let mut after: Vec<Instant> = handler
+        .requests()
+        .iter()
+        .map(|r| r.at)
+        .filter(|at| *at > fault_at)
+        .collect();
+    after.sort();
+    let first_post_after = after.first().map_or(Duration::MAX, |at| *at - fault_at);
+    let longest_pause = std::iter::once(fault_at)
+        .chain(after.iter().copied())
+        .collect::<Vec<_>>()
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default();
+    let posts = distinct_posts(handler).len();
+    let replies = chat.replies();
+    let distinct_replies = replies.iter().collect::<std::collections::BTreeSet<_>>().len();
+    let report = FaultReport {
+        name,
+        events: n - events_before,
+        lost_posts: n.saturating_sub(posts),
+        lost_replies: n.saturating_sub(distinct_replies),
+        duplicate_posts: (handler.count() - posts_before) - (posts - distinct_posts_before),
+        duplicate_replies: (replies.len() - replies_before.len()) - (distinct_replies - distinct_replies_before),
+        first_post_after,
+        longest_pause,
+    };
+    println!("{report}");
+    report
+}
+
+/// Whether `name` is one of the delivery shards' queues (`<prefix>.deliveries.<k>`).
+fn is_delivery_shard(prefix: &str, name: &str) -> bool {
+    name.strip_prefix(&format!("{prefix}.deliveries."))
+        .is_some_and(|k| k.parse::<u32>().is_ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_cluster_loses_nothing_when_nodes_fail_under_load() {
+    let began = Instant::now();
+    let cluster = Cluster::start()
+        .await
+        .expect("starting and joining three private RabbitMQ nodes");
+    println!(
+        "cluster: three nodes up and joined in {:.1} s",
+        began.elapsed().as_secs_f64()
+    );
+    let prefix = format!("t-cluster-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let handler = HandlerServer::start(|_, _| Answer::text("ok")).await;
+    let node_urls: Vec<String> = cluster.nodes.iter().map(Node::url).collect();
+    let chat = ChatSide::start(&node_urls, &prefix).await.unwrap();
+    let dir = tempdir("cluster");
+    let broker = format!(
+        "[broker]\nurl = \"{}\"\nprefix = \"{prefix}\"\nheartbeat_s = 2\nprefetch = 64\n",
+        cluster.urls()
+    );
+    let path = write_config(&dir, &config_with_broker(&broker, &handler.url("/hook")));
+    let mut stages = Vec::new();
+    for bin in ["swallow-matcher", "swallow-deliverer", "swallow-responder"] {
+        stages.push(LoggedStage::spawn(bin, &path, &dir).unwrap());
+    }
+    for stage in &stages {
+        stage.ready(Duration::from_secs(60)).await;
+    }
+    // Quorum queues have a member on every node.
+    let members = cluster.ctl(0, &["list_queues", "name", "members"]).await.unwrap();
+    let shard = members
+        .lines()
+        .find(|l| {
+            l.split_whitespace()
+                .next()
+                .is_some_and(|q| is_delivery_shard(&prefix, q))
+        })
+        .expect("a delivery shard's queue");
+    for node in &cluster.nodes {
+        assert!(
+            shard.contains(&node.name),
+            "{} has a member on {}: {shard}",
+            shard,
+            node.name
+        );
+    }
+
+    let mut reports = Vec::new();
+    let stage_node = async |via: usize| {
+        let counts = cluster.connections_per_node(via, &prefix).await.unwrap();
+        println!("cluster: stage connections per node {counts:?}");
+        busiest(&counts)
+    };
+
+    // 1. SIGKILL of the node the stages are connected to (most of them), then start it again.
+    let victim = stage_node(0).await;
+    let fault = async { cluster.kill_for(victim, Duration::from_secs(5)).await.unwrap() };
+    let name = "SIGKILL the stages' node, start it again";
+    reports.push(under_load(name, &chat, &handler, &mut stages, fault).await);
+
+    // 2. SIGSTOP of the stages' node for 30 s, then SIGCONT.
+    let victim = stage_node((victim + 1) % 3).await;
+    let fault = async {
+        cluster.nodes[victim].signal("STOP").unwrap();
+        let at = Instant::now();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        cluster.nodes[victim].signal("CONT").unwrap();
+        at
+    };
+    let name = "SIGSTOP the stages' node 30 s, SIGCONT";
+    reports.push(under_load(name, &chat, &handler, &mut stages, fault).await);
+
+    // 3. A rolling restart: each node stopped and started, back (and no
+    //    quorum queue critical) before the next.
+    let fault = async {
+        let mut at = None;
+        for i in 0..cluster.nodes.len() {
+            let via = (i + 1) % 3;
+            cluster
+                .until_not_quorum_critical(i, Duration::from_secs(90))
+                .await
+                .unwrap();
+            at.get_or_insert_with(Instant::now);
+            cluster.nodes[i].stop().await.unwrap();
+            cluster.nodes[i].start().await.expect("a restarted node starts again");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while cluster.running_nodes(via).await.unwrap_or(0) < 3 {
+                assert!(Instant::now() < deadline, "node {} did not rejoin within 60 s", i + 1);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        at.expect("three nodes restarted")
+    };
+    let name = "rolling restart of the three nodes";
+    reports.push(under_load(name, &chat, &handler, &mut stages, fault).await);
+
+    // 4. SIGKILL of the node leading most delivery shards' queues.
+    cluster
+        .until_not_quorum_critical(0, Duration::from_secs(90))
+        .await
+        .unwrap();
+    let leaders = cluster
+        .leaders_per_node(0, |q| is_delivery_shard(&prefix, q))
+        .await
+        .unwrap();
+    println!("cluster: delivery shard leaders per node {leaders:?}");
+    let fault = async {
+        cluster
+            .kill_for(busiest(&leaders), Duration::from_secs(5))
+            .await
+            .unwrap()
+    };
+    let name = "SIGKILL the delivery queues' leader node";
+    reports.push(under_load(name, &chat, &handler, &mut stages, fault).await);
+
+    println!("cluster: all four faults in {:.0} s:", began.elapsed().as_secs_f64());
+    for report in &reports {
+        println!("  {report}");
+    }
+    for report in &reports {
+        assert_eq!(report.lost_posts, 0, "{report}");
+        assert_eq!(report.lost_replies, 0, "{report}");
+    }
+    drop(stages);
+    drop(chat);
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(dir);
+}
