@@ -401,6 +401,13 @@ async fn under_load(
     report
 }
 
+/// The last "connected to the broker" line of a stage's log.
+fn last_connected(log: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let line = text.lines().rev().find(|l| l.contains("connected to the broker"));
+    line.unwrap_or_default().to_owned()
+}
+
 /// Whether `name` is one of the delivery shards' queues (`<prefix>.deliveries.<k>`).
 fn is_delivery_shard(prefix: &str, name: &str) -> bool {
     name.strip_prefix(&format!("{prefix}.deliveries."))
@@ -468,10 +475,50 @@ async fn a_three_node_cluster_loses_nothing_when_nodes_fail_under_load() {
 
     // 2. SIGSTOP of the stages' node for 30 s, then SIGCONT.
     let victim = stage_node((victim + 1) % 3).await;
+    // The queues on the way of an event that the frozen node leads stall
+    // until it wakes (or is declared down).
+    let topology = Topology::new(&prefix);
+    let path = [
+        topology.events_queue(),
+        topology.delivery_queue_for("cluster"),
+        topology.replies_queue(),
+        format!("{prefix}.test-outbound"),
+    ];
+    let mut led = Vec::new();
+    for queue in &path {
+        let leads = cluster
+            .leaders_per_node((victim + 1) % 3, |q| q == queue)
+            .await
+            .unwrap();
+        if leads[victim] > 0 {
+            led.push(queue.clone());
+        }
+    }
+    println!(
+        "cluster: freezing node {}, which leads {led:?} of the event's path",
+        victim + 1
+    );
+    let logs: Vec<std::path::PathBuf> = stages.iter().map(|s| s.log.clone()).collect();
+    let victim_port = format!(":{}/", cluster.nodes[victim].port);
     let fault = async {
         cluster.nodes[victim].signal("STOP").unwrap();
         let at = Instant::now();
-        tokio::time::sleep(Duration::from_secs(30)).await;
+        // Each stage that was on the frozen node leaves it for another.
+        let on_victim = || {
+            logs.iter()
+                .filter(|log| last_connected(log).contains(&victim_port))
+                .count()
+        };
+        while on_victim() > 0 && at.elapsed() < Duration::from_secs(20) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let left = at.elapsed();
+        println!(
+            "cluster: every stage left the frozen node within {:.1} s",
+            left.as_secs_f64()
+        );
+        assert_eq!(on_victim(), 0, "a stage still on the frozen node after 20 s");
+        tokio::time::sleep(Duration::from_secs(30).saturating_sub(left)).await;
         cluster.nodes[victim].signal("CONT").unwrap();
         at
     };
