@@ -53,8 +53,13 @@ pub(crate) async fn session(connection: Arc<Connection>, ctx: Arc<Context>) -> R
                 {
                     break Err(e.into());
                 }
-                if let Err(e) = rebalance(&connection, &ctx, &publisher, &mut seen, &mut held).await {
-                    break Err(e);
+                // Bounded: a broker that stops answering (and still sends
+                // heartbeats) would hold the session here for good.
+                let bound = broker::silence_bound(connection.configuration().heartbeat());
+                match tokio::time::timeout(bound, rebalance(&connection, &ctx, &publisher, &mut seen, &mut held)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => break Err(e),
+                    Err(_) => break Err(SessionError::Other(format!("the broker did not answer within {bound:?} (taking shards)"))),
                 }
             }
         }

@@ -31,7 +31,7 @@ pub async fn replay(
     limit: Option<usize>,
 ) -> Result<Replayed, SessionError> {
     let topology = Topology::of(&config.broker);
-    let connection = broker::connect(&config.broker.url, "swallow-deliverer replay").await?;
+    let connection = broker::connect(&config.broker, "swallow-deliverer replay").await?;
     let channel = connection.create_channel().await?;
     topology.declare(&channel).await?;
     let dead = topology.deliveries_dead_queue();

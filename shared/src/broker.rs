@@ -6,8 +6,19 @@
 //! returns an error, the supervisor drops the connection (the broker then
 //! requeues every unacknowledged delivery, so nothing in flight is lost),
 //! waits, reconnects, re-declares the topology and starts a new session.
+//!
+//! A RabbitMQ cluster is several addresses (`[broker] url` holds them
+//! comma-separated). A stage starts at a random one, so that replicas spread
+//! over the nodes, and moves to the next on every failed connect or lost
+//! connection; it waits only once every address has failed in a row. A node
+//! that stops answering without closing its sockets (frozen, partitioned) is
+//! noticed by AMQP heartbeats, a connect that never completes by a bound, and
+//! a publish whose confirm never comes by a bound: each is a failure, never a
+//! hang, so unacknowledged work goes back to the queue.
 
+use std::fmt;
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -17,11 +28,14 @@ use lapin::Confirmation;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
 };
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::config::BrokerConfig;
 use crate::metrics::CommonMetrics;
 
 /// Whether the stage is connected and consuming, for `/readyz`.
@@ -37,11 +51,175 @@ impl Health {
     }
 }
 
-/// Opens a connection whose `connection_name` (shown by `rabbitmqctl
+/// The broker's addresses, in the order configured: one or more `amqp://`
+/// or `amqps://` URLs. Shown (`Display`, `Debug`) without their passwords.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BrokerUrls(Vec<String>);
+
+impl BrokerUrls {
+    /// Parses `url[,url...]` (a comma inside a password is written `%2C`).
+    pub fn parse(text: &str) -> Result<BrokerUrls, String> {
+        let urls: Vec<String> = text
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if urls.is_empty() {
+            return Err("no broker URL".into());
+        }
+        for (i, url) in urls.iter().enumerate() {
+            amqp_uri(url).map_err(|e| format!("URL {} ({}): {e}", i + 1, redact(url)))?;
+        }
+        Ok(BrokerUrls(urls))
+    }
+
+    pub fn list(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl fmt::Display for BrokerUrls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown: Vec<String> = self.0.iter().map(|u| redact(u)).collect();
+        f.write_str(&shown.join(","))
+    }
+}
+
+impl fmt::Debug for BrokerUrls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BrokerUrls({self})")
+    }
+}
+
+/// Parses one URL. The host is taken as written: `AMQPUri` alone turns an
+/// IP address into `localhost`, which a TLS certificate for the IP fails.
+fn amqp_uri(url: &str) -> Result<AMQPUri, String> {
+    let mut uri: AMQPUri = url.parse()?;
+    if let Some(host) = url::Url::parse(url).ok().as_ref().and_then(url::Url::host_str) {
+        uri.authority.host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+    }
+    Ok(uri)
+}
+
+/// A connection that could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connecting to {url}: {source}")]
+    Broker { url: String, source: lapin::Error },
+    #[error("connecting to {url}: no answer within {after:?}")]
+    Timeout { url: String, after: Duration },
+    #[error("connecting to {url}: {message}")]
+    Url { url: String, message: String },
+    #[error("connecting to {url}: reading {what} {path}: {source}")]
+    TlsFile {
+        url: String,
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// How long the broker may stay silent where an answer is due before it
+/// counts as failed: a connect (a frozen node accepts TCP and never
+/// answers), a publish's confirm (a node that died after taking it). The
+/// same as a missed heartbeat: two heartbeats, at least 5 s; 30 s without.
+pub fn silence_bound(heartbeat_s: u16) -> Duration {
+    match heartbeat_s {
+        0 => Duration::from_secs(30),
+        h => Duration::from_secs(2 * u64::from(h)).max(Duration::from_secs(5)),
+    }
+}
+
+/// Opens a connection to one address, with the configured heartbeat (unless
+/// the URL sets its own `?heartbeat=`) and, for `amqps://`, the configured
+/// CA and client certificate. Its `connection_name` (shown by `rabbitmqctl
 /// list_connections name client_properties`) identifies the stage.
-pub async fn connect(url: &str, connection_name: &str) -> Result<Connection, lapin::Error> {
+pub async fn connect_to(url: &str, broker: &BrokerConfig, connection_name: &str) -> Result<Connection, ConnectError> {
+    let shown = redact(url);
+    let mut uri = amqp_uri(url).map_err(|message| ConnectError::Url {
+        url: shown.clone(),
+        message,
+    })?;
+    uri.query.heartbeat.get_or_insert(broker.heartbeat_s);
+    let tls = match uri.scheme {
+        AMQPScheme::AMQPS => tls_config(broker).map_err(|(what, path, source)| ConnectError::TlsFile {
+            url: shown.clone(),
+            what,
+            path,
+            source,
+        })?,
+        AMQPScheme::AMQP => OwnedTLSConfig::default(),
+    };
     let props = ConnectionProperties::default().with_connection_name(LongString::from(connection_name));
-    Connection::connect(url, props).await
+    let after = silence_bound(broker.heartbeat_s);
+    let runtime = lapin::runtime::default_runtime().map_err(|source| ConnectError::Broker {
+        url: shown.clone(),
+        source,
+    })?;
+    match tokio::time::timeout(after, Connection::connect_uri_with_config(uri, props, tls, runtime)).await {
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(source)) => Err(ConnectError::Broker { url: shown, source }),
+        Err(_) => Err(ConnectError::Timeout { url: shown, after }),
+    }
+}
+
+/// The TLS settings for `amqps://`: the CA that signed the broker's
+/// certificate (else the system's roots) and, for mutual TLS, the client's
+/// certificate and key (PEM). Read at every connect, so renewed files apply.
+fn tls_config(broker: &BrokerConfig) -> Result<OwnedTLSConfig, (&'static str, PathBuf, std::io::Error)> {
+    let read = |what: &'static str, path: &Path| std::fs::read(path).map_err(|e| (what, path.to_owned(), e));
+    let cert_chain = match &broker.ca_file {
+        Some(path) => Some(String::from_utf8_lossy(&read("the CA file", path)?).into_owned()),
+        None => None,
+    };
+    let identity = match (&broker.client_cert_file, &broker.client_key_file) {
+        (Some(cert), Some(key)) => Some(OwnedIdentity::PKCS8 {
+            pem: read("the client certificate", cert)?,
+            key: read("the client key", key)?,
+        }),
+        _ => None,
+    };
+    Ok(OwnedTLSConfig { identity, cert_chain })
+}
+
+/// Connects to the first address that answers, trying each once, starting
+/// at a random one; for tools that connect once (replay, the chat tool).
+pub async fn connect(broker: &BrokerConfig, connection_name: &str) -> Result<Connection, ConnectError> {
+    let mut addresses = Addresses::new(&broker.urls);
+    let mut last = None;
+    for _ in 0..broker.urls.list().len() {
+        match connect_to(addresses.next_url(), broker, connection_name).await {
+            Ok(connection) => return Ok(connection),
+            Err(error) => {
+                warn!(%error, "cannot connect to the broker");
+                last = Some(error);
+            }
+        }
+    }
+    Err(last.expect("BrokerUrls holds at least one URL"))
+}
+
+/// Takes a broker's addresses in turn, from a random one.
+struct Addresses<'a> {
+    urls: &'a [String],
+    next: usize,
+}
+
+impl<'a> Addresses<'a> {
+    fn new(urls: &'a BrokerUrls) -> Self {
+        let urls = urls.list();
+        Addresses {
+            urls,
+            next: rand::random_range(0..urls.len()),
+        }
+    }
+
+    fn next_url(&mut self) -> &'a str {
+        let url = &self.urls[self.next % self.urls.len()];
+        self.next = (self.next + 1) % self.urls.len();
+        url
+    }
 }
 
 /// A publish the broker did not take.
@@ -53,6 +231,8 @@ pub enum PublishError {
     Nacked { target: String },
     #[error("publishing to {target}: unroutable ({reply})")]
     Unroutable { target: String, reply: String },
+    #[error("publishing to {target}: no confirm within {after:?}")]
+    Unconfirmed { target: String, after: Duration },
 }
 
 /// Subscribes `channel` to `exchange`: a server-named queue of its own
@@ -134,22 +314,32 @@ pub fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
 
 /// A channel in confirm mode. Every publish is mandatory: an unroutable
 /// message is an error, never a silent drop.
+/// A confirm that does not come within [`silence_bound`] of the
+/// connection's heartbeat is a failure: the input is not acknowledged.
 #[derive(Clone)]
 pub struct ConfirmedPublisher {
     channel: Channel,
+    bound: Duration,
 }
 
 /// A publish sent and waiting for the broker's confirm.
 pub struct PendingConfirm {
     target: String,
     confirm: lapin::PublisherConfirm,
+    bound: Duration,
 }
 
 impl PendingConfirm {
     /// Waits until the broker has taken responsibility for the message.
     pub async fn confirmed(self) -> Result<(), PublishError> {
         let target = self.target;
-        match self.confirm.await {
+        let Ok(confirmation) = tokio::time::timeout(self.bound, self.confirm).await else {
+            return Err(PublishError::Unconfirmed {
+                target,
+                after: self.bound,
+            });
+        };
+        match confirmation {
             Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => Ok(()),
             Ok(Confirmation::Ack(Some(returned))) | Ok(Confirmation::Nack(Some(returned))) => {
                 Err(PublishError::Unroutable {
@@ -167,7 +357,8 @@ impl ConfirmedPublisher {
     pub async fn open(connection: &Connection) -> Result<Self, lapin::Error> {
         let channel = connection.create_channel().await?;
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        Ok(ConfirmedPublisher { channel })
+        let bound = silence_bound(connection.configuration().heartbeat());
+        Ok(ConfirmedPublisher { channel, bound })
     }
 
     /// Sends a message; the returned value resolves when it is confirmed.
@@ -193,7 +384,11 @@ impl ConfirmedPublisher {
             .basic_publish(exchange.into(), routing_key.into(), options, body, properties)
             .await
         {
-            Ok(confirm) => Ok(PendingConfirm { target, confirm }),
+            Ok(confirm) => Ok(PendingConfirm {
+                target,
+                confirm,
+                bound: self.bound,
+            }),
             Err(source) => Err(PublishError::Broker { target, source }),
         }
     }
@@ -223,6 +418,8 @@ pub enum SessionError {
     #[error("broker: {0}")]
     Broker(#[from] lapin::Error),
     #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
     Publish(#[from] PublishError),
     #[error("the broker cancelled the consumer of {0}")]
     ConsumerEnded(String),
@@ -235,7 +432,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the supervisor needs to know about the stage it runs.
 pub struct Supervisor {
-    pub url: String,
+    pub broker: BrokerConfig,
     pub connection_name: String,
     pub shutdown: CancellationToken,
     pub health: Health,
@@ -257,6 +454,11 @@ impl Supervisor {
             .with_jitter()
             .without_max_times();
         let mut backoff = schedule.build();
+        let mut addresses = Addresses::new(&self.broker.urls);
+        let count = self.broker.urls.list().len();
+        // Failed connects and sessions since the last wait: another address
+        // is tried at once, the backoff waits only once all have failed.
+        let mut failed = 0;
         let mut first = true;
         loop {
             if self.shutdown.is_cancelled() {
@@ -266,14 +468,15 @@ impl Supervisor {
                 self.metrics.broker_reconnects.inc();
             }
             first = false;
+            let url = addresses.next_url();
             let connected = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                c = connect(&self.url, &self.connection_name) => c,
+                c = connect_to(url, &self.broker, &self.connection_name) => c,
             };
             match connected {
                 Ok(connection) => {
                     let connection = Arc::new(connection);
-                    info!(connection = %self.connection_name, "connected to the broker");
+                    info!(connection = %self.connection_name, broker = %redact(url), "connected to the broker");
                     self.metrics.broker_connected.set(1);
                     let started = Instant::now();
                     let result = session(connection.clone()).await;
@@ -289,15 +492,21 @@ impl Supervisor {
                             return;
                         }
                         Err(error) => {
-                            warn!(%error, "broker session ended; reconnecting");
+                            warn!(%error, broker = %redact(url), "broker session ended; reconnecting");
                             if started.elapsed() > Duration::from_secs(10) {
                                 backoff = schedule.build();
+                                failed = 0;
                             }
                         }
                     }
                 }
-                Err(error) => warn!(%error, url = %redact(&self.url), "cannot connect to the broker"),
+                Err(error) => warn!(%error, "cannot connect to the broker"),
             }
+            failed += 1;
+            if failed < count {
+                continue;
+            }
+            failed = 0;
             let wait = backoff.next().unwrap_or(Duration::from_secs(10));
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -307,13 +516,87 @@ impl Supervisor {
     }
 }
 
-/// The URL without its password, for logs.
-pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
+/// A broker URL, or several comma-separated, without their passwords, for
+/// logs. Text that is not a URL is hidden from its `://` to its last `@`.
+pub fn redact(urls: &str) -> String {
+    let shown: Vec<String> = urls.split(',').map(redact_one).collect();
+    shown.join(",")
+}
+
+fn redact_one(url: &str) -> String {
+    match url::Url::parse(url.trim()) {
         Ok(mut u) if u.password().is_some() => {
             let _ = u.set_password(Some("***"));
             u.to_string()
         }
-        _ => url.to_owned(),
+        Ok(_) => url.to_owned(),
+        Err(_) => match (url.find("://"), url.rfind('@')) {
+            (Some(start), Some(at)) if at > start => format!("{}***{}", &url[..start + 3], &url[at..]),
+            _ => url.to_owned(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_password_of_a_list_is_redacted() {
+        let shown = redact("amqp://a:secret1@h1:5672/%2f,amqps://b:secret2@h2:5671/%2f");
+        assert_eq!(shown, "amqp://a:***@h1:5672/%2f,amqps://b:***@h2:5671/%2f");
+        let urls = BrokerUrls::parse("amqp://a:secret1@h1/%2f, amqp://b:secret2@h2/%2f").unwrap();
+        for text in [urls.to_string(), format!("{urls:?}")] {
+            assert!(!text.contains("secret"), "{text}");
+            assert!(text.contains("h1") && text.contains("h2"), "{text}");
+        }
+    }
+
+    #[test]
+    fn text_that_is_not_a_url_keeps_no_password() {
+        assert_eq!(redact("amqp://u:p@ss@[bad"), "amqp://***@[bad");
+        assert_eq!(redact("amqp://localhost"), "amqp://localhost");
+    }
+
+    #[test]
+    fn a_list_is_parsed_in_order_and_checked() {
+        let urls = BrokerUrls::parse("amqp://u:p@127.0.0.1:5673/%2f,amqps://u:p@node2:5671/%2f,").unwrap();
+        assert_eq!(urls.list().len(), 2);
+        assert!(urls.list()[1].starts_with("amqps://"));
+        let error = BrokerUrls::parse("amqp://u:p@h1/%2f,http://u:secret@h2/").unwrap_err();
+        assert!(error.contains("URL 2") && !error.contains("secret"), "{error}");
+        assert!(BrokerUrls::parse(" , ").is_err());
+    }
+
+    #[test]
+    fn an_ip_address_stays_the_host() {
+        assert_eq!(
+            amqp_uri("amqps://u:p@127.0.0.1:5671/%2f").unwrap().authority.host,
+            "127.0.0.1"
+        );
+        assert_eq!(amqp_uri("amqp://u:p@[::1]:5672/%2f").unwrap().authority.host, "::1");
+        assert_eq!(amqp_uri("amqp://u:p@node1:5672/%2f").unwrap().authority.host, "node1");
+    }
+
+    #[test]
+    fn addresses_are_taken_in_turn_from_a_random_one() {
+        let urls = BrokerUrls::parse("amqp://h1,amqp://h2,amqp://h3").unwrap();
+        let mut starts = std::collections::BTreeSet::new();
+        for _ in 0..100 {
+            let mut a = Addresses::new(&urls);
+            let round: Vec<&str> = (0..4).map(|_| a.next_url()).collect();
+            assert_eq!(round[0], round[3], "after all three, the first again");
+            let distinct: std::collections::BTreeSet<_> = round[..3].iter().collect();
+            assert_eq!(distinct.len(), 3, "each once per round: {round:?}");
+            starts.insert(round[0]);
+        }
+        assert_eq!(starts.len(), 3, "every address is sometimes first");
+    }
+
+    #[test]
+    fn silence_is_bounded_by_two_heartbeats() {
+        assert_eq!(silence_bound(10), Duration::from_secs(20));
+        assert_eq!(silence_bound(1), Duration::from_secs(5));
+        assert_eq!(silence_bound(0), Duration::from_secs(30));
     }
 }

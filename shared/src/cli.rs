@@ -39,7 +39,7 @@ impl ConfigArgs {
             version = env!("CARGO_PKG_VERSION"),
             config = %self.config.display(),
             integrations = config.integrations.list.len(),
-            broker = %crate::broker::redact(&config.broker.url),
+            broker = %config.broker.urls,
             prefix = %config.broker.prefix,
             "starting"
         );

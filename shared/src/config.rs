@@ -93,6 +93,10 @@ struct RawBroker {
     prefix: Option<String>,
     prefetch: Option<u16>,
     shards: Option<u32>,
+    heartbeat_s: Option<u16>,
+    ca_file: Option<PathBuf>,
+    client_cert_file: Option<PathBuf>,
+    client_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -179,7 +183,15 @@ pub struct Config {
 
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
-    pub url: String,
+    /// One address, or a cluster's several: tried in turn from a random one.
+    pub urls: crate::broker::BrokerUrls,
+    /// AMQP heartbeat: a node silent for two of them is given up (0: the broker's).
+    pub heartbeat_s: u16,
+    /// For `amqps://`: the CA of the broker's certificate (else the system's roots).
+    pub ca_file: Option<PathBuf>,
+    /// For mutual TLS: the client's certificate and key (PEM), both or neither.
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
     pub prefix: String,
     /// Unacknowledged deliveries a consumer may hold (basic.qos).
     pub prefetch: u16,
@@ -346,8 +358,30 @@ impl Config {
 
         let prefix = raw.broker.prefix.unwrap_or_else(|| DEFAULT_PREFIX.into());
         check_prefix(&prefix).map_err(|m| field_err("broker.prefix", m))?;
+        let url = raw.broker.url.unwrap_or_else(|| DEFAULT_AMQP_URL.into());
+        let urls = crate::broker::BrokerUrls::parse(&url).map_err(|m| field_err("broker.url", m))?;
+        let tls_files = [
+            ("broker.ca_file", &raw.broker.ca_file),
+            ("broker.client_cert_file", &raw.broker.client_cert_file),
+            ("broker.client_key_file", &raw.broker.client_key_file),
+        ];
+        for (field, file) in tls_files {
+            if let Some(path) = file {
+                std::fs::metadata(path).map_err(|e| field_err(field, format!("{}: {e}", path.display())))?;
+            }
+        }
+        if raw.broker.client_cert_file.is_some() != raw.broker.client_key_file.is_some() {
+            return Err(field_err(
+                "broker.client_key_file",
+                "client_cert_file and client_key_file go together".into(),
+            ));
+        }
         let broker = BrokerConfig {
-            url: raw.broker.url.unwrap_or_else(|| DEFAULT_AMQP_URL.into()),
+            urls,
+            heartbeat_s: raw.broker.heartbeat_s.unwrap_or(10),
+            ca_file: raw.broker.ca_file,
+            client_cert_file: raw.broker.client_cert_file,
+            client_key_file: raw.broker.client_key_file,
             prefix,
             prefetch: raw.broker.prefetch.unwrap_or(256).max(1),
             shards: raw.broker.shards.unwrap_or(crate::topology::DEFAULT_SHARDS),
@@ -454,7 +488,10 @@ impl Config {
     /// Applies `AMQP_URL`, `SWALLOW_PREFIX` and `SWALLOW_HTTP_ADDR` (for `stage`).
     pub fn apply_env(&mut self, stage: Stage) -> Result<(), ConfigError> {
         if let Some(url) = env_nonempty("AMQP_URL") {
-            self.broker.url = url;
+            self.broker.urls = crate::broker::BrokerUrls::parse(&url).map_err(|message| ConfigError::Env {
+                name: "AMQP_URL",
+                message,
+            })?;
         }
         if let Some(prefix) = env_nonempty("SWALLOW_PREFIX") {
             check_prefix(&prefix).map_err(|message| ConfigError::Env {
@@ -849,5 +886,22 @@ rate_limit = { per_second = 2.0, burst = 3, on_limit = "drop" }
         assert!(error_of("[responder]\nsink = \"webhook\"").contains("responder.webhook_url"));
         assert!(error_of("[broker]\nprefix = \"a b\"").contains("broker.prefix"));
         assert!(error_of("[deliverer]\nallow_networks = [\"nope\"]").contains("deliverer.allow_networks[0]"));
+    }
+
+    #[test]
+    fn broker_addresses_heartbeat_and_tls_files() {
+        let c = Config::parse("", None).unwrap();
+        assert_eq!(c.broker.urls.list(), [DEFAULT_AMQP_URL]);
+        assert_eq!(c.broker.heartbeat_s, 10);
+        let two = "[broker]\nurl = \"amqp://u:p1@n1:5672/%2f,amqp://u:p2@n2:5672/%2f\"\nheartbeat_s = 2\n";
+        let c = Config::parse(two, None).unwrap();
+        assert_eq!(c.broker.urls.list().len(), 2);
+        assert_eq!(c.broker.heartbeat_s, 2);
+        let bad = error_of("[broker]\nurl = \"amqp://u:p@n1/%2f,ftp://u:secret@n2/\"");
+        assert!(bad.contains("broker.url: URL 2") && !bad.contains("secret"), "{bad}");
+        let missing = error_of("[broker]\nca_file = \"/nonexistent/ca.pem\"");
+        assert!(missing.contains("broker.ca_file: /nonexistent/ca.pem"), "{missing}");
+        let alone = error_of("[broker]\nclient_cert_file = \"/etc/hostname\"");
+        assert!(alone.contains("broker.client_key_file"), "{alone}");
     }
 }

@@ -104,7 +104,7 @@ impl StageParts {
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
         let supervisor = Supervisor {
-            url: config.broker.url.clone(),
+            broker: config.broker.clone(),
             connection_name: connection_name.clone(),
             shutdown,
             health: self.health,

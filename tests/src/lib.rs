@@ -10,6 +10,7 @@
 //! and the handler, chat and googlebot helpers.
 
 mod broker;
+pub mod cluster;
 mod collector;
 pub mod handler;
 mod own_broker;

@@ -55,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
     };
     config.apply_env(Stage::Matcher)?;
     let topology = Topology::of(&config.broker);
-    let connection = swallow_shared::broker::connect(&config.broker.url, "swallow-chat").await?;
+    let connection = swallow_shared::broker::connect(&config.broker, "swallow-chat").await?;
     match args.command {
         Command::Say {
             text,

@@ -33,14 +33,9 @@ async fn main() -> anyhow::Result<()> {
     let mut config = Config::load(&args.config)?;
     config.apply_env(Stage::Matcher)?;
     let topology = Topology::of(&config.broker);
-    let connection = swallow_shared::broker::connect(&config.broker.url, "swallow-quickstart")
+    let connection = swallow_shared::broker::connect(&config.broker, "swallow-quickstart")
         .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot reach RabbitMQ at {}: {e}",
-                swallow_shared::broker::redact(&config.broker.url)
-            )
-        })?;
+        .map_err(|e| anyhow::anyhow!("cannot reach RabbitMQ: {e}"))?;
 
     let (tx, mut posts) = tokio::sync::mpsc::unbounded_channel();
     let bound = googlebot::serve(args.handler_addr, tx).await?;
