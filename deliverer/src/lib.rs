@@ -91,7 +91,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Delive
     let client = http_client(&policy)?;
     let parts = StageParts::new(Stage::Deliverer, &config, &shutdown).await?;
     let metrics = DelivererMetrics::new(&parts.registry);
-    let topology = Topology::of(&config.broker);
+    let topology = config.broker.topology();
     let ctx = Arc::new(Context {
         replica_id: uuid::Uuid::new_v4().simple().to_string(),
         dead_queue: topology.deliveries_dead_queue(),

@@ -18,6 +18,8 @@ use base64::Engine as _;
 use serde::Deserialize;
 use url::Url;
 
+use crate::topology::{DEFAULT_SHARDS, Topology};
+
 /// The default broker URL when neither the file nor `AMQP_URL` gives one.
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// The default name prefix of every exchange and queue.
@@ -114,7 +116,7 @@ struct RawDeliverer {
 #[serde(deny_unknown_fields)]
 struct RawResponder {
     http_addr: Option<String>,
-    sink: Option<String>,
+    sink: Option<SinkKind>,
     slack_api_base: Option<String>,
     slack_token: Option<String>,
     webhook_url: Option<String>,
@@ -137,8 +139,8 @@ struct RawIntegration {
     bot_name: Option<String>,
     icon_url: Option<String>,
     icon_emoji: Option<String>,
-    content_type: Option<String>,
-    trigger_match: Option<String>,
+    content_type: Option<ContentType>,
+    trigger_match: Option<TriggerMatch>,
     case_sensitive: Option<bool>,
     rate_limit: Option<RawRateLimit>,
     timeout_ms: Option<u64>,
@@ -152,7 +154,7 @@ struct RawIntegration {
 struct RawRateLimit {
     per_second: Option<f64>,
     burst: Option<u32>,
-    on_limit: Option<String>,
+    on_limit: Option<OnLimit>,
 }
 
 // ---------------------------------------------------------------------------
@@ -181,6 +183,13 @@ pub struct BrokerConfig {
     pub prefetch: u16,
     /// Delivery shards: the unit of work one deliverer replica owns at a time.
     pub shards: u32,
+}
+
+impl BrokerConfig {
+    /// The exchanges and queues this configuration describes.
+    pub fn topology(&self) -> Topology {
+        Topology::with_shards(&self.prefix, self.shards)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -235,23 +244,44 @@ pub enum ChannelRef {
     Name(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `[responder] sink`: which kind of [`Sink`] replies go to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum SinkKind {
+    #[default]
+    Amqp,
+    Slack,
+    Webhook,
+}
+
+/// How the POST's fields are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ContentType {
+    /// `application/x-www-form-urlencoded`, as the seed.
+    #[default]
     Form,
     Json,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum TriggerMatch {
     /// The text begins with the word (Slack's rule).
+    #[default]
     Prefix,
     /// The first whitespace-separated word equals the word.
     Word,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a job over its integration's rate limit does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum OnLimit {
+    /// Wait durably for a slot, up to the job's `max_age`.
+    #[default]
     Delay,
+    /// Slack's behaviour: the job is dropped.
     Drop,
 }
 
@@ -329,8 +359,8 @@ impl Config {
         let broker = BrokerConfig {
             url: raw.broker.url.unwrap_or_else(|| DEFAULT_AMQP_URL.into()),
             prefix,
-            prefetch: raw.broker.prefetch.unwrap_or(256).max(1),
-            shards: raw.broker.shards.unwrap_or(crate::topology::DEFAULT_SHARDS),
+            prefetch: positive(raw.broker.prefetch, 256).map_err(|m| field_err("broker.prefetch", m))?,
+            shards: raw.broker.shards.unwrap_or(DEFAULT_SHARDS),
         };
         if !(1..=1024).contains(&broker.shards) {
             return Err(field_err(
@@ -354,24 +384,21 @@ impl Config {
                 })?;
             allow_networks.push(parsed);
         }
-        let concurrency = raw.deliverer.concurrency.unwrap_or(256);
-        if concurrency == 0 {
-            return Err(field_err("deliverer.concurrency", "must be at least 1".into()));
-        }
+        let concurrency =
+            positive(raw.deliverer.concurrency, 256).map_err(|m| field_err("deliverer.concurrency", m))?;
+        let per_integration_concurrency = positive(raw.deliverer.per_integration_concurrency, 64)
+            .map_err(|m| field_err("deliverer.per_integration_concurrency", m))?;
         let deliverer = DelivererConfig {
             http_addr: addr("deliverer.http_addr", raw.deliverer.http_addr, "0.0.0.0:9102")?,
             concurrency,
-            per_integration_concurrency: raw
-                .deliverer
-                .per_integration_concurrency
-                .unwrap_or(64)
-                .clamp(1, concurrency),
+            // One integration can hold no more than all the attempts there are.
+            per_integration_concurrency: per_integration_concurrency.min(concurrency),
             allow_networks,
         };
         let r = raw.responder;
-        let sink = match r.sink.as_deref().unwrap_or("amqp") {
-            "amqp" => Sink::Amqp,
-            "slack" => {
+        let sink = match r.sink.unwrap_or_default() {
+            SinkKind::Amqp => Sink::Amqp,
+            SinkKind::Slack => {
                 let base = r.slack_api_base.unwrap_or_else(|| "https://slack.com/api".into());
                 let api_base = parse_http_url(&base).map_err(|m| field_err("responder.slack_api_base", m))?;
                 let token = r
@@ -386,7 +413,7 @@ impl Config {
                 }
                 Sink::Slack { api_base, token }
             }
-            "webhook" => {
+            SinkKind::Webhook => {
                 let Some(u) = r.webhook_url else {
                     return Err(field_err(
                         "responder.webhook_url",
@@ -397,31 +424,39 @@ impl Config {
                     url: parse_http_url(&u).map_err(|m| field_err("responder.webhook_url", m))?,
                 }
             }
-            other => {
-                return Err(field_err(
-                    "responder.sink",
-                    format!("{other:?} is not one of \"amqp\", \"slack\", \"webhook\""),
-                ));
-            }
         };
         let per_channel = RateLimit {
             per_second: r.per_channel_per_second.unwrap_or(1.0),
             burst: r.per_channel_burst.unwrap_or(5),
             on_limit: OnLimit::Delay,
         };
-        check_rate(&per_channel).map_err(|m| field_err("responder.per_channel_per_second", m))?;
+        check_rate(
+            &per_channel,
+            ["responder.per_channel_per_second", "responder.per_channel_burst"],
+        )
+        .map_err(|(field, m)| field_err(field, m))?;
         let responder = ResponderConfig {
             http_addr: addr("responder.http_addr", r.http_addr, "0.0.0.0:9103")?,
             sink,
             per_channel,
-            max_attempts: r.max_attempts.unwrap_or(8).max(1),
-            max_age: Duration::from_secs(r.max_age_s.unwrap_or(600).max(1)),
-            timeout: Duration::from_millis(r.timeout_ms.unwrap_or(5000).max(1)),
+            max_attempts: positive(r.max_attempts, 8).map_err(|m| field_err("responder.max_attempts", m))?,
+            max_age: Duration::from_secs(positive(r.max_age_s, 600).map_err(|m| field_err("responder.max_age_s", m))?),
+            timeout: Duration::from_millis(
+                positive(r.timeout_ms, 5000).map_err(|m| field_err("responder.timeout_ms", m))?,
+            ),
         };
+        let reload_interval_ms = raw.reload_interval_ms.unwrap_or(2000);
+        if reload_interval_ms < MIN_RELOAD_INTERVAL_MS {
+            return Err(field_err(
+                "reload_interval_ms",
+                format!("must be at least {MIN_RELOAD_INTERVAL_MS}, not {reload_interval_ms}"),
+            ));
+        }
+        let reload_interval = Duration::from_millis(reload_interval_ms);
         let integrations = validate_integrations(raw.integrations, &shown)?;
         Ok(Config {
             path: path.map(Path::to_owned),
-            reload_interval: Duration::from_millis(raw.reload_interval_ms.unwrap_or(2000).max(50)),
+            reload_interval,
             broker,
             matcher,
             deliverer,
@@ -461,6 +496,23 @@ impl Config {
     }
 }
 
+/// The shortest `reload_interval_ms`: polling faster only burns CPU.
+const MIN_RELOAD_INTERVAL_MS: u64 = 50;
+
+/// `value` (or `default` when absent) if it is at least 1: a count or a
+/// duration of 0 would stop the stage's work, so it is refused, not raised.
+fn positive<T>(value: Option<T>, default: T) -> Result<T, String>
+where
+    T: Copy + Default + PartialEq + std::fmt::Display,
+{
+    let v = value.unwrap_or(default);
+    if v == T::default() {
+        Err("must be at least 1, not 0".into())
+    } else {
+        Ok(v)
+    }
+}
+
 fn env_nonempty(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
@@ -483,15 +535,20 @@ fn check_prefix(prefix: &str) -> Result<(), String> {
 /// The slowest rate limit: one an hour.
 pub const MIN_PER_SECOND: f64 = 1.0 / 3600.0;
 
-fn check_rate(rate: &RateLimit) -> Result<(), String> {
+/// Checks a rate limit whose two numbers are the fields `names` (per second,
+/// burst); on error, the field that is wrong and why.
+fn check_rate(rate: &RateLimit, names: [&'static str; 2]) -> Result<(), (&'static str, String)> {
     if !(rate.per_second.is_finite() && rate.per_second >= MIN_PER_SECOND) {
-        return Err(format!(
-            "per_second must be a number of at least {MIN_PER_SECOND:.6} (one an hour), not {}",
-            rate.per_second
+        return Err((
+            names[0],
+            format!(
+                "must be a number of at least {MIN_PER_SECOND:.6} (one an hour), not {}",
+                rate.per_second
+            ),
         ));
     }
     if rate.burst == 0 {
-        return Err("burst must be at least 1".into());
+        return Err((names[1], "must be at least 1, not 0".into()));
     }
     Ok(())
 }
@@ -576,16 +633,8 @@ fn validate_integrations(raw: Vec<RawIntegration>, path: &Path) -> Result<Integr
         if token.is_empty() {
             return Err(err("token", "required, and must not be empty".into()));
         }
-        let content_type = match r.content_type.as_deref().unwrap_or("form") {
-            "form" => ContentType::Form,
-            "json" => ContentType::Json,
-            other => return Err(err("content_type", format!("{other:?} is not \"form\" or \"json\""))),
-        };
-        let trigger_match = match r.trigger_match.as_deref().unwrap_or("prefix") {
-            "prefix" => TriggerMatch::Prefix,
-            "word" => TriggerMatch::Word,
-            other => return Err(err("trigger_match", format!("{other:?} is not \"prefix\" or \"word\""))),
-        };
+        let content_type = r.content_type.unwrap_or_default();
+        let trigger_match = r.trigger_match.unwrap_or_default();
         if trigger_match == TriggerMatch::Word
             && let Some(i) = trigger_words.iter().position(|w| w.chars().any(char::is_whitespace))
         {
@@ -602,30 +651,12 @@ fn validate_integrations(raw: Vec<RawIntegration>, path: &Path) -> Result<Integr
             if let Some(v) = rl.burst {
                 rate_limit.burst = v;
             }
-            rate_limit.on_limit = match rl.on_limit.as_deref().unwrap_or("delay") {
-                "delay" => OnLimit::Delay,
-                "drop" => OnLimit::Drop,
-                other => {
-                    return Err(err(
-                        "rate_limit.on_limit",
-                        format!("{other:?} is not \"delay\" or \"drop\""),
-                    ));
-                }
-            };
+            rate_limit.on_limit = rl.on_limit.unwrap_or_default();
         }
-        check_rate(&rate_limit).map_err(|m| err("rate_limit", m))?;
-        let timeout_ms = r.timeout_ms.unwrap_or(5000);
-        if timeout_ms == 0 {
-            return Err(err("timeout_ms", "must be at least 1".into()));
-        }
-        let max_attempts = r.max_attempts.unwrap_or(8);
-        if max_attempts == 0 {
-            return Err(err("max_attempts", "must be at least 1".into()));
-        }
-        let max_age_s = r.max_age_s.unwrap_or(600);
-        if max_age_s == 0 {
-            return Err(err("max_age_s", "must be at least 1".into()));
-        }
+        check_rate(&rate_limit, ["rate_limit.per_second", "rate_limit.burst"]).map_err(|(field, m)| err(field, m))?;
+        let timeout_ms = positive(r.timeout_ms, 5000).map_err(|m| err("timeout_ms", m))?;
+        let max_attempts = positive(r.max_attempts, 8).map_err(|m| err("max_attempts", m))?;
+        let max_age_s = positive(r.max_age_s, 600).map_err(|m| err("max_age_s", m))?;
         let signing_key = match r.signing_secret {
             None => None,
             Some(s) => {
@@ -737,22 +768,22 @@ rate_limit = { per_second = 2.0, burst = 3, on_limit = "drop" }
             (
                 "rate_limit = {}",
                 "rate_limit = { per_second = 0.0 }",
-                "rate_limit: per_second must be a number of at least 0.000278 (one an hour), not 0",
+                "rate_limit.per_second: must be a number of at least 0.000278 (one an hour), not 0",
             ),
             (
                 "rate_limit = {}",
                 "rate_limit = { per_second = 1e-300 }",
-                "rate_limit: per_second must be a number of at least",
+                "rate_limit.per_second: must be a number of at least",
             ),
             (
                 "rate_limit = {}",
                 "rate_limit = { burst = 0 }",
-                "rate_limit: burst must be at least 1",
+                "rate_limit.burst: must be at least 1, not 0",
             ),
             (
                 "rate_limit = {}",
                 "rate_limit = { on_limit = \"wait\" }",
-                "rate_limit.on_limit: \"wait\" is not",
+                "unknown variant `wait`, expected `delay` or `drop`",
             ),
             (
                 "token = \"t\"",
@@ -762,7 +793,7 @@ rate_limit = { per_second = 2.0, burst = 3, on_limit = "drop" }
             (
                 "token = \"t\"",
                 "token = \"t\"\ncontent_type = \"xml\"",
-                "content_type: \"xml\"",
+                "unknown variant `xml`, expected `form` or `json`",
             ),
             (
                 "token = \"t\"",
@@ -802,8 +833,58 @@ rate_limit = { per_second = 2.0, burst = 3, on_limit = "drop" }
     }
 
     #[test]
+    fn enumerated_fields_list_the_allowed_values() {
+        let base =
+            "[[integrations]]\nid = \"a\"\nteam_id = \"T1\"\nchannel = \"C1\"\nurls = [\"http://x/\"]\ntoken = \"t\"\n";
+        for (line, want) in [
+            (
+                "content_type = \"xml\"",
+                "unknown variant `xml`, expected `form` or `json`",
+            ),
+            (
+                "trigger_match = \"any\"",
+                "unknown variant `any`, expected `prefix` or `word`",
+            ),
+            (
+                "rate_limit = { on_limit = \"wait\" }",
+                "unknown variant `wait`, expected `delay` or `drop`",
+            ),
+        ] {
+            let got = error_of(&format!("{base}{line}\n"));
+            assert!(got.contains(want), "{line}: {got}");
+        }
+        let got = error_of("[responder]\nsink = \"irc\"");
+        assert!(
+            got.contains("unknown variant `irc`, expected one of `amqp`, `slack`, `webhook`"),
+            "{got}"
+        );
+    }
+
+    #[test]
+    fn a_zero_where_a_positive_number_is_needed_is_refused_not_raised() {
+        for (text, field) in [
+            ("[broker]\nprefetch = 0", "broker.prefetch"),
+            ("[deliverer]\nconcurrency = 0", "deliverer.concurrency"),
+            (
+                "[deliverer]\nper_integration_concurrency = 0",
+                "deliverer.per_integration_concurrency",
+            ),
+            ("[responder]\nmax_attempts = 0", "responder.max_attempts"),
+            ("[responder]\nmax_age_s = 0", "responder.max_age_s"),
+            ("[responder]\ntimeout_ms = 0", "responder.timeout_ms"),
+            ("[responder]\nper_channel_burst = 0", "responder.per_channel_burst"),
+        ] {
+            let got = error_of(text);
+            assert!(
+                got.ends_with(&format!("{field}: must be at least 1, not 0")),
+                "{text}: {got}"
+            );
+        }
+        assert!(error_of("reload_interval_ms = 0").ends_with("reload_interval_ms: must be at least 50, not 0"));
+    }
+
+    #[test]
     fn bad_sink_and_prefix_are_refused() {
-        assert!(error_of("[responder]\nsink = \"irc\"").contains("responder.sink"));
         assert!(error_of("[responder]\nsink = \"webhook\"").contains("responder.webhook_url"));
         assert!(error_of("[broker]\nprefix = \"a b\"").contains("broker.prefix"));
         assert!(error_of("[deliverer]\nallow_networks = [\"nope\"]").contains("deliverer.allow_networks[0]"));
