@@ -51,10 +51,11 @@ pub enum ConfigError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("loading configuration from {path}: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("loading integrations from {path}: integration {id:?}: {field}: {message}")]
+    #[error("loading integrations from {path}: integration {integration}: {field}: {message}")]
     Integration {
         path: PathBuf,
-        id: String,
+        /// `"googlebot"` (quoted), or `#2` when the id is missing.
+        integration: String,
         field: String,
         message: String,
     },
@@ -84,8 +85,6 @@ struct RawFile {
     deliverer: RawDeliverer,
     #[serde(default)]
     responder: RawResponder,
-    #[serde(default)]
-    integrations: Vec<RawIntegration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -339,10 +338,19 @@ impl Config {
     /// Parses and validates configuration text; `path` is only used in errors.
     pub fn parse(text: &str, path: Option<&Path>) -> Result<Config, ConfigError> {
         let shown = path.map(Path::to_owned).unwrap_or_else(|| PathBuf::from("<memory>"));
-        let raw: RawFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
             path: shown.clone(),
-            message: e.to_string().trim_end().replace('\n', " "),
+            message: syntax_error(text, &e),
         })?;
+        // The integrations are deserialized one by one, so an error in one
+        // names it (by id, or by position when the id is missing).
+        let raw_integrations = table.remove("integrations");
+        let raw: RawFile = from_value(toml::Value::Table(table)).map_err(|(field, message)| ConfigError::Field {
+            path: shown.clone(),
+            field,
+            message,
+        })?;
+        let raw_integrations = raw_integrations_of(raw_integrations, &shown)?;
         let field_err = |field: &str, message: String| ConfigError::Field {
             path: shown.clone(),
             field: field.to_owned(),
@@ -453,7 +461,7 @@ impl Config {
             ));
         }
         let reload_interval = Duration::from_millis(reload_interval_ms);
-        let integrations = validate_integrations(raw.integrations, &shown)?;
+        let integrations = validate_integrations(raw_integrations, &shown)?;
         Ok(Config {
             path: path.map(Path::to_owned),
             reload_interval,
@@ -567,19 +575,97 @@ fn parse_http_url(text: &str) -> Result<Url, String> {
     Ok(url)
 }
 
+/// How an error names the integration at `index`: its id, quoted, or its
+/// position (`#2`) when it has none.
+fn integration_name(id: Option<&str>, index: usize) -> String {
+    match id.filter(|id| !id.is_empty()) {
+        Some(id) => format!("{id:?}"),
+        None => format!("#{}", index + 1),
+    }
+}
+
+/// The `[[integrations]]` array, each table deserialized on its own.
+fn raw_integrations_of(value: Option<toml::Value>, path: &Path) -> Result<Vec<RawIntegration>, ConfigError> {
+    let tables = match value {
+        None => return Ok(Vec::new()),
+        Some(toml::Value::Array(tables)) => tables,
+        Some(other) => {
+            return Err(ConfigError::Field {
+                path: path.to_owned(),
+                field: "integrations".into(),
+                message: format!(
+                    "must be an array of tables ([[integrations]]), found {}",
+                    other.type_str()
+                ),
+            });
+        }
+    };
+    let mut list = Vec::with_capacity(tables.len());
+    for (index, value) in tables.into_iter().enumerate() {
+        let id = value.get("id").and_then(toml::Value::as_str).map(str::to_owned);
+        let integration = from_value(value).map_err(|(field, message)| ConfigError::Integration {
+            path: path.to_owned(),
+            integration: integration_name(id.as_deref(), index),
+            field,
+            message,
+        })?;
+        list.push(integration);
+    }
+    Ok(list)
+}
+
+/// Deserializes `value`; on error, the dotted path of the field at fault and
+/// a message without TOML's caret diagram. An unknown field gets the closest
+/// known one as a suggestion.
+fn from_value<T: serde::de::DeserializeOwned>(value: toml::Value) -> Result<T, (String, String)> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let field = e.path().to_string();
+        let message = e.into_inner().message().trim_end().replace('\n', "; ");
+        (field, unknown_field_hint(&message).unwrap_or(message))
+    })
+}
+
+/// serde's "unknown field `x`, expected one of `a`, `b`" as "unknown field;
+/// did you mean `a`?" (or the list of known fields when none is close).
+fn unknown_field_hint(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (unknown, expected) = rest.split_once('`')?;
+    let known: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    let closest = known
+        .iter()
+        .map(|k| (strsim::levenshtein(unknown, k), *k))
+        .min()
+        .filter(|(distance, k)| *distance <= 2.max(k.len() / 3));
+    Some(match closest {
+        Some((_, k)) => format!("unknown field; did you mean `{k}`?"),
+        None if known.is_empty() => "unknown field; this table has no fields".into(),
+        None => format!("unknown field; the known fields are `{}`", known.join("`, `")),
+    })
+}
+
+/// A TOML syntax error as one line: where, then what.
+fn syntax_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim_end().replace('\n', "; ");
+    match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message,
+    }
+}
+
 fn validate_integrations(raw: Vec<RawIntegration>, path: &Path) -> Result<Integrations, ConfigError> {
     let mut seen = HashSet::new();
     let mut list = Vec::with_capacity(raw.len());
     for (index, r) in raw.into_iter().enumerate() {
         let id = r.id.clone().unwrap_or_default();
-        let shown_id = if id.is_empty() {
-            format!("#{}", index + 1)
-        } else {
-            id.clone()
-        };
+        let shown_id = integration_name(Some(&id), index);
         let err = |field: &str, message: String| ConfigError::Integration {
             path: path.to_owned(),
-            id: shown_id.clone(),
+            integration: shown_id.clone(),
             field: field.to_owned(),
             message,
         };
@@ -798,7 +884,7 @@ rate_limit = { per_second = 2.0, burst = 3, on_limit = "drop" }
             (
                 "token = \"t\"",
                 "token = \"t\"\ntrigger_word = [\"x\"]",
-                "unknown field `trigger_word`",
+                "integration \"googlebot\": trigger_word: unknown field; did you mean `trigger_words`?",
             ),
         ];
         let base = "[[integrations]]\nid = \"googlebot\"\nteam_id = \"T1\"\nchannel = \"#test\"\nurls = [\"http://x/\"]\ntoken = \"t\"\nrate_limit = {}\n";
@@ -821,6 +907,52 @@ rate_limit = { per_second = 2.0, burst = 3, on_limit = "drop" }
         ] {
             let c = Config::parse(text, Some(Path::new(name))).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(c.integrations.list[0].id, "googlebot", "{name}");
+        }
+    }
+
+    #[test]
+    fn errors_are_one_line_naming_the_integration_and_the_closest_field() {
+        let one =
+            "[[integrations]]\nid = \"a\"\nteam_id = \"T1\"\nchannel = \"C1\"\nurls = [\"http://x/\"]\ntoken = \"t\"\n";
+        let file = "loading configuration from /etc/swallow/swallow.toml";
+        let integrations = "loading integrations from /etc/swallow/swallow.toml";
+        for (text, want) in [
+            (
+                format!("{one}[[integrations]]\nteam_id = \"T1\"\ntrigger_wrds = [\"x\"]\n"),
+                format!("{integrations}: integration #2: trigger_wrds: unknown field; did you mean `trigger_words`?"),
+            ),
+            (
+                format!("{one}rate_limit = {{ per_secnd = 1.0 }}\n"),
+                format!(
+                    "{integrations}: integration \"a\": rate_limit.per_secnd: unknown field; did you mean `per_second`?"
+                ),
+            ),
+            (
+                format!("{one}colour = \"red\"\n"),
+                format!(
+                    "{integrations}: integration \"a\": colour: unknown field; the known fields are `id`, `team_id`,"
+                ),
+            ),
+            (
+                format!("{one}timeout_ms = \"5s\"\n"),
+                format!("{integrations}: integration \"a\": timeout_ms: invalid type: string \"5s\", expected u64"),
+            ),
+            (
+                "[deliverer]\nconcurency = 4\n".into(),
+                format!("{file}: deliverer.concurency: unknown field; did you mean `concurrency`?"),
+            ),
+            (
+                "[broker]\nurl = \"amqp://x\"\nprefix = swallow\n".into(),
+                format!("{file}: line 3, column 10: "),
+            ),
+            (
+                "integrations = 3\n".into(),
+                format!("{file}: integrations: must be an array of tables ([[integrations]]), found integer"),
+            ),
+        ] {
+            let got = error_of(&text);
+            assert!(got.starts_with(&want), "got  {got}\nwant {want}");
+            assert!(!got.contains('\n') && !got.contains('|'), "one line: {got}");
         }
     }
 
