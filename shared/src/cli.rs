@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use tracing::info;
 
-use crate::config::{Config, ConfigError, Stage};
+use crate::config::{Config, ConfigError, LogFormat, Stage};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConfigArgs {
@@ -26,12 +26,12 @@ finishes the work under way. An invalid file stops the stage at start with
 one line naming the file, the integration and the field (exit status 2).";
 
 impl ConfigArgs {
-    /// Starts logging, then reads, validates and applies the environment to
-    /// the configuration for `stage`.
+    /// Reads, validates and applies the environment to the configuration for
+    /// `stage`, then starts logging in the format it gives.
     pub fn load(&self, stage: Stage) -> Result<Config, ConfigError> {
-        crate::shutdown::init_logging();
         let mut config = Config::load(&self.config)?;
         config.apply_env(stage)?;
+        crate::logging::init(stage.name(), config.log.format);
         info!(
             stage = stage.name(),
             version = env!("CARGO_PKG_VERSION"),
@@ -45,8 +45,19 @@ impl ConfigArgs {
     }
 }
 
-/// Prints one clear line for an error that stops a stage, and the exit code.
+/// Prints one clear line for an error that stops a stage (a JSON one when
+/// logging is in JSON), and the exit code.
 pub fn fail(program: &str, error: impl std::fmt::Display) -> std::process::ExitCode {
-    eprintln!("{program}: error: {error}");
+    match crate::logging::format() {
+        LogFormat::Text => eprintln!("{program}: error: {error}"),
+        LogFormat::Json => eprintln!(
+            "{}",
+            crate::logging::json_line(
+                program.strip_prefix("swallow-").unwrap_or(program),
+                "ERROR",
+                &error.to_string()
+            )
+        ),
+    }
     std::process::ExitCode::from(2)
 }

@@ -8,7 +8,7 @@
 //! are applied by [`Config::apply_env`], separately, so tests can build a
 //! config without touching the process environment.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -85,6 +85,16 @@ struct RawFile {
     deliverer: RawDeliverer,
     #[serde(default)]
     responder: RawResponder,
+    #[serde(default)]
+    log: RawLog,
+}
+
+/// `[log]`: how the stages write their own log lines. (The delivery log
+/// stream's `enabled`, `max_age` and `max_bytes` will join it.)
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<LogFormat>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -118,6 +128,7 @@ struct RawResponder {
     sink: Option<SinkKind>,
     slack_api_base: Option<String>,
     slack_token: Option<String>,
+    slack_token_file: Option<PathBuf>,
     webhook_url: Option<String>,
     per_channel_per_second: Option<f64>,
     per_channel_burst: Option<u32>,
@@ -145,7 +156,19 @@ struct RawIntegration {
     timeout_ms: Option<u64>,
     max_attempts: Option<u32>,
     max_age_s: Option<u64>,
-    signing_secret: Option<String>,
+    signing_secret: Option<OneOrMany>,
+    token_file: Option<PathBuf>,
+    signing_secret_file: Option<PathBuf>,
+    channel_types: Option<Vec<ChannelType>>,
+    headers: Option<BTreeMap<String, String>>,
+}
+
+/// `signing_secret = "whsec_…"` or `signing_secret = ["whsec_…", "whsec_…"]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged, expecting = "a \"whsec_…\" string or a list of them")]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -171,7 +194,26 @@ pub struct Config {
     pub matcher: MatcherConfig,
     pub deliverer: DelivererConfig,
     pub responder: ResponderConfig,
+    pub log: LogConfig,
     pub integrations: Arc<Integrations>,
+}
+
+/// The `[log]` table.
+#[derive(Debug, Clone, Default)]
+pub struct LogConfig {
+    /// `SWALLOW_LOG_FORMAT` overrides it.
+    pub format: LogFormat,
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// For people: one line per event, coloured only on a terminal.
+    #[default]
+    Text,
+    /// For log pipelines: one JSON object per line.
+    Json,
 }
 
 #[derive(Debug, Clone)]
@@ -223,7 +265,7 @@ pub struct ResponderConfig {
 }
 
 /// The validated `[[integrations]]`, in file order.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 pub struct Integrations {
     pub list: Vec<Arc<Integration>>,
 }
@@ -231,6 +273,32 @@ pub struct Integrations {
 impl Integrations {
     pub fn get(&self, id: &str) -> Option<&Arc<Integration>> {
         self.list.iter().find(|i| i.id == id)
+    }
+}
+
+/// A kind of conversation an event can come from (its `channel_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChannelType {
+    Public,
+    Private,
+    /// A direct message.
+    Im,
+    /// A group direct message.
+    Mpim,
+}
+
+impl ChannelType {
+    /// The kind of an event's `channel_type`; absent or empty is public,
+    /// anything unknown is none of them.
+    pub fn of_event(channel_type: Option<&str>) -> Option<ChannelType> {
+        match channel_type.unwrap_or("") {
+            "" | "public" => Some(ChannelType::Public),
+            "private" => Some(ChannelType::Private),
+            "im" => Some(ChannelType::Im),
+            "mpim" => Some(ChannelType::Mpim),
+            _ => None,
+        }
     }
 }
 
@@ -302,13 +370,16 @@ impl Default for RateLimit {
 }
 
 /// One validated `[[integrations]]` table.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Integration {
     pub id: String,
     pub team_id: String,
     pub channel: Option<ChannelRef>,
+    /// The kinds of conversation it fires in (default: public channels).
+    pub channel_types: Vec<ChannelType>,
     pub trigger_words: Vec<String>,
     pub urls: Vec<Url>,
+    /// From `token`, or read from `token_file`.
     pub token: String,
     pub bot_name: String,
     pub icon_url: Option<String>,
@@ -320,8 +391,11 @@ pub struct Integration {
     pub timeout: Duration,
     pub max_attempts: u32,
     pub max_age: Duration,
-    /// The decoded key of a `whsec_…` secret.
-    pub signing_key: Option<Vec<u8>>,
+    /// The decoded keys of the `whsec_…` secrets; every POST is signed with
+    /// each (several while a secret is being rotated).
+    pub signing_keys: Vec<Vec<u8>>,
+    /// Headers added to every POST.
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 impl Config {
@@ -351,6 +425,8 @@ impl Config {
             message,
         })?;
         let raw_integrations = raw_integrations_of(raw_integrations, &shown)?;
+        // Secret files named by a relative path are found next to the file.
+        let base_dir = path.and_then(Path::parent).map(Path::to_owned).unwrap_or_default();
         let field_err = |field: &str, message: String| ConfigError::Field {
             path: shown.clone(),
             field: field.to_owned(),
@@ -409,16 +485,15 @@ impl Config {
             SinkKind::Slack => {
                 let base = r.slack_api_base.unwrap_or_else(|| "https://slack.com/api".into());
                 let api_base = parse_http_url(&base).map_err(|m| field_err("responder.slack_api_base", m))?;
-                let token = r
-                    .slack_token
-                    .or_else(|| std::env::var("SWALLOW_SLACK_TOKEN").ok())
-                    .unwrap_or_default();
-                if token.is_empty() {
+                let token = secret(r.slack_token, r.slack_token_file.as_deref(), "slack_token", &base_dir)
+                    .map_err(|(field, m)| field_err(&format!("responder.{field}"), m))?
+                    .or_else(|| env_nonempty("SWALLOW_SLACK_TOKEN"));
+                let Some(token) = token else {
                     return Err(field_err(
                         "responder.slack_token",
-                        "sink = \"slack\" needs slack_token (or SWALLOW_SLACK_TOKEN)".into(),
+                        "sink = \"slack\" needs slack_token, slack_token_file or SWALLOW_SLACK_TOKEN".into(),
                     ));
-                }
+                };
                 Sink::Slack { api_base, token }
             }
             SinkKind::Webhook => {
@@ -461,7 +536,7 @@ impl Config {
             ));
         }
         let reload_interval = Duration::from_millis(reload_interval_ms);
-        let integrations = validate_integrations(raw_integrations, &shown)?;
+        let integrations = validate_integrations(raw_integrations, &shown, &base_dir)?;
         Ok(Config {
             path: path.map(Path::to_owned),
             reload_interval,
@@ -469,11 +544,15 @@ impl Config {
             matcher,
             deliverer,
             responder,
+            log: LogConfig {
+                format: raw.log.format.unwrap_or_default(),
+            },
             integrations: Arc::new(integrations),
         })
     }
 
-    /// Applies `AMQP_URL`, `SWALLOW_PREFIX` and `SWALLOW_HTTP_ADDR` (for `stage`).
+    /// Applies `AMQP_URL`, `SWALLOW_PREFIX`, `SWALLOW_LOG_FORMAT` and
+    /// `SWALLOW_HTTP_ADDR` (for `stage`).
     pub fn apply_env(&mut self, stage: Stage) -> Result<(), ConfigError> {
         if let Some(url) = env_nonempty("AMQP_URL") {
             self.broker.url = url;
@@ -484,6 +563,18 @@ impl Config {
                 message,
             })?;
             self.broker.prefix = prefix;
+        }
+        if let Some(format) = env_nonempty("SWALLOW_LOG_FORMAT") {
+            self.log.format = match format.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => {
+                    return Err(ConfigError::Env {
+                        name: "SWALLOW_LOG_FORMAT",
+                        message: format!("{format:?} is not one of \"text\", \"json\""),
+                    });
+                }
+            };
         }
         if let Some(addr) = env_nonempty("SWALLOW_HTTP_ADDR") {
             let parsed = addr.parse::<SocketAddr>().map_err(|e| ConfigError::Env {
@@ -502,6 +593,71 @@ impl Config {
             Stage::Responder => &mut self.responder.http_addr,
         }
     }
+}
+
+/// A secret given inline (`name`) or in a file (`name_file`, read now, a
+/// trailing newline trimmed); `None` when neither is set. On error, the
+/// field at fault and why (the path included).
+fn secret(
+    inline: Option<String>,
+    file: Option<&Path>,
+    name: &str,
+    base_dir: &Path,
+) -> Result<Option<String>, (String, String)> {
+    let Some(file) = file else { return Ok(inline) };
+    let field = format!("{name}_file");
+    if inline.is_some() {
+        return Err((field, format!("give {name} or {name}_file, not both")));
+    }
+    let path = base_dir.join(file);
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| (field.clone(), format!("reading {}: {e}", path.display())))?;
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    let text = text.strip_suffix('\r').unwrap_or(text);
+    if text.trim().is_empty() {
+        return Err((field, format!("{} is empty", path.display())));
+    }
+    Ok(Some(text.to_owned()))
+}
+
+/// Decodes one `whsec_…` secret into its key.
+fn signing_key(secret: &str) -> Result<Vec<u8>, String> {
+    let Some(b64) = secret.trim().strip_prefix("whsec_") else {
+        return Err("must start with \"whsec_\"".into());
+    };
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|e| format!("the part after \"whsec_\" is not base64: {e}"))?;
+    if key.is_empty() {
+        return Err("the key is empty".into());
+    }
+    Ok(key)
+}
+
+/// Headers swallow sets itself on every POST; an integration may not.
+const OWN_HEADERS: &[&str] = &["content-type", "content-length", "host", "user-agent"];
+
+/// Checks `headers = { … }`: valid names and values, none of swallow's own.
+fn custom_headers(
+    headers: BTreeMap<String, String>,
+) -> Result<Vec<(http::HeaderName, http::HeaderValue)>, (String, String)> {
+    let mut out = Vec::with_capacity(headers.len());
+    for (name, value) in headers {
+        let field = format!("headers.{name:?}");
+        let parsed = http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| (field.clone(), "is not a valid header name".to_owned()))?;
+        if OWN_HEADERS.contains(&parsed.as_str()) || parsed.as_str().starts_with("webhook-") {
+            return Err((field, "swallow sets this header itself; it cannot be configured".into()));
+        }
+        let value = http::HeaderValue::from_str(&value).map_err(|_| {
+            (
+                field.clone(),
+                "the value must be visible ASCII or spaces, without line breaks".to_owned(),
+            )
+        })?;
+        out.push((parsed, value));
+    }
+    Ok(out)
 }
 
 /// The shortest `reload_interval_ms`: polling faster only burns CPU.
@@ -657,7 +813,7 @@ fn syntax_error(text: &str, error: &toml::de::Error) -> String {
     }
 }
 
-fn validate_integrations(raw: Vec<RawIntegration>, path: &Path) -> Result<Integrations, ConfigError> {
+fn validate_integrations(raw: Vec<RawIntegration>, path: &Path, base_dir: &Path) -> Result<Integrations, ConfigError> {
     let mut seen = HashSet::new();
     let mut list = Vec::with_capacity(raw.len());
     for (index, r) in raw.into_iter().enumerate() {
@@ -715,9 +871,11 @@ fn validate_integrations(raw: Vec<RawIntegration>, path: &Path) -> Result<Integr
         for (i, u) in raw_urls.iter().enumerate() {
             urls.push(parse_http_url(u).map_err(|m| err(&format!("urls[{i}]"), m))?);
         }
-        let token = r.token.unwrap_or_default();
+        let token = secret(r.token, r.token_file.as_deref(), "token", base_dir)
+            .map_err(|(field, m)| err(&field, m))?
+            .unwrap_or_default();
         if token.is_empty() {
-            return Err(err("token", "required, and must not be empty".into()));
+            return Err(err("token", "required (or token_file), and must not be empty".into()));
         }
         let content_type = r.content_type.unwrap_or_default();
         let trigger_match = r.trigger_match.unwrap_or_default();
@@ -743,24 +901,47 @@ fn validate_integrations(raw: Vec<RawIntegration>, path: &Path) -> Result<Integr
         let timeout_ms = positive(r.timeout_ms, 5000).map_err(|m| err("timeout_ms", m))?;
         let max_attempts = positive(r.max_attempts, 8).map_err(|m| err("max_attempts", m))?;
         let max_age_s = positive(r.max_age_s, 600).map_err(|m| err("max_age_s", m))?;
-        let signing_key = match r.signing_secret {
-            None => None,
-            Some(s) => {
-                let Some(b64) = s.strip_prefix("whsec_") else {
-                    return Err(err("signing_secret", "must start with \"whsec_\"".into()));
-                };
-                let key = base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| {
-                    err(
-                        "signing_secret",
-                        format!("the part after \"whsec_\" is not base64: {e}"),
-                    )
-                })?;
-                if key.is_empty() {
-                    return Err(err("signing_secret", "the key is empty".into()));
-                }
-                Some(key)
-            }
+        let secrets: Vec<String> = match r.signing_secret {
+            None => Vec::new(),
+            Some(OneOrMany::One(s)) => vec![s],
+            Some(OneOrMany::Many(list)) => list,
         };
+        let mut signing_keys = Vec::with_capacity(secrets.len());
+        for (i, s) in secrets.iter().enumerate() {
+            let field = if matches!(secrets.len(), 1) {
+                "signing_secret".to_owned()
+            } else {
+                format!("signing_secret[{i}]")
+            };
+            signing_keys.push(signing_key(s).map_err(|m| err(&field, m))?);
+        }
+        if let Some(file) = &r.signing_secret_file {
+            let text = secret(
+                (!secrets.is_empty()).then(String::new),
+                Some(file),
+                "signing_secret",
+                base_dir,
+            )
+            .map_err(|(field, m)| err(&field, m))?
+            .unwrap_or_default();
+            for (i, line) in text.lines().map(str::trim).filter(|l| !l.is_empty()).enumerate() {
+                signing_keys.push(signing_key(line).map_err(|m| {
+                    err(
+                        "signing_secret_file",
+                        format!("{}: secret {}: {m}", base_dir.join(file).display(), i + 1),
+                    )
+                })?);
+            }
+        }
+        let channel_types = r.channel_types.unwrap_or_else(|| vec![ChannelType::Public]);
+        if channel_types.is_empty() {
+            return Err(err(
+                "channel_types",
+                "must name at least one of \"public\", \"private\", \"im\", \"mpim\" (leave it out for public only)"
+                    .into(),
+            ));
+        }
+        let headers = custom_headers(r.headers.unwrap_or_default()).map_err(|(field, m)| err(&field, m))?;
         if r.icon_url.is_some() && r.icon_emoji.is_some() {
             return Err(err("icon_emoji", "give icon_url or icon_emoji, not both".into()));
         }
@@ -769,6 +950,7 @@ fn validate_integrations(raw: Vec<RawIntegration>, path: &Path) -> Result<Integr
             id,
             team_id,
             channel,
+            channel_types,
             trigger_words,
             urls,
             token,
@@ -781,7 +963,8 @@ fn validate_integrations(raw: Vec<RawIntegration>, path: &Path) -> Result<Integr
             timeout: Duration::from_millis(timeout_ms),
             max_attempts,
             max_age: Duration::from_secs(max_age_s),
-            signing_key,
+            signing_keys,
+            headers,
         }));
     }
     Ok(Integrations { list })
@@ -817,7 +1000,8 @@ rate_limit = { per_second = 2.0, burst = 3, on_limit = "drop" }
         assert_eq!(i.rate_limit.on_limit, OnLimit::Drop);
         assert_eq!(i.timeout, Duration::from_millis(5000));
         assert_eq!(i.max_attempts, 8);
-        assert!(i.signing_key.is_some());
+        assert_eq!(i.signing_keys.len(), 1);
+        assert_eq!(i.channel_types, [ChannelType::Public]);
         assert_eq!(c.responder.sink, Sink::Amqp);
     }
 
@@ -954,6 +1138,99 @@ rate_limit = { per_second = 2.0, burst = 3, on_limit = "drop" }
             assert!(got.starts_with(&want), "got  {got}\nwant {want}");
             assert!(!got.contains('\n') && !got.contains('|'), "one line: {got}");
         }
+    }
+
+    #[test]
+    fn integration_options_and_their_errors() {
+        let dir = std::env::temp_dir().join(format!("swallow-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("swallow.toml");
+        std::fs::write(dir.join("token"), "from-file\n").unwrap();
+        std::fs::write(dir.join("empty"), "\n").unwrap();
+        std::fs::write(
+            dir.join("secrets"),
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\nwhsec_AAAAAAAAAAAAAAAAAAAAAAAA\n",
+        )
+        .unwrap();
+        let one = "[[integrations]]\nid = \"a\"\nteam_id = \"T1\"\nchannel = \"C1\"\nurls = [\"http://x/\"]\n";
+        let parse = |extra: &str| Config::parse(&format!("{one}{extra}\n"), Some(&path));
+        let good = parse(
+            "token_file = \"token\"\nsigning_secret_file = \"secrets\"\nchannel_types = [\"im\", \"private\"]\nheaders = { \"X-Api-Key\" = \"k1\" }",
+        )
+        .unwrap();
+        let i = &good.integrations.list[0];
+        assert_eq!(i.token, "from-file");
+        assert_eq!(i.signing_keys.len(), 2);
+        assert_eq!(i.channel_types, [ChannelType::Im, ChannelType::Private]);
+        assert_eq!(i.headers[0].0, "x-api-key");
+        assert_eq!(i.headers[0].1, "k1");
+        let list =
+            parse("token = \"t\"\nsigning_secret = [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\", \"whsec_AAAA\"]")
+                .unwrap();
+        assert_eq!(list.integrations.list[0].signing_keys.len(), 2);
+
+        let shown = path.display();
+        let d = dir.display();
+        for (extra, want) in [
+            (
+                "token = \"t\"\nchannel_types = [\"dm\"]".to_owned(),
+                "channel_types[0]: unknown variant `dm`, expected one of `public`, `private`, `im`, `mpim`".to_owned(),
+            ),
+            (
+                "token = \"t\"\ntoken_file = \"token\"".into(),
+                "token_file: give token or token_file, not both".into(),
+            ),
+            (
+                "token_file = \"nope\"".into(),
+                format!("token_file: reading {d}/nope: No such file"),
+            ),
+            (
+                "token_file = \"empty\"".into(),
+                format!("token_file: {d}/empty is empty"),
+            ),
+            (
+                "token = \"t\"\nsigning_secret_file = \"token\"".into(),
+                format!("signing_secret_file: {d}/token: secret 1: must start with \"whsec_\""),
+            ),
+            (
+                "token = \"t\"\nsigning_secret = [\"whsec_AAAA\", \"nope\"]".into(),
+                "signing_secret[1]: must start with \"whsec_\"".into(),
+            ),
+            (
+                "token = \"t\"\nheaders = { \"User-Agent\" = \"me\" }".into(),
+                "headers.\"User-Agent\": swallow sets this header itself".into(),
+            ),
+            (
+                "token = \"t\"\nheaders = { \"Webhook-Signature\" = \"v1,x\" }".into(),
+                "headers.\"Webhook-Signature\": swallow sets this header itself".into(),
+            ),
+            (
+                "token = \"t\"\nheaders = { \"X Key\" = \"v\" }".into(),
+                "headers.\"X Key\": is not a valid header name".into(),
+            ),
+            (
+                "token = \"t\"\nheaders = { \"X-Key\" = \"a\\nb\" }".into(),
+                "headers.\"X-Key\": the value must be visible ASCII".into(),
+            ),
+        ] {
+            let got = parse(&extra).unwrap_err().to_string();
+            let want = format!("loading integrations from {shown}: integration \"a\": {want}");
+            assert!(got.starts_with(&want), "got  {got}\nwant {want}");
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn the_log_table_picks_the_format() {
+        assert_eq!(Config::parse("", None).unwrap().log.format, LogFormat::Text);
+        assert_eq!(
+            Config::parse("[log]\nformat = \"json\"", None).unwrap().log.format,
+            LogFormat::Json
+        );
+        assert!(
+            error_of("[log]\nformat = \"xml\"")
+                .ends_with("log.format: unknown variant `xml`, expected `text` or `json`")
+        );
     }
 
     #[test]

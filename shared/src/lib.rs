@@ -1,6 +1,6 @@
 //! What two or more swallow stages share: configuration, the messages that
 //! cross the broker, the topology, the broker connection and its recovery,
-//! the operations listener, shutdown, reload, and the pacing and retry logic.
+//! the operations listener, shutdown, logging, reload, and the pacing and retry logic.
 
 pub mod broker;
 pub mod cli;
@@ -8,6 +8,7 @@ pub mod config;
 pub mod consume;
 pub mod delay;
 pub mod event;
+pub mod logging;
 pub mod messages;
 pub mod metrics;
 pub mod ops;
