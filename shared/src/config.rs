@@ -649,12 +649,19 @@ fn custom_headers(
         if OWN_HEADERS.contains(&parsed.as_str()) || parsed.as_str().starts_with("webhook-") {
             return Err((field, "swallow sets this header itself; it cannot be configured".into()));
         }
-        let value = http::HeaderValue::from_str(&value).map_err(|_| {
-            (
-                field.clone(),
-                "the value must be visible ASCII or spaces, without line breaks".to_owned(),
-            )
-        })?;
+        // `http` lets bytes above ASCII through (obs-text); handlers and
+        // proxies read them inconsistently, so only visible ASCII is taken.
+        let value = value
+            .chars()
+            .all(|c| c == ' ' || c.is_ascii_graphic())
+            .then(|| http::HeaderValue::from_str(&value).ok())
+            .flatten()
+            .ok_or_else(|| {
+                (
+                    field.clone(),
+                    "the value must be visible ASCII or spaces, without line breaks".to_owned(),
+                )
+            })?;
         out.push((parsed, value));
     }
     Ok(out)
