@@ -81,7 +81,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Delive
     let client = http_client(&policy).map_err(StartError::client)?;
     let parts = StageParts::new(Stage::Deliverer, &config, &shutdown).await?;
     let metrics = DelivererMetrics::new(&parts.registry);
-    let topology = Topology::of(&config.broker);
+    let topology = config.broker.topology();
     let ctx = Arc::new(Context {
         replica_id: uuid::Uuid::new_v4().simple().to_string(),
         replies_queue: topology.replies_queue(),

@@ -4,11 +4,18 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use swallow_shared::cli::{ConfigArgs, fail};
+use swallow_shared::cli::{ConfigArgs, RUNNING, fail};
 use swallow_shared::config::Stage;
 
+/// swallow's deliverer: POSTs each delivery job to its handler URL, retries
+/// failures on a durable delay ladder, keeps every integration's rate limit,
+/// and passes the handlers' answers on to the responder.
+///
+/// Each replica owns some of the delivery shards at a time; jobs that cannot
+/// be delivered go to <prefix>.deliveries.dead (see `replay`). Metrics and
+/// health on SWALLOW_HTTP_ADDR (default 0.0.0.0:9102).
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version, after_long_help = RUNNING)]
 struct Args {
     #[command(flatten)]
     config: ConfigArgs,

@@ -12,9 +12,9 @@ use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 
+use swallow_shared::Config;
 use swallow_shared::broker::{self, ConfirmedPublisher, SessionError};
 use swallow_shared::messages::{DeliveryJob, RetryState, now_millis};
-use swallow_shared::{Config, Topology};
 
 /// What a replay did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -30,7 +30,7 @@ pub async fn replay(
     integration: Option<&str>,
     limit: Option<usize>,
 ) -> Result<Replayed, SessionError> {
-    let topology = Topology::of(&config.broker);
+    let topology = config.broker.topology();
     let connection = broker::connect(&config.broker, "swallow-deliverer replay").await?;
     let channel = connection.create_channel().await?;
     topology.declare(&channel).await?;

@@ -1,8 +1,11 @@
-//! The POST of CONTRACT §4: the seed's fields, form-encoded (or JSON), and
-//! the Standard Webhooks headers.
+//! The POST of CONTRACT §4: the seed's fields, form-encoded (or JSON), the
+//! Standard Webhooks headers (one signature per signing secret, so handlers
+//! keep verifying while a secret is rotated) and the integration's own
+//! headers.
 
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
+use reqwest::header::{HeaderName, HeaderValue};
 use sha2::Sha256;
 
 use swallow_shared::config::{ContentType, Integration};
@@ -13,8 +16,9 @@ use swallow_shared::messages::DeliveryJob;
 pub struct Post {
     pub content_type: &'static str,
     pub body: Vec<u8>,
-    /// `(name, value)` pairs beyond Content-Type and User-Agent.
-    pub headers: Vec<(&'static str, String)>,
+    /// Headers beyond Content-Type and User-Agent: the Standard Webhooks
+    /// ones, then the integration's `headers`.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 /// The seed's fields, in the seed's order (+ `thread_ts` in a thread).
@@ -59,13 +63,23 @@ pub fn build(job: &DeliveryJob, integration: &Integration, now_secs: u64) -> Pos
         }
     };
     let timestamp = now_secs.to_string();
+    let text = |v: &str| HeaderValue::from_str(v).expect("ids, timestamps and base64 are visible ASCII");
     let mut headers = vec![
-        ("webhook-id", job.delivery_id.clone()),
-        ("webhook-timestamp", timestamp.clone()),
+        (HeaderName::from_static("webhook-id"), text(&job.delivery_id)),
+        (HeaderName::from_static("webhook-timestamp"), text(&timestamp)),
     ];
-    if let Some(key) = &integration.signing_key {
-        headers.push(("webhook-signature", sign(key, &job.delivery_id, &timestamp, &body)));
+    if !integration.signing_keys.is_empty() {
+        let signatures: Vec<String> = integration
+            .signing_keys
+            .iter()
+            .map(|key| sign(key, &job.delivery_id, &timestamp, &body))
+            .collect();
+        headers.push((
+            HeaderName::from_static("webhook-signature"),
+            text(&signatures.join(" ")),
+        ));
     }
+    headers.extend(integration.headers.iter().cloned());
     Post {
         content_type,
         body,
@@ -136,11 +150,10 @@ signing_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
              &user_name=Steve&text=googlebot%3A+What+is+the+air-speed+velocity+of+an+unladen+swallow%3F\
              &trigger_word=googlebot%3A"
         );
-        assert_eq!(
-            post.headers[0],
-            ("webhook-id", "msg_p5jXN8AQM9LWM0D4loKWxJek".to_owned())
-        );
-        assert_eq!(post.headers[1], ("webhook-timestamp", "1614265330".to_owned()));
+        assert_eq!(post.headers[0].0, "webhook-id");
+        assert_eq!(post.headers[0].1, "msg_p5jXN8AQM9LWM0D4loKWxJek");
+        assert_eq!(post.headers[1].0, "webhook-timestamp");
+        assert_eq!(post.headers[1].1, "1614265330");
     }
 
     #[test]
@@ -173,7 +186,29 @@ signing_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
         assert!(
             post.headers
                 .iter()
-                .any(|(k, v)| *k == "webhook-signature" && v.starts_with("v1,"))
+                .any(|(k, v)| k == "webhook-signature" && v.to_str().unwrap().starts_with("v1,"))
         );
+    }
+
+    #[test]
+    fn one_signature_per_secret_then_the_integrations_headers() {
+        let (job, integration) = seed();
+        let mut integration = (*integration).clone();
+        let second = vec![7u8; 24];
+        integration.signing_keys.push(second.clone());
+        integration.headers = vec![(HeaderName::from_static("x-api-key"), HeaderValue::from_static("k1"))];
+        let post = build(&job, &integration, 1614265330);
+        let want = format!(
+            "{} {}",
+            sign(&integration.signing_keys[0], &job.delivery_id, "1614265330", &post.body),
+            sign(&second, &job.delivery_id, "1614265330", &post.body)
+        );
+        let names: Vec<&str> = post.headers.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            names,
+            ["webhook-id", "webhook-timestamp", "webhook-signature", "x-api-key"]
+        );
+        assert_eq!(post.headers[2].1, want.as_str());
+        assert_eq!(post.headers[3].1, "k1");
     }
 }

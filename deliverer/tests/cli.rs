@@ -22,7 +22,7 @@ fn refuses_an_invalid_file_naming_file_integration_and_field() {
         assert_eq!(out.status.code(), Some(2));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
-            stderr.contains("integration \"googlebot\": rate_limit: per_second must be a number of at least 0.000278 (one an hour), not -1"),
+            stderr.contains("integration \"googlebot\": rate_limit.per_second: must be a number of at least 0.000278 (one an hour), not -1"),
             "{stderr}"
         );
     }

@@ -5,12 +5,13 @@
 //! (for integrations with no channel) by trigger word. A lookup costs a few
 //! hash probes: one per distinct trigger-word length for prefix matching, one
 //! for word matching, one per channel key. Only integrations that can match
-//! are looked at.
+//! are looked at. An event outside public channels (a private channel, a DM)
+//! fires only integrations whose `channel_types` allow its kind.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use swallow_shared::config::{ChannelRef, Integration, Integrations, TriggerMatch};
+use swallow_shared::config::{ChannelRef, ChannelType, Integration, Integrations, TriggerMatch};
 use swallow_shared::event::ChatEvent;
 
 /// One integration an event triggered, and the trigger word that matched
@@ -25,6 +26,7 @@ pub struct Match {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ignored {
     Bot,
+    /// No integration that matched allows the event's kind of channel.
     NotPublic,
     NoMatch,
 }
@@ -64,6 +66,8 @@ struct TeamIndex {
 pub struct IntegrationIndex {
     integrations: Vec<Arc<Integration>>,
     teams: HashMap<String, TeamIndex>,
+    /// Whether any integration fires outside public channels.
+    any_non_public: bool,
 }
 
 impl IntegrationIndex {
@@ -71,6 +75,10 @@ impl IntegrationIndex {
         let mut index = IntegrationIndex {
             integrations: integrations.list.clone(),
             teams: HashMap::new(),
+            any_non_public: integrations
+                .list
+                .iter()
+                .any(|i| i.channel_types.iter().any(|t| *t != ChannelType::Public)),
         };
         for (i, integration) in integrations.list.iter().enumerate() {
             let team = index.teams.entry(integration.team_id.clone()).or_default();
@@ -119,9 +127,10 @@ impl IntegrationIndex {
         if event.is_from_bot() {
             return Err(Ignored::Bot);
         }
-        if !event.is_public() {
+        let kind = ChannelType::of_event(event.channel_type.as_deref());
+        let Some(kind) = kind.filter(|k| *k == ChannelType::Public || self.any_non_public) else {
             return Err(Ignored::NotPublic);
-        }
+        };
         let Some(team) = self.teams.get(&event.team_id) else {
             return Err(Ignored::NoMatch);
         };
@@ -172,6 +181,10 @@ impl IntegrationIndex {
         }
         if found.is_empty() {
             return Err(Ignored::NoMatch);
+        }
+        found.retain(|(_, m)| m.integration.channel_types.contains(&kind));
+        if found.is_empty() {
+            return Err(Ignored::NotPublic);
         }
         found.sort_unstable_by_key(|(i, _)| *i);
         Ok(found.into_iter().map(|(_, m)| m).collect())
@@ -380,6 +393,36 @@ mod tests {
     }
 
     #[test]
+    fn channel_types_let_an_integration_fire_in_private_channels_and_dms() {
+        let idx = index(
+            &[
+                integ("public", "trigger_words = [\"bot:\"]"),
+                integ("private", "trigger_words = [\"bot:\"]\nchannel_types = [\"private\"]"),
+                integ(
+                    "dms",
+                    "channel = \"C1\"\nchannel_types = [\"im\", \"mpim\", \"public\"]",
+                ),
+            ]
+            .concat(),
+        );
+        let ids = |kind: Option<&str>| {
+            let mut e = event("bot: hi");
+            e.channel_type = kind.map(str::to_owned);
+            fired(&idx, &e).map(|v| v.into_iter().map(|(id, _)| id).collect::<Vec<_>>())
+        };
+        assert_eq!(ids(None), Ok(vec!["public".to_owned(), "dms".to_owned()]));
+        assert_eq!(ids(Some("public")), Ok(vec!["public".to_owned(), "dms".to_owned()]));
+        assert_eq!(ids(Some("private")), Ok(vec!["private".to_owned()]));
+        assert_eq!(ids(Some("im")), Ok(vec!["dms".to_owned()]));
+        assert_eq!(ids(Some("mpim")), Ok(vec!["dms".to_owned()]));
+        assert_eq!(ids(Some("voice")), Err(Ignored::NotPublic));
+        let mut unmatched = event("nothing here");
+        unmatched.channel_id = "C9".into();
+        unmatched.channel_type = Some("im".into());
+        assert_eq!(fired(&idx, &unmatched), Err(Ignored::NoMatch));
+    }
+
+    #[test]
     fn teams_privacy_and_bots() {
         let idx = index(&[integ("a", "trigger_words = [\"bot:\"]"), integ("b", "channel = \"C1\"")].concat());
         let mut other_team = event("bot: hi");
@@ -393,6 +436,9 @@ mod tests {
         let mut public = event("bot: hi");
         public.channel_type = Some("public".into());
         assert_eq!(fired(&idx, &public).unwrap().len(), 2);
+        let mut unknown = event("bot: hi");
+        unknown.channel_type = Some("voice".into());
+        assert_eq!(fired(&idx, &unknown), Err(Ignored::NotPublic));
         let mut bot = event("bot: hi");
         bot.bot_id = Some("B1".into());
         assert_eq!(fired(&idx, &bot), Err(Ignored::Bot));

@@ -51,7 +51,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Matche
     let parts = StageParts::new(Stage::Matcher, &config, &shutdown).await?;
     let metrics = MatcherMetrics::new(&parts.registry);
     let index = index_updates(parts.integrations.clone(), shutdown.clone());
-    let topology = Topology::of(&config.broker);
+    let topology = config.broker.topology();
     let ctx = Arc::new(Context {
         invalid: topology.events_invalid_queue(),
         topology,

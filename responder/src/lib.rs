@@ -44,7 +44,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
 
 /// Starts the responder and returns once its listener is bound.
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
-    let topology = Topology::of(&config.broker);
+    let topology = config.broker.topology();
     let client = || {
         reqwest::Client::builder()
             .user_agent(swallow_shared::USER_AGENT)

@@ -3,15 +3,30 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use swallow_shared::cli::{StageArgs, fail};
+use swallow_shared::cli::{ConfigArgs, RUNNING, fail};
 use swallow_shared::config::Stage;
+
+/// swallow's responder: posts the replies of webhook handlers back into their
+/// channels, through the sink of [responder] sink: the <prefix>.chat.outbound
+/// exchange (amqp), Slack's Web API (slack) or an incoming webhook (webhook).
+///
+/// Replies are paced per channel and retried; those that cannot be posted go
+/// to <prefix>.replies.dead. Metrics and health on SWALLOW_HTTP_ADDR (default
+/// 0.0.0.0:9103).
+#[derive(Parser)]
+#[command(version, after_long_help = RUNNING)]
+struct Args {
+    #[command(flatten)]
+    config: ConfigArgs,
+}
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = StageArgs::parse();
-    let config = match args.load(Stage::Responder) {
+    const NAME: &str = "swallow-responder";
+    let args = Args::parse();
+    let config = match args.config.load(Stage::Responder) {
         Ok(config) => config,
-        Err(e) => return fail("swallow-responder", e),
+        Err(e) => return fail(NAME, e),
     };
     match swallow_responder::run(
         config,
@@ -20,6 +35,6 @@ async fn main() -> ExitCode {
     .await
     {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail("swallow-responder", e),
+        Err(e) => fail(NAME, e),
     }
 }

@@ -1,10 +1,12 @@
-//! The command-line arguments every stage binary takes.
+//! The command-line arguments every stage binary takes. Each binary
+//! declares its own `clap::Parser` (so its `--help` and `--version` describe
+//! that binary, not this library) and flattens [`ConfigArgs`] into it.
 
 use std::path::PathBuf;
 
 use tracing::info;
 
-use crate::config::{Config, ConfigError, Stage};
+use crate::config::{Config, ConfigError, LogFormat, Stage};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConfigArgs {
@@ -13,27 +15,23 @@ pub struct ConfigArgs {
     pub config: PathBuf,
 }
 
-/// `swallow-<stage> --config FILE`.
-#[derive(Debug, clap::Parser)]
-#[command(version, about)]
-pub struct StageArgs {
-    #[command(flatten)]
-    pub config: ConfigArgs,
-}
-
-impl StageArgs {
-    /// Starts logging, then reads, validates and applies the environment to the
-    /// configuration for `stage`.
-    pub fn load(&self, stage: Stage) -> Result<Config, ConfigError> {
-        self.config.load(stage)
-    }
-}
+/// What every stage's `--help` says after its options: how to run it.
+pub const RUNNING: &str = "\
+Every stage reads the same configuration file (--config or SWALLOW_CONFIG).
+The environment overrides it: AMQP_URL (the broker), SWALLOW_PREFIX (the
+names of every exchange and queue), SWALLOW_HTTP_ADDR (/metrics, /healthz,
+/readyz), RUST_LOG and SWALLOW_LOG_FORMAT (text or json). Run any number of
+replicas against one broker; SIGTERM stops consuming and hands back or
+finishes the work under way. An invalid file stops the stage at start with
+one line naming the file, the integration and the field (exit status 2).";
 
 impl ConfigArgs {
+    /// Reads, validates and applies the environment to the configuration for
+    /// `stage`, then starts logging in the format it gives.
     pub fn load(&self, stage: Stage) -> Result<Config, ConfigError> {
-        crate::shutdown::init_logging();
         let mut config = Config::load(&self.config)?;
         config.apply_env(stage)?;
+        crate::logging::init(stage.name(), config.log.format);
         info!(
             stage = stage.name(),
             version = env!("CARGO_PKG_VERSION"),
@@ -47,8 +45,19 @@ impl ConfigArgs {
     }
 }
 
-/// Prints one clear line for an error that stops a stage, and the exit code.
+/// Prints one clear line for an error that stops a stage (a JSON one when
+/// logging is in JSON), and the exit code.
 pub fn fail(program: &str, error: impl std::fmt::Display) -> std::process::ExitCode {
-    eprintln!("{program}: error: {error}");
+    match crate::logging::format() {
+        LogFormat::Text => eprintln!("{program}: error: {error}"),
+        LogFormat::Json => eprintln!(
+            "{}",
+            crate::logging::json_line(
+                program.strip_prefix("swallow-").unwrap_or(program),
+                "ERROR",
+                &error.to_string()
+            )
+        ),
+    }
     std::process::ExitCode::from(2)
 }

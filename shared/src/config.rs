@@ -8,7 +8,7 @@
 //! are applied by [`Config::apply_env`], separately, so tests can build a
 //! config without touching the process environment.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,6 +17,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use serde::Deserialize;
 use url::Url;
+
+use crate::topology::{DEFAULT_SHARDS, Topology};
 
 /// The default broker URL when neither the file nor `AMQP_URL` gives one.
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -49,10 +51,11 @@ pub enum ConfigError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("loading configuration from {path}: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("loading integrations from {path}: integration {id:?}: {field}: {message}")]
+    #[error("loading integrations from {path}: integration {integration}: {field}: {message}")]
     Integration {
         path: PathBuf,
-        id: String,
+        /// `"googlebot"` (quoted), or `#2` when the id is missing.
+        integration: String,
         field: String,
         message: String,
     },
@@ -83,7 +86,15 @@ struct RawFile {
     #[serde(default)]
     responder: RawResponder,
     #[serde(default)]
-    integrations: Vec<RawIntegration>,
+    log: RawLog,
+}
+
+/// `[log]`: how the stages write their own log lines. (The delivery log
+/// stream's `enabled`, `max_age` and `max_bytes` will join it.)
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<LogFormat>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -119,9 +130,10 @@ struct RawDeliverer {
 #[serde(deny_unknown_fields)]
 struct RawResponder {
     http_addr: Option<String>,
-    sink: Option<String>,
+    sink: Option<SinkKind>,
     slack_api_base: Option<String>,
     slack_token: Option<String>,
+    slack_token_file: Option<PathBuf>,
     webhook_url: Option<String>,
     per_channel_per_second: Option<f64>,
     per_channel_burst: Option<u32>,
@@ -142,17 +154,29 @@ struct RawIntegration {
     bot_name: Option<String>,
     icon_url: Option<String>,
     icon_emoji: Option<String>,
-    content_type: Option<String>,
-    trigger_match: Option<String>,
+    content_type: Option<ContentType>,
+    trigger_match: Option<TriggerMatch>,
     case_sensitive: Option<bool>,
     rate_limit: Option<RawRateLimit>,
     timeout_ms: Option<u64>,
     max_attempts: Option<u32>,
     max_age_s: Option<u64>,
-    signing_secret: Option<String>,
+    signing_secret: Option<OneOrMany>,
+    token_file: Option<PathBuf>,
+    signing_secret_file: Option<PathBuf>,
+    channel_types: Option<Vec<ChannelType>>,
+    headers: Option<BTreeMap<String, String>>,
     circuit_failures: Option<u32>,
-    on_failure: Option<String>,
+    on_failure: Option<OnFailure>,
     failure_notice_interval_s: Option<u64>,
+}
+
+/// `signing_secret = "whsec_…"` or `signing_secret = ["whsec_…", "whsec_…"]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged, expecting = "a \"whsec_…\" string or a list of them")]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -160,7 +184,7 @@ struct RawIntegration {
 struct RawRateLimit {
     per_second: Option<f64>,
     burst: Option<u32>,
-    on_limit: Option<String>,
+    on_limit: Option<OnLimit>,
 }
 
 // ---------------------------------------------------------------------------
@@ -178,7 +202,26 @@ pub struct Config {
     pub matcher: MatcherConfig,
     pub deliverer: DelivererConfig,
     pub responder: ResponderConfig,
+    pub log: LogConfig,
     pub integrations: Arc<Integrations>,
+}
+
+/// The `[log]` table.
+#[derive(Debug, Clone, Default)]
+pub struct LogConfig {
+    /// `SWALLOW_LOG_FORMAT` overrides it.
+    pub format: LogFormat,
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// For people: one line per event, coloured only on a terminal.
+    #[default]
+    Text,
+    /// For log pipelines: one JSON object per line.
+    Json,
 }
 
 #[derive(Debug, Clone)]
@@ -197,6 +240,13 @@ pub struct BrokerConfig {
     pub prefetch: u16,
     /// Delivery shards: the unit of work one deliverer replica owns at a time.
     pub shards: u32,
+}
+
+impl BrokerConfig {
+    /// The exchanges and queues this configuration describes.
+    pub fn topology(&self) -> Topology {
+        Topology::with_shards(&self.prefix, self.shards)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -233,7 +283,7 @@ pub struct ResponderConfig {
 }
 
 /// The validated `[[integrations]]`, in file order.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 pub struct Integrations {
     pub list: Vec<Arc<Integration>>,
 }
@@ -241,6 +291,32 @@ pub struct Integrations {
 impl Integrations {
     pub fn get(&self, id: &str) -> Option<&Arc<Integration>> {
         self.list.iter().find(|i| i.id == id)
+    }
+}
+
+/// A kind of conversation an event can come from (its `channel_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChannelType {
+    Public,
+    Private,
+    /// A direct message.
+    Im,
+    /// A group direct message.
+    Mpim,
+}
+
+impl ChannelType {
+    /// The kind of an event's `channel_type`; absent or empty is public,
+    /// anything unknown is none of them.
+    pub fn of_event(channel_type: Option<&str>) -> Option<ChannelType> {
+        match channel_type.unwrap_or("") {
+            "" | "public" => Some(ChannelType::Public),
+            "private" => Some(ChannelType::Private),
+            "im" => Some(ChannelType::Im),
+            "mpim" => Some(ChannelType::Mpim),
+            _ => None,
+        }
     }
 }
 
@@ -253,33 +329,56 @@ pub enum ChannelRef {
     Name(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `[responder] sink`: which kind of [`Sink`] replies go to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum SinkKind {
+    #[default]
+    Amqp,
+    Slack,
+    Webhook,
+}
+
+/// How the POST's fields are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ContentType {
+    /// `application/x-www-form-urlencoded`, as the seed.
+    #[default]
     Form,
     Json,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum TriggerMatch {
     /// The text begins with the word (Slack's rule).
+    #[default]
     Prefix,
     /// The first whitespace-separated word equals the word.
     Word,
 }
 
 /// What an integration does when a delivery is dead-lettered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum OnFailure {
     /// Nothing in the channel (dead letter, metrics and log only).
+    #[default]
     Quiet,
     /// A short notice in the channel, at most one per channel per
     /// `failure_notice_interval`.
     Notify,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a job over its integration's rate limit does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum OnLimit {
+    /// Wait durably for a slot, up to the job's `max_age`.
+    #[default]
     Delay,
+    /// Slack's behaviour: the job is dropped.
     Drop,
 }
 
@@ -301,13 +400,16 @@ impl Default for RateLimit {
 }
 
 /// One validated `[[integrations]]` table.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Integration {
     pub id: String,
     pub team_id: String,
     pub channel: Option<ChannelRef>,
+    /// The kinds of conversation it fires in (default: public channels).
+    pub channel_types: Vec<ChannelType>,
     pub trigger_words: Vec<String>,
     pub urls: Vec<Url>,
+    /// From `token`, or read from `token_file`.
     pub token: String,
     pub bot_name: String,
     pub icon_url: Option<String>,
@@ -319,8 +421,11 @@ pub struct Integration {
     pub timeout: Duration,
     pub max_attempts: u32,
     pub max_age: Duration,
-    /// The decoded key of a `whsec_…` secret.
-    pub signing_key: Option<Vec<u8>>,
+    /// The decoded keys of the `whsec_…` secrets; every POST is signed with
+    /// each (several while a secret is being rotated).
+    pub signing_keys: Vec<Vec<u8>>,
+    /// Headers added to every POST.
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
     /// Consecutive failed attempts that open a URL's circuit (0: never).
     pub circuit_failures: u32,
     pub on_failure: OnFailure,
@@ -341,10 +446,21 @@ impl Config {
     /// Parses and validates configuration text; `path` is only used in errors.
     pub fn parse(text: &str, path: Option<&Path>) -> Result<Config, ConfigError> {
         let shown = path.map(Path::to_owned).unwrap_or_else(|| PathBuf::from("<memory>"));
-        let raw: RawFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
             path: shown.clone(),
-            message: e.to_string().trim_end().replace('\n', " "),
+            message: syntax_error(text, &e),
         })?;
+        // The integrations are deserialized one by one, so an error in one
+        // names it (by id, or by position when the id is missing).
+        let raw_integrations = table.remove("integrations");
+        let raw: RawFile = from_value(toml::Value::Table(table)).map_err(|(field, message)| ConfigError::Field {
+            path: shown.clone(),
+            field,
+            message,
+        })?;
+        let raw_integrations = raw_integrations_of(raw_integrations, &shown)?;
+        // Secret files named by a relative path are found next to the file.
+        let base_dir = path.and_then(Path::parent).map(Path::to_owned).unwrap_or_default();
         let field_err = |field: &str, message: String| ConfigError::Field {
             path: shown.clone(),
             field: field.to_owned(),
@@ -383,8 +499,8 @@ impl Config {
             client_cert_file: raw.broker.client_cert_file,
             client_key_file: raw.broker.client_key_file,
             prefix,
-            prefetch: raw.broker.prefetch.unwrap_or(256).max(1),
-            shards: raw.broker.shards.unwrap_or(crate::topology::DEFAULT_SHARDS),
+            prefetch: positive(raw.broker.prefetch, 256).map_err(|m| field_err("broker.prefetch", m))?,
+            shards: raw.broker.shards.unwrap_or(DEFAULT_SHARDS),
         };
         if !(1..=1024).contains(&broker.shards) {
             return Err(field_err(
@@ -408,40 +524,36 @@ impl Config {
                 })?;
             allow_networks.push(parsed);
         }
-        let concurrency = raw.deliverer.concurrency.unwrap_or(256);
-        if concurrency == 0 {
-            return Err(field_err("deliverer.concurrency", "must be at least 1".into()));
-        }
+        let concurrency =
+            positive(raw.deliverer.concurrency, 256).map_err(|m| field_err("deliverer.concurrency", m))?;
+        let per_integration_concurrency = positive(raw.deliverer.per_integration_concurrency, 64)
+            .map_err(|m| field_err("deliverer.per_integration_concurrency", m))?;
         let deliverer = DelivererConfig {
             http_addr: addr("deliverer.http_addr", raw.deliverer.http_addr, "0.0.0.0:9102")?,
             concurrency,
-            per_integration_concurrency: raw
-                .deliverer
-                .per_integration_concurrency
-                .unwrap_or(64)
-                .clamp(1, concurrency),
+            // One integration can hold no more than all the attempts there are.
+            per_integration_concurrency: per_integration_concurrency.min(concurrency),
             allow_networks,
             circuit_failures: raw.deliverer.circuit_failures.unwrap_or(DEFAULT_CIRCUIT_FAILURES),
         };
         let r = raw.responder;
-        let sink = match r.sink.as_deref().unwrap_or("amqp") {
-            "amqp" => Sink::Amqp,
-            "slack" => {
+        let sink = match r.sink.unwrap_or_default() {
+            SinkKind::Amqp => Sink::Amqp,
+            SinkKind::Slack => {
                 let base = r.slack_api_base.unwrap_or_else(|| "https://slack.com/api".into());
                 let api_base = parse_http_url(&base).map_err(|m| field_err("responder.slack_api_base", m))?;
-                let token = r
-                    .slack_token
-                    .or_else(|| std::env::var("SWALLOW_SLACK_TOKEN").ok())
-                    .unwrap_or_default();
-                if token.is_empty() {
+                let token = secret(r.slack_token, r.slack_token_file.as_deref(), "slack_token", &base_dir)
+                    .map_err(|(field, m)| field_err(&format!("responder.{field}"), m))?
+                    .or_else(|| env_nonempty("SWALLOW_SLACK_TOKEN"));
+                let Some(token) = token else {
                     return Err(field_err(
                         "responder.slack_token",
-                        "sink = \"slack\" needs slack_token (or SWALLOW_SLACK_TOKEN)".into(),
+                        "sink = \"slack\" needs slack_token, slack_token_file or SWALLOW_SLACK_TOKEN".into(),
                     ));
-                }
+                };
                 Sink::Slack { api_base, token }
             }
-            "webhook" => {
+            SinkKind::Webhook => {
                 let Some(u) = r.webhook_url else {
                     return Err(field_err(
                         "responder.webhook_url",
@@ -452,40 +564,52 @@ impl Config {
                     url: parse_http_url(&u).map_err(|m| field_err("responder.webhook_url", m))?,
                 }
             }
-            other => {
-                return Err(field_err(
-                    "responder.sink",
-                    format!("{other:?} is not one of \"amqp\", \"slack\", \"webhook\""),
-                ));
-            }
         };
         let per_channel = RateLimit {
             per_second: r.per_channel_per_second.unwrap_or(1.0),
             burst: r.per_channel_burst.unwrap_or(5),
             on_limit: OnLimit::Delay,
         };
-        check_rate(&per_channel).map_err(|m| field_err("responder.per_channel_per_second", m))?;
+        check_rate(
+            &per_channel,
+            ["responder.per_channel_per_second", "responder.per_channel_burst"],
+        )
+        .map_err(|(field, m)| field_err(field, m))?;
         let responder = ResponderConfig {
             http_addr: addr("responder.http_addr", r.http_addr, "0.0.0.0:9103")?,
             sink,
             per_channel,
-            max_attempts: r.max_attempts.unwrap_or(8).max(1),
-            max_age: Duration::from_secs(r.max_age_s.unwrap_or(600).max(1)),
-            timeout: Duration::from_millis(r.timeout_ms.unwrap_or(5000).max(1)),
+            max_attempts: positive(r.max_attempts, 8).map_err(|m| field_err("responder.max_attempts", m))?,
+            max_age: Duration::from_secs(positive(r.max_age_s, 600).map_err(|m| field_err("responder.max_age_s", m))?),
+            timeout: Duration::from_millis(
+                positive(r.timeout_ms, 5000).map_err(|m| field_err("responder.timeout_ms", m))?,
+            ),
         };
-        let integrations = validate_integrations(raw.integrations, &shown, deliverer.circuit_failures)?;
+        let reload_interval_ms = raw.reload_interval_ms.unwrap_or(2000);
+        if reload_interval_ms < MIN_RELOAD_INTERVAL_MS {
+            return Err(field_err(
+                "reload_interval_ms",
+                format!("must be at least {MIN_RELOAD_INTERVAL_MS}, not {reload_interval_ms}"),
+            ));
+        }
+        let reload_interval = Duration::from_millis(reload_interval_ms);
+        let integrations = validate_integrations(raw_integrations, &shown, &base_dir, deliverer.circuit_failures)?;
         Ok(Config {
             path: path.map(Path::to_owned),
-            reload_interval: Duration::from_millis(raw.reload_interval_ms.unwrap_or(2000).max(50)),
+            reload_interval,
             broker,
             matcher,
             deliverer,
             responder,
+            log: LogConfig {
+                format: raw.log.format.unwrap_or_default(),
+            },
             integrations: Arc::new(integrations),
         })
     }
 
-    /// Applies `AMQP_URL`, `SWALLOW_PREFIX` and `SWALLOW_HTTP_ADDR` (for `stage`).
+    /// Applies `AMQP_URL`, `SWALLOW_PREFIX`, `SWALLOW_LOG_FORMAT` and
+    /// `SWALLOW_HTTP_ADDR` (for `stage`).
     pub fn apply_env(&mut self, stage: Stage) -> Result<(), ConfigError> {
         if let Some(url) = env_nonempty("AMQP_URL") {
             self.broker.urls = crate::broker::BrokerUrls::parse(&url).map_err(|message| ConfigError::Env {
@@ -499,6 +623,18 @@ impl Config {
                 message,
             })?;
             self.broker.prefix = prefix;
+        }
+        if let Some(format) = env_nonempty("SWALLOW_LOG_FORMAT") {
+            self.log.format = match format.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => {
+                    return Err(ConfigError::Env {
+                        name: "SWALLOW_LOG_FORMAT",
+                        message: format!("{format:?} is not one of \"text\", \"json\""),
+                    });
+                }
+            };
         }
         if let Some(addr) = env_nonempty("SWALLOW_HTTP_ADDR") {
             let parsed = addr.parse::<SocketAddr>().map_err(|e| ConfigError::Env {
@@ -516,6 +652,95 @@ impl Config {
             Stage::Deliverer => &mut self.deliverer.http_addr,
             Stage::Responder => &mut self.responder.http_addr,
         }
+    }
+}
+
+/// A secret given inline (`name`) or in a file (`name_file`, read now, a
+/// trailing newline trimmed); `None` when neither is set. On error, the
+/// field at fault and why (the path included).
+fn secret(
+    inline: Option<String>,
+    file: Option<&Path>,
+    name: &str,
+    base_dir: &Path,
+) -> Result<Option<String>, (String, String)> {
+    let Some(file) = file else { return Ok(inline) };
+    let field = format!("{name}_file");
+    if inline.is_some() {
+        return Err((field, format!("give {name} or {name}_file, not both")));
+    }
+    let path = base_dir.join(file);
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| (field.clone(), format!("reading {}: {e}", path.display())))?;
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    let text = text.strip_suffix('\r').unwrap_or(text);
+    if text.trim().is_empty() {
+        return Err((field, format!("{} is empty", path.display())));
+    }
+    Ok(Some(text.to_owned()))
+}
+
+/// Decodes one `whsec_…` secret into its key.
+fn signing_key(secret: &str) -> Result<Vec<u8>, String> {
+    let Some(b64) = secret.trim().strip_prefix("whsec_") else {
+        return Err("must start with \"whsec_\"".into());
+    };
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|e| format!("the part after \"whsec_\" is not base64: {e}"))?;
+    if key.is_empty() {
+        return Err("the key is empty".into());
+    }
+    Ok(key)
+}
+
+/// Headers swallow sets itself on every POST; an integration may not.
+const OWN_HEADERS: &[&str] = &["content-type", "content-length", "host", "user-agent"];
+
+/// Checks `headers = { … }`: valid names and values, none of swallow's own.
+fn custom_headers(
+    headers: BTreeMap<String, String>,
+) -> Result<Vec<(http::HeaderName, http::HeaderValue)>, (String, String)> {
+    let mut out = Vec::with_capacity(headers.len());
+    for (name, value) in headers {
+        let field = format!("headers.{name:?}");
+        let parsed = http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| (field.clone(), "is not a valid header name".to_owned()))?;
+        if OWN_HEADERS.contains(&parsed.as_str()) || parsed.as_str().starts_with("webhook-") {
+            return Err((field, "swallow sets this header itself; it cannot be configured".into()));
+        }
+        // `http` lets bytes above ASCII through (obs-text); handlers and
+        // proxies read them inconsistently, so only visible ASCII is taken.
+        let value = value
+            .chars()
+            .all(|c| c == ' ' || c.is_ascii_graphic())
+            .then(|| http::HeaderValue::from_str(&value).ok())
+            .flatten()
+            .ok_or_else(|| {
+                (
+                    field.clone(),
+                    "the value must be visible ASCII or spaces, without line breaks".to_owned(),
+                )
+            })?;
+        out.push((parsed, value));
+    }
+    Ok(out)
+}
+
+/// The shortest `reload_interval_ms`: polling faster only burns CPU.
+const MIN_RELOAD_INTERVAL_MS: u64 = 50;
+
+/// `value` (or `default` when absent) if it is at least 1: a count or a
+/// duration of 0 would stop the stage's work, so it is refused, not raised.
+fn positive<T>(value: Option<T>, default: T) -> Result<T, String>
+where
+    T: Copy + Default + PartialEq + std::fmt::Display,
+{
+    let v = value.unwrap_or(default);
+    if v == T::default() {
+        Err("must be at least 1, not 0".into())
+    } else {
+        Ok(v)
     }
 }
 
@@ -541,15 +766,20 @@ fn check_prefix(prefix: &str) -> Result<(), String> {
 /// The slowest rate limit: one an hour.
 pub const MIN_PER_SECOND: f64 = 1.0 / 3600.0;
 
-fn check_rate(rate: &RateLimit) -> Result<(), String> {
+/// Checks a rate limit whose two numbers are the fields `names` (per second,
+/// burst); on error, the field that is wrong and why.
+fn check_rate(rate: &RateLimit, names: [&'static str; 2]) -> Result<(), (&'static str, String)> {
     if !(rate.per_second.is_finite() && rate.per_second >= MIN_PER_SECOND) {
-        return Err(format!(
-            "per_second must be a number of at least {MIN_PER_SECOND:.6} (one an hour), not {}",
-            rate.per_second
+        return Err((
+            names[0],
+            format!(
+                "must be a number of at least {MIN_PER_SECOND:.6} (one an hour), not {}",
+                rate.per_second
+            ),
         ));
     }
     if rate.burst == 0 {
-        return Err("burst must be at least 1".into());
+        return Err((names[1], "must be at least 1, not 0".into()));
     }
     Ok(())
 }
@@ -568,26 +798,105 @@ fn parse_http_url(text: &str) -> Result<Url, String> {
     Ok(url)
 }
 
+/// How an error names the integration at `index`: its id, quoted, or its
+/// position (`#2`) when it has none.
+fn integration_name(id: Option<&str>, index: usize) -> String {
+    match id.filter(|id| !id.is_empty()) {
+        Some(id) => format!("{id:?}"),
+        None => format!("#{}", index + 1),
+    }
+}
+
+/// The `[[integrations]]` array, each table deserialized on its own.
+fn raw_integrations_of(value: Option<toml::Value>, path: &Path) -> Result<Vec<RawIntegration>, ConfigError> {
+    let tables = match value {
+        None => return Ok(Vec::new()),
+        Some(toml::Value::Array(tables)) => tables,
+        Some(other) => {
+            return Err(ConfigError::Field {
+                path: path.to_owned(),
+                field: "integrations".into(),
+                message: format!(
+                    "must be an array of tables ([[integrations]]), found {}",
+                    other.type_str()
+                ),
+            });
+        }
+    };
+    let mut list = Vec::with_capacity(tables.len());
+    for (index, value) in tables.into_iter().enumerate() {
+        let id = value.get("id").and_then(toml::Value::as_str).map(str::to_owned);
+        let integration = from_value(value).map_err(|(field, message)| ConfigError::Integration {
+            path: path.to_owned(),
+            integration: integration_name(id.as_deref(), index),
+            field,
+            message,
+        })?;
+        list.push(integration);
+    }
+    Ok(list)
+}
+
+/// Deserializes `value`; on error, the dotted path of the field at fault and
+/// a message without TOML's caret diagram. An unknown field gets the closest
+/// known one as a suggestion.
+fn from_value<T: serde::de::DeserializeOwned>(value: toml::Value) -> Result<T, (String, String)> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let field = e.path().to_string();
+        let message = e.into_inner().message().trim_end().replace('\n', "; ");
+        (field, unknown_field_hint(&message).unwrap_or(message))
+    })
+}
+
+/// serde's "unknown field `x`, expected one of `a`, `b`" as "unknown field;
+/// did you mean `a`?" (or the list of known fields when none is close).
+fn unknown_field_hint(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (unknown, expected) = rest.split_once('`')?;
+    let known: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    let closest = known
+        .iter()
+        .map(|k| (strsim::levenshtein(unknown, k), *k))
+        .min()
+        .filter(|(distance, k)| *distance <= 2.max(k.len() / 3));
+    Some(match closest {
+        Some((_, k)) => format!("unknown field; did you mean `{k}`?"),
+        None if known.is_empty() => "unknown field; this table has no fields".into(),
+        None => format!("unknown field; the known fields are `{}`", known.join("`, `")),
+    })
+}
+
+/// A TOML syntax error as one line: where, then what.
+fn syntax_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim_end().replace('\n', "; ");
+    match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message,
+    }
+}
+
 /// Consecutive failed attempts that open a circuit, unless configured.
 pub const DEFAULT_CIRCUIT_FAILURES: u32 = 5;
 
 fn validate_integrations(
     raw: Vec<RawIntegration>,
     path: &Path,
+    base_dir: &Path,
     circuit_failures: u32,
 ) -> Result<Integrations, ConfigError> {
     let mut seen = HashSet::new();
     let mut list = Vec::with_capacity(raw.len());
     for (index, r) in raw.into_iter().enumerate() {
         let id = r.id.clone().unwrap_or_default();
-        let shown_id = if id.is_empty() {
-            format!("#{}", index + 1)
-        } else {
-            id.clone()
-        };
+        let shown_id = integration_name(Some(&id), index);
         let err = |field: &str, message: String| ConfigError::Integration {
             path: path.to_owned(),
-            id: shown_id.clone(),
+            integration: shown_id.clone(),
             field: field.to_owned(),
             message,
         };
@@ -637,20 +946,14 @@ fn validate_integrations(
         for (i, u) in raw_urls.iter().enumerate() {
             urls.push(parse_http_url(u).map_err(|m| err(&format!("urls[{i}]"), m))?);
         }
-        let token = r.token.unwrap_or_default();
+        let token = secret(r.token, r.token_file.as_deref(), "token", base_dir)
+            .map_err(|(field, m)| err(&field, m))?
+            .unwrap_or_default();
         if token.is_empty() {
-            return Err(err("token", "required, and must not be empty".into()));
+            return Err(err("token", "required (or token_file), and must not be empty".into()));
         }
-        let content_type = match r.content_type.as_deref().unwrap_or("form") {
-            "form" => ContentType::Form,
-            "json" => ContentType::Json,
-            other => return Err(err("content_type", format!("{other:?} is not \"form\" or \"json\""))),
-        };
-        let trigger_match = match r.trigger_match.as_deref().unwrap_or("prefix") {
-            "prefix" => TriggerMatch::Prefix,
-            "word" => TriggerMatch::Word,
-            other => return Err(err("trigger_match", format!("{other:?} is not \"prefix\" or \"word\""))),
-        };
+        let content_type = r.content_type.unwrap_or_default();
+        let trigger_match = r.trigger_match.unwrap_or_default();
         if trigger_match == TriggerMatch::Word
             && let Some(i) = trigger_words.iter().position(|w| w.chars().any(char::is_whitespace))
         {
@@ -667,55 +970,53 @@ fn validate_integrations(
             if let Some(v) = rl.burst {
                 rate_limit.burst = v;
             }
-            rate_limit.on_limit = match rl.on_limit.as_deref().unwrap_or("delay") {
-                "delay" => OnLimit::Delay,
-                "drop" => OnLimit::Drop,
-                other => {
-                    return Err(err(
-                        "rate_limit.on_limit",
-                        format!("{other:?} is not \"delay\" or \"drop\""),
-                    ));
-                }
+            rate_limit.on_limit = rl.on_limit.unwrap_or_default();
+        }
+        check_rate(&rate_limit, ["rate_limit.per_second", "rate_limit.burst"]).map_err(|(field, m)| err(field, m))?;
+        let timeout_ms = positive(r.timeout_ms, 5000).map_err(|m| err("timeout_ms", m))?;
+        let max_attempts = positive(r.max_attempts, 8).map_err(|m| err("max_attempts", m))?;
+        let max_age_s = positive(r.max_age_s, 600).map_err(|m| err("max_age_s", m))?;
+        let secrets: Vec<String> = match r.signing_secret {
+            None => Vec::new(),
+            Some(OneOrMany::One(s)) => vec![s],
+            Some(OneOrMany::Many(list)) => list,
+        };
+        let mut signing_keys = Vec::with_capacity(secrets.len());
+        for (i, s) in secrets.iter().enumerate() {
+            let field = if matches!(secrets.len(), 1) {
+                "signing_secret".to_owned()
+            } else {
+                format!("signing_secret[{i}]")
             };
+            signing_keys.push(signing_key(s).map_err(|m| err(&field, m))?);
         }
-        check_rate(&rate_limit).map_err(|m| err("rate_limit", m))?;
-        let timeout_ms = r.timeout_ms.unwrap_or(5000);
-        if timeout_ms == 0 {
-            return Err(err("timeout_ms", "must be at least 1".into()));
-        }
-        let max_attempts = r.max_attempts.unwrap_or(8);
-        if max_attempts == 0 {
-            return Err(err("max_attempts", "must be at least 1".into()));
-        }
-        let max_age_s = r.max_age_s.unwrap_or(600);
-        if max_age_s == 0 {
-            return Err(err("max_age_s", "must be at least 1".into()));
-        }
-        let signing_key = match r.signing_secret {
-            None => None,
-            Some(s) => {
-                let Some(b64) = s.strip_prefix("whsec_") else {
-                    return Err(err("signing_secret", "must start with \"whsec_\"".into()));
-                };
-                let key = base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| {
+        if let Some(file) = &r.signing_secret_file {
+            let text = secret(
+                (!secrets.is_empty()).then(String::new),
+                Some(file),
+                "signing_secret",
+                base_dir,
+            )
+            .map_err(|(field, m)| err(&field, m))?
+            .unwrap_or_default();
+            for (i, line) in text.lines().map(str::trim).filter(|l| !l.is_empty()).enumerate() {
+                signing_keys.push(signing_key(line).map_err(|m| {
                     err(
-                        "signing_secret",
-                        format!("the part after \"whsec_\" is not base64: {e}"),
+                        "signing_secret_file",
+                        format!("{}: secret {}: {m}", base_dir.join(file).display(), i + 1),
                     )
-                })?;
-                if key.is_empty() {
-                    return Err(err("signing_secret", "the key is empty".into()));
-                }
-                Some(key)
+                })?);
             }
-        };
-        let on_failure = match r.on_failure.as_deref().unwrap_or("quiet") {
-            "quiet" => OnFailure::Quiet,
-            "notify" => OnFailure::Notify,
-            other => {
-                return Err(err("on_failure", format!("{other:?} is not \"quiet\" or \"notify\"")));
-            }
-        };
+        }
+        let channel_types = r.channel_types.unwrap_or_else(|| vec![ChannelType::Public]);
+        if channel_types.is_empty() {
+            return Err(err(
+                "channel_types",
+                "must name at least one of \"public\", \"private\", \"im\", \"mpim\" (leave it out for public only)"
+                    .into(),
+            ));
+        }
+        let headers = custom_headers(r.headers.unwrap_or_default()).map_err(|(field, m)| err(&field, m))?;
         let failure_notice_interval_s = r.failure_notice_interval_s.unwrap_or(300);
         if failure_notice_interval_s == 0 {
             return Err(err("failure_notice_interval_s", "must be at least 1".into()));
@@ -728,6 +1029,7 @@ fn validate_integrations(
             id,
             team_id,
             channel,
+            channel_types,
             trigger_words,
             urls,
             token,
@@ -740,9 +1042,10 @@ fn validate_integrations(
             timeout: Duration::from_millis(timeout_ms),
             max_attempts,
             max_age: Duration::from_secs(max_age_s),
-            signing_key,
+            signing_keys,
+            headers,
             circuit_failures: r.circuit_failures.unwrap_or(circuit_failures),
-            on_failure,
+            on_failure: r.on_failure.unwrap_or_default(),
             failure_notice_interval: Duration::from_secs(failure_notice_interval_s),
         }));
     }
@@ -779,7 +1082,8 @@ rate_limit = { per_second = 2.0, burst = 3, on_limit = "drop" }
         assert_eq!(i.rate_limit.on_limit, OnLimit::Drop);
         assert_eq!(i.timeout, Duration::from_millis(5000));
         assert_eq!(i.max_attempts, 8);
-        assert!(i.signing_key.is_some());
+        assert_eq!(i.signing_keys.len(), 1);
+        assert_eq!(i.channel_types, [ChannelType::Public]);
         assert_eq!(c.responder.sink, Sink::Amqp);
     }
 
@@ -816,22 +1120,22 @@ rate_limit = { per_second = 2.0, burst = 3, on_limit = "drop" }
             (
                 "rate_limit = {}",
                 "rate_limit = { per_second = 0.0 }",
-                "rate_limit: per_second must be a number of at least 0.000278 (one an hour), not 0",
+                "rate_limit.per_second: must be a number of at least 0.000278 (one an hour), not 0",
             ),
             (
                 "rate_limit = {}",
                 "rate_limit = { per_second = 1e-300 }",
-                "rate_limit: per_second must be a number of at least",
+                "rate_limit.per_second: must be a number of at least",
             ),
             (
                 "rate_limit = {}",
                 "rate_limit = { burst = 0 }",
-                "rate_limit: burst must be at least 1",
+                "rate_limit.burst: must be at least 1, not 0",
             ),
             (
                 "rate_limit = {}",
                 "rate_limit = { on_limit = \"wait\" }",
-                "rate_limit.on_limit: \"wait\" is not",
+                "unknown variant `wait`, expected `delay` or `drop`",
             ),
             (
                 "token = \"t\"",
@@ -841,12 +1145,12 @@ rate_limit = { per_second = 2.0, burst = 3, on_limit = "drop" }
             (
                 "token = \"t\"",
                 "token = \"t\"\ncontent_type = \"xml\"",
-                "content_type: \"xml\"",
+                "unknown variant `xml`, expected `form` or `json`",
             ),
             (
                 "token = \"t\"",
                 "token = \"t\"\ntrigger_word = [\"x\"]",
-                "unknown field `trigger_word`",
+                "integration \"googlebot\": trigger_word: unknown field; did you mean `trigger_words`?",
             ),
         ];
         let base = "[[integrations]]\nid = \"googlebot\"\nteam_id = \"T1\"\nchannel = \"#test\"\nurls = [\"http://x/\"]\ntoken = \"t\"\nrate_limit = {}\n";
@@ -873,6 +1177,145 @@ rate_limit = { per_second = 2.0, burst = 3, on_limit = "drop" }
     }
 
     #[test]
+    fn errors_are_one_line_naming_the_integration_and_the_closest_field() {
+        let one =
+            "[[integrations]]\nid = \"a\"\nteam_id = \"T1\"\nchannel = \"C1\"\nurls = [\"http://x/\"]\ntoken = \"t\"\n";
+        let file = "loading configuration from /etc/swallow/swallow.toml";
+        let integrations = "loading integrations from /etc/swallow/swallow.toml";
+        for (text, want) in [
+            (
+                format!("{one}[[integrations]]\nteam_id = \"T1\"\ntrigger_wrds = [\"x\"]\n"),
+                format!("{integrations}: integration #2: trigger_wrds: unknown field; did you mean `trigger_words`?"),
+            ),
+            (
+                format!("{one}rate_limit = {{ per_secnd = 1.0 }}\n"),
+                format!(
+                    "{integrations}: integration \"a\": rate_limit.per_secnd: unknown field; did you mean `per_second`?"
+                ),
+            ),
+            (
+                format!("{one}colour = \"red\"\n"),
+                format!(
+                    "{integrations}: integration \"a\": colour: unknown field; the known fields are `id`, `team_id`,"
+                ),
+            ),
+            (
+                format!("{one}timeout_ms = \"5s\"\n"),
+                format!("{integrations}: integration \"a\": timeout_ms: invalid type: string \"5s\", expected u64"),
+            ),
+            (
+                "[deliverer]\nconcurency = 4\n".into(),
+                format!("{file}: deliverer.concurency: unknown field; did you mean `concurrency`?"),
+            ),
+            (
+                "[broker]\nurl = \"amqp://x\"\nprefix = swallow\n".into(),
+                format!("{file}: line 3, column 10: "),
+            ),
+            (
+                "integrations = 3\n".into(),
+                format!("{file}: integrations: must be an array of tables ([[integrations]]), found integer"),
+            ),
+        ] {
+            let got = error_of(&text);
+            assert!(got.starts_with(&want), "got  {got}\nwant {want}");
+            assert!(!got.contains('\n') && !got.contains('|'), "one line: {got}");
+        }
+    }
+
+    #[test]
+    fn integration_options_and_their_errors() {
+        let dir = std::env::temp_dir().join(format!("swallow-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("swallow.toml");
+        std::fs::write(dir.join("token"), "from-file\n").unwrap();
+        std::fs::write(dir.join("empty"), "\n").unwrap();
+        std::fs::write(
+            dir.join("secrets"),
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\nwhsec_AAAAAAAAAAAAAAAAAAAAAAAA\n",
+        )
+        .unwrap();
+        let one = "[[integrations]]\nid = \"a\"\nteam_id = \"T1\"\nchannel = \"C1\"\nurls = [\"http://x/\"]\n";
+        let parse = |extra: &str| Config::parse(&format!("{one}{extra}\n"), Some(&path));
+        let good = parse(
+            "token_file = \"token\"\nsigning_secret_file = \"secrets\"\nchannel_types = [\"im\", \"private\"]\nheaders = { \"X-Api-Key\" = \"k1\" }",
+        )
+        .unwrap();
+        let i = &good.integrations.list[0];
+        assert_eq!(i.token, "from-file");
+        assert_eq!(i.signing_keys.len(), 2);
+        assert_eq!(i.channel_types, [ChannelType::Im, ChannelType::Private]);
+        assert_eq!(i.headers[0].0, "x-api-key");
+        assert_eq!(i.headers[0].1, "k1");
+        let list =
+            parse("token = \"t\"\nsigning_secret = [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\", \"whsec_AAAA\"]")
+                .unwrap();
+        assert_eq!(list.integrations.list[0].signing_keys.len(), 2);
+
+        let shown = path.display();
+        let d = dir.display();
+        for (extra, want) in [
+            (
+                "token = \"t\"\nchannel_types = [\"dm\"]".to_owned(),
+                "channel_types[0]: unknown variant `dm`, expected one of `public`, `private`, `im`, `mpim`".to_owned(),
+            ),
+            (
+                "token = \"t\"\ntoken_file = \"token\"".into(),
+                "token_file: give token or token_file, not both".into(),
+            ),
+            (
+                "token_file = \"nope\"".into(),
+                format!("token_file: reading {d}/nope: No such file"),
+            ),
+            (
+                "token_file = \"empty\"".into(),
+                format!("token_file: {d}/empty is empty"),
+            ),
+            (
+                "token = \"t\"\nsigning_secret_file = \"token\"".into(),
+                format!("signing_secret_file: {d}/token: secret 1: must start with \"whsec_\""),
+            ),
+            (
+                "token = \"t\"\nsigning_secret = [\"whsec_AAAA\", \"nope\"]".into(),
+                "signing_secret[1]: must start with \"whsec_\"".into(),
+            ),
+            (
+                "token = \"t\"\nheaders = { \"User-Agent\" = \"me\" }".into(),
+                "headers.\"User-Agent\": swallow sets this header itself".into(),
+            ),
+            (
+                "token = \"t\"\nheaders = { \"Webhook-Signature\" = \"v1,x\" }".into(),
+                "headers.\"Webhook-Signature\": swallow sets this header itself".into(),
+            ),
+            (
+                "token = \"t\"\nheaders = { \"X Key\" = \"v\" }".into(),
+                "headers.\"X Key\": is not a valid header name".into(),
+            ),
+            (
+                "token = \"t\"\nheaders = { \"X-Key\" = \"a\\nb\" }".into(),
+                "headers.\"X-Key\": the value must be visible ASCII".into(),
+            ),
+        ] {
+            let got = parse(&extra).unwrap_err().to_string();
+            let want = format!("loading integrations from {shown}: integration \"a\": {want}");
+            assert!(got.starts_with(&want), "got  {got}\nwant {want}");
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn the_log_table_picks_the_format() {
+        assert_eq!(Config::parse("", None).unwrap().log.format, LogFormat::Text);
+        assert_eq!(
+            Config::parse("[log]\nformat = \"json\"", None).unwrap().log.format,
+            LogFormat::Json
+        );
+        assert!(
+            error_of("[log]\nformat = \"xml\"")
+                .ends_with("log.format: unknown variant `xml`, expected `text` or `json`")
+        );
+    }
+
+    #[test]
     fn duplicate_ids_are_refused() {
         let one =
             "[[integrations]]\nid = \"a\"\nteam_id = \"T1\"\nchannel = \"C1\"\nurls = [\"http://x/\"]\ntoken = \"t\"\n";
@@ -881,8 +1324,58 @@ rate_limit = { per_second = 2.0, burst = 3, on_limit = "drop" }
     }
 
     #[test]
+    fn enumerated_fields_list_the_allowed_values() {
+        let base =
+            "[[integrations]]\nid = \"a\"\nteam_id = \"T1\"\nchannel = \"C1\"\nurls = [\"http://x/\"]\ntoken = \"t\"\n";
+        for (line, want) in [
+            (
+                "content_type = \"xml\"",
+                "unknown variant `xml`, expected `form` or `json`",
+            ),
+            (
+                "trigger_match = \"any\"",
+                "unknown variant `any`, expected `prefix` or `word`",
+            ),
+            (
+                "rate_limit = { on_limit = \"wait\" }",
+                "unknown variant `wait`, expected `delay` or `drop`",
+            ),
+        ] {
+            let got = error_of(&format!("{base}{line}\n"));
+            assert!(got.contains(want), "{line}: {got}");
+        }
+        let got = error_of("[responder]\nsink = \"irc\"");
+        assert!(
+            got.contains("unknown variant `irc`, expected one of `amqp`, `slack`, `webhook`"),
+            "{got}"
+        );
+    }
+
+    #[test]
+    fn a_zero_where_a_positive_number_is_needed_is_refused_not_raised() {
+        for (text, field) in [
+            ("[broker]\nprefetch = 0", "broker.prefetch"),
+            ("[deliverer]\nconcurrency = 0", "deliverer.concurrency"),
+            (
+                "[deliverer]\nper_integration_concurrency = 0",
+                "deliverer.per_integration_concurrency",
+            ),
+            ("[responder]\nmax_attempts = 0", "responder.max_attempts"),
+            ("[responder]\nmax_age_s = 0", "responder.max_age_s"),
+            ("[responder]\ntimeout_ms = 0", "responder.timeout_ms"),
+            ("[responder]\nper_channel_burst = 0", "responder.per_channel_burst"),
+        ] {
+            let got = error_of(text);
+            assert!(
+                got.ends_with(&format!("{field}: must be at least 1, not 0")),
+                "{text}: {got}"
+            );
+        }
+        assert!(error_of("reload_interval_ms = 0").ends_with("reload_interval_ms: must be at least 50, not 0"));
+    }
+
+    #[test]
     fn bad_sink_and_prefix_are_refused() {
-        assert!(error_of("[responder]\nsink = \"irc\"").contains("responder.sink"));
         assert!(error_of("[responder]\nsink = \"webhook\"").contains("responder.webhook_url"));
         assert!(error_of("[broker]\nprefix = \"a b\"").contains("broker.prefix"));
         assert!(error_of("[deliverer]\nallow_networks = [\"nope\"]").contains("deliverer.allow_networks[0]"));
@@ -903,5 +1396,28 @@ rate_limit = { per_second = 2.0, burst = 3, on_limit = "drop" }
         assert!(missing.contains("broker.ca_file: /nonexistent/ca.pem"), "{missing}");
         let alone = error_of("[broker]\nclient_cert_file = \"/etc/hostname\"");
         assert!(alone.contains("broker.client_key_file"), "{alone}");
+    }
+
+    #[test]
+    fn circuit_and_failure_notice_options() {
+        let c = Config::parse("[deliverer]\ncircuit_failures = 3\n", None).unwrap();
+        assert_eq!(c.deliverer.circuit_failures, 3);
+        let text = "[[integrations]]\nid = \"g\"\nteam_id = \"T\"\nchannel = \"C1\"\nurls = [\"https://example.com/\"]\ntoken = \"t\"\n";
+        let i = &Config::parse(text, None).unwrap().integrations.list[0];
+        assert_eq!(
+            (i.circuit_failures, i.on_failure),
+            (DEFAULT_CIRCUIT_FAILURES, OnFailure::Quiet)
+        );
+        assert_eq!(i.failure_notice_interval, Duration::from_secs(300));
+        let notify = format!("{text}circuit_failures = 0\non_failure = \"notify\"\nfailure_notice_interval_s = 60\n");
+        let i = &Config::parse(&notify, None).unwrap().integrations.list[0];
+        assert_eq!((i.circuit_failures, i.on_failure), (0, OnFailure::Notify));
+        assert_eq!(i.failure_notice_interval, Duration::from_secs(60));
+        let loud = error_of(&format!("{text}on_failure = \"loud\"\n"));
+        assert!(
+            loud.contains("on_failure") && loud.contains("quiet") && loud.contains("notify"),
+            "{loud}"
+        );
+        assert!(error_of(&format!("{text}failure_notice_interval_s = 0\n")).contains("failure_notice_interval_s"));
     }
 }

@@ -1,7 +1,7 @@
 //! What two or more swallow stages share: configuration, the messages that
 //! cross the broker, the topology, the broker connection and its recovery,
-//! the operations listener, shutdown, reload, the pacing and retry logic,
-//! and the one lifecycle of a job that is retried (`lifecycle`).
+//! the operations listener, shutdown, logging, reload, the pacing and retry
+//! logic, and the one lifecycle of a job that is retried (`lifecycle`).
 
 pub mod broker;
 pub mod cli;
@@ -10,6 +10,7 @@ pub mod consume;
 pub mod delay;
 pub mod event;
 pub mod lifecycle;
+pub mod logging;
 pub mod messages;
 pub mod metrics;
 pub mod ops;

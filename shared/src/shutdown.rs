@@ -73,23 +73,3 @@ impl Signals {
         "ctrl-c"
     }
 }
-
-/// Logging to stderr, filtered by `RUST_LOG` (default `info`). The AMQP
-/// client's own log lines are off unless `RUST_LOG` names `lapin`: swallow
-/// logs the broker errors that matter itself, and lapin reports expected
-/// events (a shard lease held by another replica, a closing channel) as
-/// errors.
-pub fn init_logging() {
-    let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
-    let spec = if spec.contains("lapin") {
-        spec
-    } else {
-        format!("{spec},lapin=off")
-    };
-    let filter = tracing_subscriber::EnvFilter::new(spec);
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .try_init();
-}

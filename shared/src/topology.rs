@@ -44,11 +44,6 @@ impl Topology {
         }
     }
 
-    /// The topology a configuration describes.
-    pub fn of(broker: &crate::config::BrokerConfig) -> Self {
-        Self::with_shards(&broker.prefix, broker.shards)
-    }
-
     pub fn shards(&self) -> u32 {
         self.shards
     }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
-use swallow_shared::{Config, Stage, Topology};
+use swallow_shared::{Config, Stage};
 use swallow_tools::chat::{self, Say};
 
 #[derive(Parser)]
@@ -54,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
         None => Config::parse("", None)?,
     };
     config.apply_env(Stage::Matcher)?;
-    let topology = Topology::of(&config.broker);
+    let topology = config.broker.topology();
     let connection = swallow_shared::broker::connect(&config.broker, "swallow-chat").await?;
     match args.command {
         Command::Say {

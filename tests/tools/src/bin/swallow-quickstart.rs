@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use futures_util::StreamExt;
-use swallow_shared::{Config, Stage, Topology};
+use swallow_shared::{Config, Stage};
 use swallow_tools::chat::{self, Say};
 use swallow_tools::googlebot;
 
@@ -32,7 +32,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut config = Config::load(&args.config)?;
     config.apply_env(Stage::Matcher)?;
-    let topology = Topology::of(&config.broker);
+    let topology = config.broker.topology();
     let connection = swallow_shared::broker::connect(&config.broker, "swallow-quickstart")
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach RabbitMQ: {e}"))?;

@@ -1,0 +1,368 @@
+//! Integration options end to end with the real binaries (issue #16):
+//! `channel_types`, secrets read from files and re-read at reload, several
+//! signing secrets, custom headers, and logs a pipeline can read. Each bad
+//! value is refused with its exact line, and nothing is lost.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use swallow_tests::handler::{Answer, HandlerServer};
+use swallow_tests::*;
+
+const T: Duration = Duration::from_secs(30);
+
+/// The matcher and the deliverer on `config`, both ready.
+async fn match_and_deliver(config: &Path) -> (StageProcess, StageProcess) {
+    let env = HashMap::new();
+    let matcher = StageProcess::spawn("swallow-matcher", config, &env).unwrap();
+    let deliverer = StageProcess::spawn("swallow-deliverer", config, &env).unwrap();
+    matcher.ready(T).await;
+    deliverer.ready(T).await;
+    (matcher, deliverer)
+}
+
+/// A configuration for `stack` whose handlers are allowed on loopback.
+fn config_for(stack: &TestStack, integrations: &str) -> String {
+    format!(
+        "reload_interval_ms = 100\n{}[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n\n{integrations}",
+        stack.broker_toml()
+    )
+}
+
+fn integration(id: &str, url: &str, extra: &str) -> String {
+    format!(
+        "[[integrations]]\nid = \"{id}\"\nteam_id = \"T0001\"\ntrigger_words = [\"bot:\"]\nurls = [\"{url}\"]\n{extra}\n\n"
+    )
+}
+
+fn event_in(channel_type: Option<&str>, ts: &str) -> serde_json::Value {
+    let mut e = chat_event("bot: hello", ts);
+    e["channel_type"] = channel_type.map_or(serde_json::Value::Null, Into::into);
+    e
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_channels_and_dms_fire_only_the_integrations_that_allow_them() {
+    let stack = TestStack::new("opt-types").await.unwrap();
+    let handler = HandlerServer::start(|_, _| Answer::status(200)).await;
+    let dir = tempdir("opt-types");
+    let text = [
+        integration("public", &handler.url("/public"), "token = \"t\""),
+        integration(
+            "private",
+            &handler.url("/private"),
+            "token = \"t\"\nchannel_types = [\"private\"]",
+        ),
+        integration("dm", &handler.url("/dm"), "token = \"t\"\nchannel_types = [\"im\"]"),
+    ]
+    .concat();
+    let path = write_config(&dir, &config_for(&stack, &text));
+    let (matcher, _deliverer) = match_and_deliver(&path).await;
+
+    let cases = [
+        (Some("private"), "/private"),
+        (Some("im"), "/dm"),
+        (None, "/public"),
+        (Some("public"), "/public"),
+        (Some("mpim"), ""),
+    ];
+    for (i, (kind, _)) in cases.iter().enumerate() {
+        stack
+            .publish_event(&event_in(*kind, &format!("1700000000.00000{i}")))
+            .await
+            .unwrap();
+    }
+    // Four POSTs are due; the group DM fires none: the matcher ignores it.
+    wait_for(T, "the matcher to ignore the group DM", || async {
+        let ignored = metric(
+            matcher.ops_addr,
+            "swallow_events_ignored_total",
+            &[("reason", "not_public")],
+        )
+        .await
+        .ok()?;
+        (ignored == 1.0).then_some(())
+    })
+    .await;
+    handler.until(4, T, "the four POSTs").await;
+    let mut got: Vec<(String, String)> = handler
+        .requests()
+        .iter()
+        .map(|r| {
+            let ts = r.form().into_iter().find(|(k, _)| k == "timestamp").unwrap().1;
+            (ts, r.path.clone())
+        })
+        .collect();
+    got.sort();
+    let want: Vec<(String, String)> = cases
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, p))| !p.is_empty())
+        .map(|(i, (_, p))| (format!("1700000000.00000{i}"), (*p).to_owned()))
+        .collect();
+    assert_eq!(
+        got, want,
+        "each event fired only the integration that allows its channel type"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Replaces `path`'s content at once, as a Kubernetes Secret update does.
+fn replace_file(path: &Path, text: &str) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_file_changed_is_the_token_of_the_next_post_and_a_bad_one_keeps_the_old() {
+    let stack = TestStack::new("opt-tokfile").await.unwrap();
+    let handler = HandlerServer::start(|_, _| Answer::status(200)).await;
+    let dir = tempdir("opt-tokfile");
+    let token = dir.join("token");
+    std::fs::write(&token, "first-token\n").unwrap();
+    let text = integration("filed", &handler.url("/filed"), "token_file = \"token\"");
+    let path = write_config(&dir, &config_for(&stack, &text));
+    let (_matcher, deliverer) = match_and_deliver(&path).await;
+    let token_of = |r: &handler::Recorded| r.form().into_iter().find(|(k, _)| k == "token").unwrap().1;
+    let reloads = |result: &'static str| {
+        let addr = deliverer.ops_addr;
+        async move {
+            metric(addr, "swallow_config_reloads_total", &[("result", result)])
+                .await
+                .unwrap()
+        }
+    };
+
+    stack.publish_event(&event_in(None, "1700000001.000001")).await.unwrap();
+    let first = handler.until(1, T, "the first POST").await;
+    assert_eq!(token_of(&first[0]), "first-token");
+
+    // The rotated token is the next POST's; then an empty token file is
+    // refused: the integration in force stays, and the next event is
+    // delivered with the token before.
+    let steps = [
+        ("second-token\n", "ok", "second-token"),
+        ("\n", "error", "second-token"),
+    ];
+    for (i, (content, result, want)) in steps.into_iter().enumerate() {
+        replace_file(&token, content);
+        let what = format!("the deliverer's reload check ({result}) after writing {content:?}");
+        wait_for(T, &what, || async { (reloads(result).await >= 1.0).then_some(()) }).await;
+        stack
+            .publish_event(&event_in(None, &format!("1700000001.00001{i}")))
+            .await
+            .unwrap();
+        let posts = handler.until(i + 2, T, "the POST after the reload check").await;
+        assert_eq!(token_of(&posts[i + 1]), want, "after writing {content:?}");
+    }
+    assert_eq!(reloads("ok").await, 1.0, "the refused file was not counted as a reload");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+const SECRET_1: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const SECRET_2: &str = "whsec_c2Vjb25kIHNlY3JldCBmb3Igcm90YXRpb24=";
+const SECRET_3: &str = "whsec_dGhpcmQgc2VjcmV0LCBub3QgY29uZmlndXJlZA==";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_signed_with_two_secrets_verifies_with_each_and_carries_custom_headers() {
+    let stack = TestStack::new("opt-sign").await.unwrap();
+    let handler = HandlerServer::start(|_, _| Answer::status(200)).await;
+    let dir = tempdir("opt-sign");
+    std::fs::write(dir.join("secrets"), format!("{SECRET_2}\n")).unwrap();
+    let text = [
+        integration(
+            "listed",
+            &handler.url("/listed"),
+            &format!(
+                "token = \"t\"\nsigning_secret = [\"{SECRET_1}\", \"{SECRET_2}\"]\nheaders = {{ \"X-Api-Key\" = \"k-123\", \"X-Tenant\" = \"acme\" }}"
+            ),
+        ),
+        integration(
+            "filed",
+            &handler.url("/filed"),
+            "token = \"t\"\nsigning_secret_file = \"secrets\"",
+        ),
+    ]
+    .concat();
+    let path = write_config(&dir, &config_for(&stack, &text));
+    let (_matcher, _deliverer) = match_and_deliver(&path).await;
+    stack.publish_event(&event_in(None, "1700000002.000001")).await.unwrap();
+    let posts = handler.until(2, T, "the two POSTs").await;
+    let verify = |post: &handler::Recorded, secret: &str| {
+        standardwebhooks::Webhook::new(secret)
+            .unwrap()
+            .verify(&post.body, &post.headers)
+    };
+    let listed = posts.iter().find(|p| p.path == "/listed").unwrap();
+    let signatures = listed.header("webhook-signature").unwrap();
+    assert_eq!(signatures.split(' ').count(), 2, "{signatures}");
+    for (i, signature) in signatures.split(' ').enumerate() {
+        // Each entry alone verifies with its own secret.
+        let mut one = listed.clone();
+        one.headers.insert("webhook-signature", signature.parse().unwrap());
+        let secret = [SECRET_1, SECRET_2][i];
+        verify(&one, secret).unwrap_or_else(|e| panic!("signature {i} with its secret: {e:?}"));
+    }
+    verify(listed, SECRET_1).unwrap();
+    verify(listed, SECRET_2).unwrap();
+    assert!(
+        verify(listed, SECRET_3).is_err(),
+        "a secret not configured must not verify"
+    );
+    assert_eq!(listed.header("x-api-key"), Some("k-123"));
+    assert_eq!(listed.header("x-tenant"), Some("acme"));
+
+    let filed = posts.iter().find(|p| p.path == "/filed").unwrap();
+    verify(filed, SECRET_2).unwrap();
+    assert!(verify(filed, SECRET_1).is_err());
+    assert_eq!(filed.header("x-api-key"), None);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn each_bad_option_is_refused_at_start_with_its_exact_line() {
+    let dir = tempdir("opt-refuse");
+    std::fs::write(dir.join("empty"), "\n").unwrap();
+    let path = dir.join("swallow.toml");
+    let d = dir.display();
+    let cases = [
+        (
+            "token = \"t\"\nchannel_types = [\"dm\"]".to_owned(),
+            "channel_types[0]: unknown variant `dm`, expected one of `public`, `private`, `im`, `mpim`".to_owned(),
+        ),
+        (
+            "token = \"t\"\ntoken_file = \"token\"".into(),
+            "token_file: give token or token_file, not both".into(),
+        ),
+        (
+            "token_file = \"missing\"".into(),
+            format!("token_file: reading {d}/missing: No such file or directory (os error 2)"),
+        ),
+        (
+            "token_file = \"empty\"".into(),
+            format!("token_file: {d}/empty is empty"),
+        ),
+        (
+            "token = \"t\"\nsigning_secret_file = \"empty\"".into(),
+            format!("signing_secret_file: {d}/empty is empty"),
+        ),
+        (
+            "token = \"t\"\nheaders = { \"Content-Type\" = \"text/plain\" }".into(),
+            "headers.\"Content-Type\": swallow sets this header itself; it cannot be configured".into(),
+        ),
+        (
+            "token = \"t\"\nheaders = { \"webhook-id\" = \"mine\" }".into(),
+            "headers.\"webhook-id\": swallow sets this header itself; it cannot be configured".into(),
+        ),
+        (
+            "token = \"t\"\nheaders = { \"X Api Key\" = \"k\" }".into(),
+            "headers.\"X Api Key\": is not a valid header name".into(),
+        ),
+        (
+            "token = \"t\"\nheaders = { \"X-Api-Key\" = \"é\" }".into(),
+            "headers.\"X-Api-Key\": the value must be visible ASCII or spaces, without line breaks".into(),
+        ),
+    ];
+    for stage in ["swallow-matcher", "swallow-deliverer"] {
+        for (extra, want) in &cases {
+            let text = integration("hook", "http://127.0.0.1:1/", extra);
+            std::fs::write(&path, &text).unwrap();
+            let out = std::process::Command::new(bin_path(stage))
+                .arg("--config")
+                .arg(&path)
+                .env("SWALLOW_HTTP_ADDR", "127.0.0.1:0")
+                .output()
+                .unwrap();
+            let want = format!(
+                "{stage}: error: loading integrations from {}: integration \"hook\": {want}\n",
+                path.display()
+            );
+            assert_eq!(String::from_utf8_lossy(&out.stderr), want, "for:\n{text}");
+            assert_eq!(out.status.code(), Some(2));
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Runs the matcher with stderr to a file through a start, an invalid event
+/// and a SIGTERM; returns what it wrote.
+async fn stderr_of_a_run(stack: &TestStack, dir: &Path, log_format: Option<&str>) -> String {
+    let path = write_config(
+        dir,
+        &config_for(stack, &integration("hook", "http://127.0.0.1:1/", "token = \"t\"")),
+    );
+    let log = dir.join(format!("stderr-{}", log_format.unwrap_or("text")));
+    let ops = free_addr();
+    let mut cmd = tokio::process::Command::new(bin_path("swallow-matcher"));
+    cmd.arg("--config")
+        .arg(&path)
+        .env("SWALLOW_HTTP_ADDR", ops.to_string())
+        .env("RUST_LOG", "info")
+        .env_remove("SWALLOW_LOG_FORMAT")
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true);
+    if let Some(format) = log_format {
+        cmd.env("SWALLOW_LOG_FORMAT", format);
+    }
+    let mut child = cmd.spawn().unwrap();
+    assert!(
+        wait_ready(&format!("http://{ops}/readyz"), T).await,
+        "the matcher never got ready"
+    );
+    // An invalid event makes a warning with fields.
+    stack.publish_event_bytes(b"not json").await.unwrap();
+    wait_for(T, "the invalid event to be counted", || async {
+        (metric(ops, "swallow_events_invalid_total", &[]).await.ok()? >= 1.0).then_some(())
+    })
+    .await;
+    let pid = child.id().unwrap();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(T, child.wait())
+        .await
+        .expect("the matcher stops")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    std::fs::read_to_string(log).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_to_a_file_have_no_escape_codes_and_json_lines_parse() {
+    let stack = TestStack::new("opt-logs").await.unwrap();
+    let dir = tempdir("opt-logs");
+
+    let text = stderr_of_a_run(&stack, &dir, None).await;
+    assert!(text.lines().count() >= 4, "{text}");
+    assert!(text.contains("starting"), "{text}");
+    assert!(!text.contains('\x1b'), "escape sequences in a file:\n{text:?}");
+
+    let json = stderr_of_a_run(&stack, &dir, Some("json")).await;
+    let lines: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
+        .collect();
+    assert!(lines.len() >= 4, "{json}");
+    for line in &lines {
+        for key in ["time", "level", "message"] {
+            assert!(line[key].as_str().is_some_and(|v| !v.is_empty()), "{key} in {line}");
+        }
+        assert_eq!(line["stage"], "matcher", "{line}");
+        assert!(line["fields"].is_object(), "{line}");
+    }
+    let starting = lines
+        .iter()
+        .find(|l| l["message"] == "starting")
+        .expect("a starting line");
+    assert_eq!(starting["fields"]["integrations"], 1);
+    assert!(
+        lines.iter().any(|l| l["level"] == "WARN" || l["level"] == "ERROR"),
+        "the invalid event is logged: {json}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
