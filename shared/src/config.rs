@@ -976,29 +976,26 @@ fn validate_integrations(
         let timeout_ms = positive(r.timeout_ms, 5000).map_err(|m| err("timeout_ms", m))?;
         let max_attempts = positive(r.max_attempts, 8).map_err(|m| err("max_attempts", m))?;
         let max_age_s = positive(r.max_age_s, 600).map_err(|m| err("max_age_s", m))?;
-        let secrets: Vec<String> = match r.signing_secret {
+        // Each inline secret with the field an error about it names.
+        let inline_secrets = r.signing_secret.is_some();
+        let secrets: Vec<(String, String)> = match r.signing_secret {
             None => Vec::new(),
-            Some(OneOrMany::One(s)) => vec![s],
-            Some(OneOrMany::Many(list)) => list,
+            Some(OneOrMany::One(s)) => vec![("signing_secret".to_owned(), s)],
+            Some(OneOrMany::Many(list)) => list
+                .into_iter()
+                .enumerate()
+                .map(|(i, s)| (format!("signing_secret[{i}]"), s))
+                .collect(),
         };
         let mut signing_keys = Vec::with_capacity(secrets.len());
-        for (i, s) in secrets.iter().enumerate() {
-            let field = if matches!(secrets.len(), 1) {
-                "signing_secret".to_owned()
-            } else {
-                format!("signing_secret[{i}]")
-            };
-            signing_keys.push(signing_key(s).map_err(|m| err(&field, m))?);
+        for (field, s) in &secrets {
+            signing_keys.push(signing_key(s).map_err(|m| err(field, m))?);
         }
         if let Some(file) = &r.signing_secret_file {
-            let text = secret(
-                (!secrets.is_empty()).then(String::new),
-                Some(file),
-                "signing_secret",
-                base_dir,
-            )
-            .map_err(|(field, m)| err(&field, m))?
-            .unwrap_or_default();
+            // Given inline too, `secret` refuses the pair.
+            let text = secret(inline_secrets.then(String::new), Some(file), "signing_secret", base_dir)
+                .map_err(|(field, m)| err(&field, m))?
+                .unwrap_or_default();
             for (i, line) in text.lines().map(str::trim).filter(|l| !l.is_empty()).enumerate() {
                 signing_keys.push(signing_key(line).map_err(|m| {
                     err(
@@ -1273,6 +1270,10 @@ rate_limit = { per_second = 2.0, burst = 3, on_limit = "drop" }
             (
                 "token = \"t\"\nsigning_secret_file = \"token\"".into(),
                 format!("signing_secret_file: {d}/token: secret 1: must start with \"whsec_\""),
+            ),
+            (
+                "token = \"t\"\nsigning_secret = \"whsec_AAAA\"\nsigning_secret_file = \"secrets\"".into(),
+                "signing_secret_file: give signing_secret or signing_secret_file, not both".into(),
             ),
             (
                 "token = \"t\"\nsigning_secret = [\"whsec_AAAA\", \"nope\"]".into(),
