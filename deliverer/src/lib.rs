@@ -12,6 +12,7 @@
 
 mod attempt;
 pub mod destination;
+pub mod log_command;
 mod metrics;
 pub mod replay;
 pub mod request;
@@ -35,6 +36,7 @@ use tracing::{info, warn};
 use swallow_shared::broker::{self, ConfirmedPublisher, Health, SessionError};
 use swallow_shared::config::{Integration, OnLimit};
 use swallow_shared::consume::consume_queue;
+use swallow_shared::delivery_log::{DeliveryLog, LogRecord, Outcome as Step};
 use swallow_shared::messages::{DeliveryJob, MESSAGE_VERSION, ReplyJob, now_millis};
 use swallow_shared::metrics::GaugeHold;
 use swallow_shared::pacing::{RateLimiter, Slot, Turn};
@@ -107,6 +109,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Delive
         slots: tokio::sync::Semaphore::new(config.deliverer.concurrency),
         schedule: RetrySchedule::default(),
         metrics,
+        log: parts.log.clone(),
         health: parts.health.clone(),
         shutdown: shutdown.clone(),
     });
@@ -130,6 +133,8 @@ struct Context {
     slots: tokio::sync::Semaphore,
     schedule: RetrySchedule,
     metrics: DelivererMetrics,
+    /// The delivery log: one record per attempt and per drop, park or dead letter.
+    log: DeliveryLog,
     health: Health,
     shutdown: CancellationToken,
 }
@@ -388,7 +393,9 @@ async fn handle(delivery: Delivery, ctx: Arc<Context>, publisher: ConfirmedPubli
     Ok(())
 }
 
-fn dead(job: DeliveryJob, reason: &'static str, detail: String) -> Action {
+/// Dead-letters a job that was not attempted on this visit.
+fn dead(ctx: &Context, job: DeliveryJob, reason: &'static str, detail: String) -> Action {
+    ctx.log.record(LogRecord::job(Step::Dead, &job).with_error(&detail));
     dead_after(job, reason, detail, None)
 }
 
@@ -418,7 +425,7 @@ async fn decide(delivery: &Delivery, ctx: &Context) -> Action {
     };
     if job.v > MESSAGE_VERSION {
         let detail = format!("job version {} is newer than this deliverer ({MESSAGE_VERSION})", job.v);
-        return dead(job, "unsupported_version", detail);
+        return dead(ctx, job, "unsupported_version", detail);
     }
 
     // Not due yet: back on the ladder (or a short wait here).
@@ -430,13 +437,18 @@ async fn decide(delivery: &Delivery, ctx: &Context) -> Action {
     let integrations = ctx.integrations.borrow().clone();
     let Some(integration) = integrations.get(&job.integration_id).cloned() else {
         let detail = format!("integration {:?} is not in the configuration", job.integration_id);
-        return dead(job, "unknown_integration", detail);
+        return dead(ctx, job, "unknown_integration", detail);
     };
     let now = now_millis();
     let deadline = job.created_at_ms + integration.max_age.as_millis() as u64;
     if now >= deadline {
         let detail = job.last_error.clone().unwrap_or_else(|| "no attempt made".into());
-        return dead(job, "max_age", format!("older than max_age_s; last error: {detail}"));
+        return dead(
+            ctx,
+            job,
+            "max_age",
+            format!("older than max_age_s; last error: {detail}"),
+        );
     }
 
     // The integration's rate limit: a token now, a reserved slot, or a drop.
@@ -447,6 +459,7 @@ async fn decide(delivery: &Delivery, ctx: &Context) -> Action {
         // busy integration: it goes, however late.
         if !std::mem::take(&mut job.rate_reserved) && !ctx.limiter.try_take(key, limit, Instant::now()) {
             ctx.metrics.deliveries.with_label_values(&["dropped"]).inc();
+            ctx.log.record(LogRecord::job(Step::Dropped, &job));
             return Action::Ack;
         }
     } else {
@@ -467,11 +480,12 @@ async fn decide(delivery: &Delivery, ctx: &Context) -> Action {
                     ctx.metrics.deliveries.with_label_values(&["rate_limited"])
                 };
                 counter.inc();
+                ctx.log.record(LogRecord::job(Step::RateLimited, &job));
                 return Action::Park { job, wait };
             }
             Turn::TooLong(wait) => {
                 let detail = format!("rate limited: the next slot is {wait:?} away, past max_age_s");
-                return dead(job, "max_age", detail);
+                return dead(ctx, job, "max_age", detail);
             }
         }
     }
@@ -489,11 +503,13 @@ async fn decide(delivery: &Delivery, ctx: &Context) -> Action {
     let under_way = GaugeHold::new(&ctx.metrics.in_flight);
     let started = Instant::now();
     let attempted = attempt::attempt(&ctx.client, &ctx.policy, &job, &integration).await;
-    ctx.metrics.duration.observe(started.elapsed().as_secs_f64());
+    let took = started.elapsed();
+    ctx.metrics.duration.observe(took.as_secs_f64());
     drop(under_way);
     ctx.metrics.attempts.with_label_values(&[attempted.class]).inc();
     job.attempt += 1;
-    after_attempt(ctx, job, &integration, attempted)
+    let step = LogRecord::job(Step::Delivered, &job).with_attempt(attempted.status, attempted.class, took);
+    after_attempt(ctx, job, &integration, attempted, step)
 }
 
 fn after_attempt(
@@ -501,11 +517,14 @@ fn after_attempt(
     mut job: DeliveryJob,
     integration: &Integration,
     attempted: attempt::Attempted,
+    step: LogRecord,
 ) -> Action {
     let status = attempted.status;
+    let dead_step = |detail: &str| ctx.log.record(step.clone().with_outcome(Step::Dead).with_error(detail));
     match attempted.outcome {
         Outcome::Delivered { answer } => {
             ctx.metrics.deliveries.with_label_values(&["delivered"]).inc();
+            ctx.log.record(step.clone());
             match answer {
                 None => Action::Ack,
                 Some(answer) => Action::Reply(ReplyJob {
@@ -526,13 +545,15 @@ fn after_attempt(
                 }),
             }
         }
-        Outcome::Gone => dead_after(
-            job,
-            "gone",
-            "HTTP 410 Gone: the handler asked for no more retries".into(),
-            status,
-        ),
-        Outcome::Blocked(detail) => dead_after(job, "blocked_destination", detail, status),
+        Outcome::Gone => {
+            let detail = "HTTP 410 Gone: the handler asked for no more retries";
+            dead_step(detail);
+            dead_after(job, "gone", detail.into(), status)
+        }
+        Outcome::Blocked(detail) => {
+            dead_step(&detail);
+            dead_after(job, "blocked_destination", detail, status)
+        }
         Outcome::Retry { error, retry_after } => {
             job.last_error = Some(error.clone());
             let budget = RetryBudget {
@@ -545,9 +566,13 @@ fn after_attempt(
                 .schedule
                 .after_failure(budget, job.attempt, retry_after, now, &error)
             {
-                RetryDecision::GiveUp { reason, detail } => dead_after(job, reason, detail, status),
+                RetryDecision::GiveUp { reason, detail } => {
+                    dead_step(&detail);
+                    dead_after(job, reason, detail, status)
+                }
                 RetryDecision::RetryIn(wait) => {
                     ctx.metrics.deliveries.with_label_values(&["retried"]).inc();
+                    ctx.log.record(step.with_outcome(Step::Retried).with_error(&error));
                     job.not_before_ms = Some(now + wait.as_millis() as u64);
                     Action::Park { job, wait }
                 }

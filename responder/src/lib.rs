@@ -22,6 +22,7 @@ use tracing::{info, warn};
 use swallow_shared::broker::{self, ConfirmedPublisher, Health, SessionError};
 use swallow_shared::config::{RateLimit, Sink};
 use swallow_shared::consume::{ConsumeOptions, consume};
+use swallow_shared::delivery_log::{DeliveryLog, LogRecord, Outcome};
 use swallow_shared::messages::{MESSAGE_VERSION, ReplyJob, now_millis};
 use swallow_shared::pacing::{RateLimiter, Slot, Turn};
 use swallow_shared::retry::{RetryBudget, RetryDecision, RetrySchedule};
@@ -97,6 +98,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Respon
         max_age: config.responder.max_age,
         timeout: config.responder.timeout,
         metrics,
+        log: parts.log.clone(),
         health: parts.health.clone(),
         shutdown: shutdown.clone(),
     });
@@ -117,6 +119,7 @@ struct Context {
     max_age: Duration,
     timeout: Duration,
     metrics: ResponderMetrics,
+    log: DeliveryLog,
     health: Health,
     shutdown: CancellationToken,
 }
@@ -222,6 +225,10 @@ async fn handle(delivery: Delivery, ctx: Arc<Context>, publisher: ConfirmedPubli
             }
             delay::dead_letter(&publisher, &ctx.dead_queue, &body, &headers).await?;
             ctx.metrics.replies.with_label_values(&["dead"]).inc();
+            if let Some(r) = &reply {
+                ctx.log
+                    .record(LogRecord::reply(Outcome::ReplyDead, r).with_error(&detail));
+            }
             warn!(reason, error = %detail, "reply dead-lettered");
         }
     }
@@ -289,11 +296,14 @@ async fn decide(delivery: &Delivery, ctx: &Context, publisher: &ConfirmedPublish
     let out = outbound(&reply, integrations.get(&reply.integration_id).map(|i| i.as_ref()));
     let started = Instant::now();
     let posted = ctx.sink.post(&out, publisher, ctx.timeout).await;
-    ctx.metrics.post_duration.observe(started.elapsed().as_secs_f64());
+    let took = started.elapsed();
+    ctx.metrics.post_duration.observe(took.as_secs_f64());
     reply.attempt += 1;
     match posted {
         Posted::Ok => {
             ctx.metrics.replies.with_label_values(&["posted"]).inc();
+            ctx.log
+                .record(LogRecord::reply(Outcome::ReplyPosted, &reply).with_duration(took));
             if let Some(ts_ms) = swallow_shared::event::ts_to_millis(&reply.in_reply_to) {
                 let latency = now_millis().saturating_sub(ts_ms);
                 ctx.metrics.end_to_end.observe(latency as f64 / 1000.0);
@@ -319,6 +329,11 @@ async fn decide(delivery: &Delivery, ctx: &Context, publisher: &ConfirmedPublish
                 RetryDecision::GiveUp { reason, detail } => dead(reply, reason, detail),
                 RetryDecision::RetryIn(wait) => {
                     ctx.metrics.replies.with_label_values(&["retried"]).inc();
+                    ctx.log.record(
+                        LogRecord::reply(Outcome::ReplyRetried, &reply)
+                            .with_duration(took)
+                            .with_error(&error),
+                    );
                     reply.not_before_ms = Some(now + wait.as_millis() as u64);
                     Action::Park { reply, wait }
                 }

@@ -18,6 +18,8 @@ use base64::Engine as _;
 use serde::Deserialize;
 use url::Url;
 
+use crate::delivery_log::{self, LogConfig};
+
 /// The default broker URL when neither the file nor `AMQP_URL` gives one.
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// The default name prefix of every exchange and queue.
@@ -84,6 +86,8 @@ struct RawFile {
     responder: RawResponder,
     #[serde(default)]
     integrations: Vec<RawIntegration>,
+    #[serde(default)]
+    log: RawLog,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -147,6 +151,49 @@ struct RawIntegration {
     signing_secret: Option<String>,
 }
 
+/// `[log]`: the delivery log (see `delivery_log`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    enabled: Option<bool>,
+    max_age: Option<String>,
+    max_bytes: Option<RawBytes>,
+}
+
+/// A size: a number of bytes, or text such as `"1GiB"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawBytes {
+    Number(u64),
+    Text(String),
+}
+
+impl RawLog {
+    fn validate(self) -> Result<LogConfig, (&'static str, String)> {
+        let defaults = LogConfig::default();
+        let max_age = match self.max_age {
+            None => defaults.max_age,
+            Some(text) => delivery_log::parse_duration(&text).map_err(|m| ("log.max_age", m))?,
+        };
+        let max_bytes = match self.max_bytes {
+            None => defaults.max_bytes,
+            Some(RawBytes::Number(n)) => n,
+            Some(RawBytes::Text(text)) => delivery_log::parse_bytes(&text).map_err(|m| ("log.max_bytes", m))?,
+        };
+        if max_age < Duration::from_secs(1) {
+            return Err(("log.max_age", "must be at least 1s".into()));
+        }
+        if max_bytes == 0 {
+            return Err(("log.max_bytes", "must be more than 0".into()));
+        }
+        Ok(LogConfig {
+            enabled: self.enabled.unwrap_or(defaults.enabled),
+            max_age,
+            max_bytes,
+        })
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRateLimit {
@@ -171,6 +218,8 @@ pub struct Config {
     pub deliverer: DelivererConfig,
     pub responder: ResponderConfig,
     pub integrations: Arc<Integrations>,
+    /// `[log]`: the delivery log's switch and retention.
+    pub log: LogConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -418,6 +467,7 @@ impl Config {
             max_age: Duration::from_secs(r.max_age_s.unwrap_or(600).max(1)),
             timeout: Duration::from_millis(r.timeout_ms.unwrap_or(5000).max(1)),
         };
+        let log = raw.log.validate().map_err(|(field, m)| field_err(field, m))?;
         let integrations = validate_integrations(raw.integrations, &shown)?;
         Ok(Config {
             path: path.map(Path::to_owned),
@@ -427,6 +477,7 @@ impl Config {
             deliverer,
             responder,
             integrations: Arc::new(integrations),
+            log,
         })
     }
 
@@ -807,5 +858,32 @@ rate_limit = { per_second = 2.0, burst = 3, on_limit = "drop" }
         assert!(error_of("[responder]\nsink = \"webhook\"").contains("responder.webhook_url"));
         assert!(error_of("[broker]\nprefix = \"a b\"").contains("broker.prefix"));
         assert!(error_of("[deliverer]\nallow_networks = [\"nope\"]").contains("deliverer.allow_networks[0]"));
+    }
+
+    #[test]
+    fn the_log_table() {
+        let c = Config::parse("", None).unwrap();
+        assert_eq!(c.log, LogConfig::default());
+        let c = Config::parse(
+            "[log]\nenabled = false\nmax_age = \"2d\"\nmax_bytes = \"10MiB\"\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            c.log,
+            LogConfig {
+                enabled: false,
+                max_age: Duration::from_secs(2 * 86400),
+                max_bytes: 10 << 20
+            }
+        );
+        assert_eq!(
+            Config::parse("[log]\nmax_bytes = 4096\n", None).unwrap().log.max_bytes,
+            4096
+        );
+        assert!(error_of("[log]\nmax_age = \"soon\"").contains("log.max_age: \"soon\" is not a duration"));
+        assert!(error_of("[log]\nmax_bytes = \"1 TB\"").contains("log.max_bytes"));
+        assert!(error_of("[log]\nmax_bytes = 0").contains("log.max_bytes: must be more than 0"));
+        assert!(error_of("[log]\nretention = 1").contains("unknown field `retention`"));
     }
 }

@@ -1,12 +1,14 @@
 //! What two or more swallow stages share: configuration, the messages that
 //! cross the broker, the topology, the broker connection and its recovery,
-//! the operations listener, shutdown, reload, and the pacing and retry logic.
+//! the operations listener, shutdown, reload, the pacing and retry logic, and
+//! the delivery log every stage appends to.
 
 pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod consume;
 pub mod delay;
+pub mod delivery_log;
 pub mod event;
 pub mod messages;
 pub mod metrics;
