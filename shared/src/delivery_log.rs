@@ -57,7 +57,7 @@ pub const VERSION_HEADER: &str = "x-swallow-log";
 /// The batch format this build writes: newline-separated [`LogRecord`]s.
 pub const BATCH_VERSION: &str = "1";
 /// How long a stopping stage waits for its last records to be published.
-pub const LINGER: Duration = Duration::from_secs(5);
+pub const LINGER: Duration = Duration::from_secs(2);
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 

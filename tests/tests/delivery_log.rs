@@ -377,14 +377,7 @@ async fn old_records_go_and_the_command_still_works() {
         .await
         .expect("the appender flushed and ended")
         .unwrap();
-    let dropped = swallow_tests::metric_in(
-        &prometheus::TextEncoder::new()
-            .encode_to_string(&registry.gather())
-            .unwrap(),
-        "swallow_log_records_dropped_total",
-        &[],
-    );
-    assert_eq!(dropped, 0.0);
+    assert_eq!(dropped(&registry), 0.0);
 
     let kept = wait_for(T, "retention to remove the oldest records", || async {
         let (records, _) = log_json(&path, &["--since", "1h"]).await;
@@ -462,4 +455,35 @@ async fn a_killed_deliverer_loses_at_most_its_unflushed_records_and_no_delivery(
         }
     }
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_log_drops_and_counts_and_never_waits() {
+    let registry = prometheus::Registry::new();
+    let target = AppenderTarget {
+        url: format!("amqp://guest:guest@{}/%2f", free_addr()),
+        connection_name: "swallow-test-log unreachable".into(),
+        stream: "t-dlog-unreachable.log".into(),
+        config: LogConfig::default(),
+    };
+    let (log, _appender) = delivery_log::start(target, &registry);
+    let n = 20_000;
+    let started = Instant::now();
+    for i in 0..n {
+        log.record(LogRecord::job(Outcome::Delivered, &job(&format!("msg_{i}"))));
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "{n} records took {took:?} to record");
+    wait_for(T, "every record counted as dropped", || async {
+        (dropped(&registry) == n as f64).then_some(())
+    })
+    .await;
+}
+
+/// `swallow_log_records_dropped_total` on `registry`.
+fn dropped(registry: &prometheus::Registry) -> f64 {
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .unwrap();
+    metric_in(&text, "swallow_log_records_dropped_total", &[])
 }
