@@ -11,8 +11,9 @@
 //! marker, whatever the load, so it never stops early and never waits on a
 //! timeout. Stages flush records up to ~100 ms after their step, and each
 //! stage flushes on its own, so the stream is only roughly in time order:
-//! records are sorted by `at` before printing, and with `--follow` each is
-//! held [`FOLLOW_HOLD`] before being printed in order.
+//! records are printed in `at` order once the stream has reached
+//! [`STREAM_DISORDER`] past them (so memory holds seconds of records, not
+//! days), and with `--follow` each new one is held [`FOLLOW_HOLD`].
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -32,6 +33,9 @@ use swallow_shared::{Config, Topology};
 /// How long `--follow` holds a record before printing it, so that records
 /// flushed a little later by another stage are printed in time order.
 pub const FOLLOW_HOLD: Duration = Duration::from_millis(300);
+/// How far the stream's order may stray from the records' `at`: a batch
+/// is flushed up to 100 ms after its first record and waits for its confirm.
+pub const STREAM_DISORDER: Duration = Duration::from_secs(2);
 /// The header of the command's own end-of-reading marker.
 const MARKER_HEADER: &str = "x-swallow-log-marker";
 /// How much earlier than the start the stream is attached (seconds).
@@ -207,6 +211,8 @@ pub async fn run(
     let mut printer = Printer::new(query.json);
     let mut order = InOrder::default();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let disorder = jiff::SignedDuration::try_from(STREAM_DISORDER).expect("small");
+    let mut latest: Option<Timestamp> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -229,9 +235,13 @@ pub async fn run(
                 }
                 for record in delivery_log::parse_batch(&delivery.data) {
                     let Ok(at) = record.at.parse::<Timestamp>() else { continue };
+                    latest = latest.max(Some(at));
                     if at >= query.from && query.filters.pass(&record) {
                         order.push(at, record);
                     }
+                }
+                if let Some(latest) = latest {
+                    printer.print(out, order.take_until(latest - disorder))?;
                 }
             }
         }
