@@ -212,6 +212,9 @@ pub struct LogRecord {
     pub duration_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The URL as configured, to take out of error messages (never written).
+    #[serde(skip)]
+    raw_url: Option<String>,
 }
 
 /// Now, as a record's `at`.
@@ -236,6 +239,7 @@ impl LogRecord {
             class: None,
             duration_ms: None,
             error: None,
+            raw_url: None,
         }
     }
 
@@ -256,7 +260,8 @@ impl LogRecord {
         let e = &job.event;
         LogRecord {
             delivery_id: job.delivery_id.clone(),
-            url: Some(job.url.clone()),
+            url: Some(redact_url(&job.url)),
+            raw_url: Some(job.url.clone()),
             attempt: Some(job.attempt),
             ..LogRecord::new(outcome, &e.team_id, &e.channel_id, &e.ts, &job.integration_id)
         }
@@ -297,10 +302,30 @@ impl LogRecord {
         self
     }
 
-    /// swallow's own words on what went wrong, cut to [`MAX_ERROR_BYTES`].
+    /// swallow's own words on what went wrong (with the URL as in `url`),
+    /// cut to [`MAX_ERROR_BYTES`].
     pub fn with_error(mut self, error: &str) -> Self {
-        self.error = Some(truncate(error, MAX_ERROR_BYTES).into());
+        let error = match (&self.raw_url, &self.url) {
+            (Some(raw), Some(shown)) if raw != shown => error.replace(raw.as_str(), shown),
+            _ => error.to_owned(),
+        };
+        self.error = Some(truncate(&error, MAX_ERROR_BYTES).into());
         self
+    }
+}
+
+/// A handler URL without what may be a secret: credentials, query and
+/// fragment (`https://hooks.example.com/bot`).
+pub fn redact_url(text: &str) -> String {
+    match url::Url::parse(text) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.set_query(None);
+            u.set_fragment(None);
+            u.to_string()
+        }
+        Err(_) => "(not a URL)".into(),
     }
 }
 
@@ -569,6 +594,24 @@ mod tests {
             .cloned()
             .collect();
         assert_eq!(fields.len(), 14, "{fields:?}");
+        assert!(!json.contains("raw_url"));
+    }
+
+    #[test]
+    fn urls_lose_credentials_and_queries_also_in_errors() {
+        let mut j = job();
+        j.url = "https://bot:s3cret@hooks.example.com/bot?key=s3cret#x".into();
+        let r = LogRecord::job(Outcome::Retried, &j).with_error(
+            "connect: error sending request for url (https://bot:s3cret@hooks.example.com/bot?key=s3cret#x)",
+        );
+        assert_eq!(r.url.as_deref(), Some("https://hooks.example.com/bot"));
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(!json.contains("s3cret"), "{json}");
+        assert!(json.contains("for url (https://hooks.example.com/bot)"), "{json}");
+        assert_eq!(
+            redact_url("http://127.0.0.1:8088/googlebot"),
+            "http://127.0.0.1:8088/googlebot"
+        );
     }
 
     #[test]
