@@ -437,15 +437,17 @@ async fn append(mut rx: mpsc::Receiver<LogRecord>, target: AppenderTarget, dropp
         let Some(first) = rx.recv().await else { break };
         let mut batch = Batch::default();
         batch.push(&first);
-        let deadline = tokio::time::Instant::now() + FLUSH_INTERVAL;
+        let flush = tokio::time::sleep(FLUSH_INTERVAL);
+        tokio::pin!(flush);
         let mut closed = false;
         while !batch.full() {
             tokio::select! {
+                biased;
                 next = rx.recv() => match next {
                     Some(record) => batch.push(&record),
                     None => { closed = true; break; }
                 },
-                _ = tokio::time::sleep_until(deadline) => break,
+                _ = &mut flush => break,
             }
         }
         if link.is_none() && tokio::time::Instant::now() >= retry_at {

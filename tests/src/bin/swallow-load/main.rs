@@ -924,6 +924,9 @@ async fn log_cost(url: &str, seconds: u64, window: usize, rounds: usize) -> anyh
             let stack = Stack::start_configured(url, addr, &name, Some(512), ALL_STAGES, &tables).await?;
             let topology = Topology::new(&stack.prefix);
             let (replies, _) = listen_replies(url, &topology).await?;
+            let mut processes = stack.pids();
+            processes.extend(broker_pid().map(|pid| ("broker".to_owned(), pid)));
+            let cpu_before = cpu_snapshot(&processes);
             let t0 = Instant::now();
             let exchange = topology.events_exchange();
             let sent = drive(&conn, (&exchange, "load"), "load", seconds, window, None, &replies).await?;
@@ -931,15 +934,26 @@ async fn log_cost(url: &str, seconds: u64, window: usize, rounds: usize) -> anyh
             while (*replies.lock().unwrap() as usize) < sent.len() && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            let rate = *replies.lock().unwrap() as f64 / t0.elapsed().as_secs_f64();
+            let through = *replies.lock().unwrap();
+            let rate = through as f64 / t0.elapsed().as_secs_f64();
+            // CPU per 1,000 matched messages, by process.
+            let cpu: Vec<String> = cpu_before
+                .iter()
+                .zip(cpu_snapshot(&processes))
+                .map(|((name, before), (_, after))| {
+                    let short = name.trim_start_matches("swallow-");
+                    format!("{short} {:.0}", (after - before) / through.max(1) as f64 * 1e6)
+                })
+                .collect();
             let mut dropped = 0.0;
             for stage in ALL_STAGES {
                 dropped += stack.metric(stage, "swallow_log_records_dropped_total").await;
             }
             println!(
-                "    round {}: log {}: {rate:.0} msg/s (records dropped: {dropped})",
+                "    round {}: log {}: {rate:.0} msg/s (records dropped: {dropped}); CPU ms per 1,000 messages: {}",
                 round + 1,
-                if enabled { "on " } else { "off" }
+                if enabled { "on " } else { "off" },
+                cpu.join(", ")
             );
             stack.stop(url).await;
             if enabled { &mut on } else { &mut off }.push(rate);
