@@ -91,7 +91,7 @@ pub(crate) fn record(ctx: &Context, job: &DeliveryJob, integration: &Integration
 fn note(ctx: &Context, integration: &str, url: &str, t: Transition) {
     ctx.metrics.circuit_transitions.with_label_values(&[t.to.label()]).inc();
     ctx.metrics.circuits_open.set(ctx.circuits.open() as i64);
-    let url = redact_url(url);
+    let url = swallow_shared::delivery_log::redact_url(url);
     let last_error = &t.last_error;
     match t.to {
         CircuitState::Open => {
@@ -99,18 +99,5 @@ fn note(ctx: &Context, integration: &str, url: &str, t: Transition) {
         }
         CircuitState::HalfOpen => info!(integration, %url, %last_error, "circuit half-open: one probe goes"),
         CircuitState::Closed => info!(integration, %url, %last_error, "circuit closed: the handler answers again"),
-    }
-}
-
-/// A handler URL for a log line: no credentials, no query (it may hold a key).
-fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) => {
-            let _ = u.set_password(None);
-            let _ = u.set_username("");
-            u.set_query(None);
-            u.to_string()
-        }
-        Err(_) => "(invalid URL)".into(),
     }
 }

@@ -13,7 +13,10 @@ use lapin::message::Delivery;
 
 use swallow_shared::broker::{ConfirmedPublisher, SessionError};
 use swallow_shared::config::{Integration, OnLimit};
-use swallow_shared::lifecycle::{self, DeadReason, Disposition, Failure, ParkReason, Step, take_turn, within_max_age};
+use swallow_shared::delivery_log::{LogRecord, Outcome as Step};
+use swallow_shared::lifecycle::{
+    self, DeadLetter, DeadReason, Disposition, Failure, ParkReason, Step as Next, take_turn, within_max_age,
+};
 use swallow_shared::messages::{DeliveryJob, MESSAGE_VERSION, ReplyJob, RetryState, now_millis};
 use swallow_shared::metrics::GaugeHold;
 
@@ -47,7 +50,10 @@ pub(crate) async fn handle(
 async fn decide(job: DeliveryJob, ctx: &Context) -> Disposition<DeliveryJob> {
     let (mut job, integration) = match admit(job, ctx) {
         ControlFlow::Continue(admitted) => admitted,
-        ControlFlow::Break(settled) => return settled,
+        ControlFlow::Break(settled) => {
+            record_unattempted(ctx, &settled);
+            return settled;
+        }
     };
     // Isolation: an integration that has its share of the attempt permits
     // under way waits its turn on the ladder (see `permits`).
@@ -60,17 +66,55 @@ async fn decide(job: DeliveryJob, ctx: &Context) -> Disposition<DeliveryJob> {
         let _under_way = GaugeHold::new(&ctx.metrics.in_flight);
         let started = Instant::now();
         let attempted = attempt::attempt(&ctx.client, &ctx.policy, &job, &integration).await;
-        ctx.metrics.duration.observe(started.elapsed().as_secs_f64());
-        attempted
+        (attempted, started.elapsed())
     };
+    let (attempted, took) = attempted;
+    ctx.metrics.duration.observe(took.as_secs_f64());
     ctx.metrics.attempts.with_label_values(&[attempted.class]).inc();
     guard::record(ctx, &job, &integration, &attempted);
-    after_attempt(ctx, job, &integration, attempted)
+    let step = LogRecord::job(Step::Delivered, &job).with_attempt(attempted.status, attempted.class, took);
+    let disposition = after_attempt(ctx, job, &integration, attempted);
+    record_attempt(ctx, step, &disposition);
+    disposition
+}
+
+/// The delivery log's record of an attempt: delivered, retried or dead.
+fn record_attempt(ctx: &Context, step: LogRecord, disposition: &Disposition<DeliveryJob>) {
+    let step = match disposition {
+        Disposition::Park { job, .. } => step
+            .with_outcome(Step::Retried)
+            .with_error(job.retry.last_error.as_deref().unwrap_or("")),
+        Disposition::Dead(letter) => step.with_outcome(Step::Dead).with_error(&letter.detail),
+        _ => step,
+    };
+    ctx.log.record(step);
+}
+
+/// The delivery log's record of a visit without an attempt: parked for a
+/// rate-limit slot or behind an open circuit, or dead.
+fn record_unattempted(ctx: &Context, disposition: &Disposition<DeliveryJob>) {
+    let record = match disposition {
+        Disposition::Park {
+            job,
+            why: ParkReason::RateLimited,
+            ..
+        } => LogRecord::job(Step::RateLimited, job),
+        Disposition::Park {
+            job,
+            why: ParkReason::CircuitOpen,
+            ..
+        } => LogRecord::job(Step::CircuitOpen, job).with_error(job.retry.last_error.as_deref().unwrap_or("")),
+        Disposition::Dead(DeadLetter {
+            body: Ok(job), detail, ..
+        }) => LogRecord::job(Step::Dead, job).with_error(detail),
+        _ => return,
+    };
+    ctx.log.record(record);
 }
 
 /// The deliverer's own checks before an attempt: the integration is known,
 /// the job is not too old, its URL's circuit and its rate limit let it go.
-fn admit(job: DeliveryJob, ctx: &Context) -> Step<DeliveryJob, (DeliveryJob, Arc<Integration>)> {
+fn admit(job: DeliveryJob, ctx: &Context) -> Next<DeliveryJob, (DeliveryJob, Arc<Integration>)> {
     let integrations = ctx.integrations.borrow().clone();
     let Some(integration) = integrations.get(&job.integration_id).cloned() else {
         let detail = format!("integration {:?} is not in the configuration", job.integration_id);
@@ -90,6 +134,7 @@ fn admit(job: DeliveryJob, ctx: &Context) -> Step<DeliveryJob, (DeliveryJob, Arc
         if !std::mem::take(&mut job.retry.rate_reserved)
             && !ctx.limiter.try_take(&integration.id, limit, Instant::now())
         {
+            ctx.log.record(LogRecord::job(Step::Dropped, &job));
             return ControlFlow::Break(Disposition::Dropped);
         }
     } else {

@@ -18,6 +18,7 @@ pub mod circuit;
 pub mod destination;
 mod guard;
 mod jobs;
+pub mod log_command;
 mod membership;
 mod metrics;
 mod notice;
@@ -34,6 +35,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use swallow_shared::broker::Health;
+use swallow_shared::delivery_log::DeliveryLog;
 use swallow_shared::pacing::RateLimiter;
 use swallow_shared::retry::RetrySchedule;
 use swallow_shared::stage::{Running, StageParts, StartError};
@@ -99,6 +101,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Delive
         notices: Mutex::new(HashMap::new()),
         schedule: RetrySchedule::default(),
         metrics,
+        log: parts.log.clone(),
         health: parts.health.clone(),
         shutdown: shutdown.clone(),
     });
@@ -125,6 +128,8 @@ struct Context {
     notices: Mutex<HashMap<(String, String), u64>>,
     schedule: RetrySchedule,
     metrics: DelivererMetrics,
+    /// The delivery log: one record per attempt and per drop, park or dead letter.
+    log: DeliveryLog,
     health: Health,
     shutdown: CancellationToken,
 }

@@ -1,4 +1,5 @@
-//! The binary's command line: a clear refusal of a bad file, and `replay`'s flags.
+//! The binary's command line: a clear refusal of a bad file, and the flags
+//! of `replay` and `log`.
 
 use std::process::Command;
 
@@ -12,7 +13,7 @@ fn refuses_an_invalid_file_naming_file_integration_and_field() {
         "[[integrations]]\nid = \"googlebot\"\nteam_id = \"T1\"\nchannel = \"C1\"\nurls = [\"http://x/\"]\ntoken = \"t\"\nrate_limit = { per_second = -1.0 }\n",
     )
     .unwrap();
-    for args in [&[][..], &["replay"][..]] {
+    for args in [&[][..], &["replay"][..], &["log"][..]] {
         let out = Command::new(env!("CARGO_BIN_EXE_swallow-deliverer"))
             .arg("--config")
             .arg(&path)
@@ -37,4 +38,25 @@ fn replay_documents_its_flags() {
         .unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("--integration") && help.contains("--limit"), "{help}");
+}
+
+#[test]
+fn log_documents_its_flags() {
+    let out = Command::new(env!("CARGO_BIN_EXE_swallow-deliverer"))
+        .args(["log", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--since",
+        "--from",
+        "--integration",
+        "--delivery",
+        "--event",
+        "--channel",
+        "--follow",
+        "--json",
+    ] {
+        assert!(help.contains(flag), "{flag}: {help}");
+    }
 }

@@ -23,6 +23,7 @@ use tracing::warn;
 
 use swallow_shared::broker::{self, ConfirmedPublisher, Health, SessionError};
 use swallow_shared::consume::{ConsumeOptions, consume};
+use swallow_shared::delivery_log::{DeliveryLog, LogRecord};
 use swallow_shared::messages::{DeliveryJob, MESSAGE_VERSION, RetryState, now_millis};
 use swallow_shared::stage::{ListenError, Running, StageParts};
 use swallow_shared::{ChatEvent, Config, Stage, Topology};
@@ -58,6 +59,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Matche
         prefetch: config.broker.prefetch,
         index,
         metrics,
+        log: parts.log.clone(),
         health: parts.health.clone(),
         shutdown: shutdown.clone(),
     });
@@ -92,6 +94,7 @@ struct Context {
     prefetch: u16,
     index: watch::Receiver<Arc<IntegrationIndex>>,
     metrics: MatcherMetrics,
+    log: DeliveryLog,
     health: Health,
     shutdown: CancellationToken,
 }
@@ -133,6 +136,8 @@ async fn handle(delivery: Delivery, ctx: Arc<Context>, publisher: ConfirmedPubli
                 Err(ignored) => ctx.metrics.events_ignored.with_label_values(&[ignored.reason()]).inc(),
                 Ok(matches) => {
                     ctx.metrics.events_matched.inc();
+                    // Stamped now, before any job exists, so it reads first.
+                    let step = LogRecord::matched(&event, matches.iter().map(|m| m.integration.id.as_str()));
                     let mut pending = Vec::new();
                     let created_at_ms = now_millis();
                     for m in &matches {
@@ -156,6 +161,7 @@ async fn handle(delivery: Delivery, ctx: Arc<Context>, publisher: ConfirmedPubli
                         confirm.confirmed().await?;
                     }
                     ctx.metrics.jobs_published.inc_by(count);
+                    ctx.log.record(step);
                 }
             }
         }

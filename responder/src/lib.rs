@@ -23,7 +23,11 @@ use tracing::info;
 use swallow_shared::broker::{ConfirmedPublisher, Health, SessionError};
 use swallow_shared::config::{RateLimit, Sink};
 use swallow_shared::consume::{ConsumeOptions, consume};
-use swallow_shared::lifecycle::{self, DeadReason, Disposition, Failure, RetryLimits, Step, take_turn, within_max_age};
+use swallow_shared::delivery_log::{DeliveryLog, LogRecord, Outcome as Step};
+use swallow_shared::lifecycle::{
+    self, DeadLetter, DeadReason, Disposition, Failure, ParkReason, RetryLimits, Step as Next, take_turn,
+    within_max_age,
+};
 use swallow_shared::messages::{ReplyJob, now_millis};
 use swallow_shared::pacing::RateLimiter;
 use swallow_shared::retry::RetrySchedule;
@@ -88,6 +92,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         },
         timeout: config.responder.timeout,
         metrics,
+        log: parts.log.clone(),
         health: parts.health.clone(),
         shutdown: shutdown.clone(),
     });
@@ -106,6 +111,7 @@ struct Context {
     limits: RetryLimits,
     timeout: Duration,
     metrics: ResponderMetrics,
+    log: DeliveryLog,
     health: Health,
     shutdown: CancellationToken,
 }
@@ -181,13 +187,42 @@ async fn handle(delivery: Delivery, ctx: Arc<Context>, publisher: ConfirmedPubli
 async fn decide(reply: ReplyJob, ctx: &Context, publisher: &ConfirmedPublisher) -> Disposition<ReplyJob> {
     let reply = match admit(reply, ctx) {
         ControlFlow::Continue(reply) => reply,
-        ControlFlow::Break(settled) => return settled,
+        ControlFlow::Break(settled) => {
+            record_failure(ctx, &settled, None);
+            return settled;
+        }
     };
     post(reply, ctx, publisher).await
 }
 
+/// The delivery log's record of a reply that failed for good or waits for
+/// a retry (a posted one is recorded where it is posted).
+fn record_failure(ctx: &Context, disposition: &Disposition<ReplyJob>, took: Option<Duration>) {
+    let (record, error) = match disposition {
+        Disposition::Dead(DeadLetter {
+            body: Ok(reply),
+            detail,
+            ..
+        }) => (LogRecord::reply(Step::ReplyDead, reply), detail.as_str()),
+        Disposition::Park {
+            job,
+            why: ParkReason::Retry,
+            ..
+        } => (
+            LogRecord::reply(Step::ReplyRetried, job),
+            job.retry.last_error.as_deref().unwrap_or(""),
+        ),
+        _ => return,
+    };
+    let record = match took {
+        Some(took) => record.with_duration(took),
+        None => record,
+    };
+    ctx.log.record(record.with_error(error));
+}
+
 /// Not too old, and paced per channel, so a chatty handler cannot flood it.
-fn admit(reply: ReplyJob, ctx: &Context) -> Step<ReplyJob> {
+fn admit(reply: ReplyJob, ctx: &Context) -> Next<ReplyJob> {
     let now = now_millis();
     let (reply, deadline) = within_max_age(reply, ctx.limits.max_age, now)?;
     let key = (reply.team_id.clone(), reply.channel_id.clone());
@@ -199,14 +234,17 @@ async fn post(mut reply: ReplyJob, ctx: &Context, publisher: &ConfirmedPublisher
     let out = outbound(&reply, integrations.get(&reply.integration_id).map(|i| i.as_ref()));
     let started = Instant::now();
     let posted = ctx.sink.post(&out, publisher, ctx.timeout).await;
-    ctx.metrics.post_duration.observe(started.elapsed().as_secs_f64());
+    let took = started.elapsed();
+    ctx.metrics.post_duration.observe(took.as_secs_f64());
     reply.retry.attempt += 1;
-    match posted {
+    let disposition = match posted {
         Posted::Ok => {
             if let Some(ts_ms) = swallow_shared::event::ts_to_millis(&reply.in_reply_to) {
                 let latency = now_millis().saturating_sub(ts_ms);
                 ctx.metrics.end_to_end.observe(latency as f64 / 1000.0);
             }
+            ctx.log
+                .record(LogRecord::reply(Step::ReplyPosted, &reply).with_duration(took));
             Disposition::Done
         }
         Posted::Rejected { error } => Disposition::dead(reply, DeadReason::Rejected, error),
@@ -218,7 +256,9 @@ async fn post(mut reply: ReplyJob, ctx: &Context, publisher: &ConfirmedPublisher
             };
             lifecycle::retry_or_dead(reply, &ctx.schedule, ctx.limits, failure)
         }
-    }
+    };
+    record_failure(ctx, &disposition, Some(took));
+    disposition
 }
 
 #[cfg(test)]

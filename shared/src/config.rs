@@ -18,6 +18,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 use url::Url;
 
+use crate::delivery_log;
 use crate::topology::{DEFAULT_SHARDS, Topology};
 
 /// The default broker URL when neither the file nor `AMQP_URL` gives one.
@@ -89,12 +90,15 @@ struct RawFile {
     log: RawLog,
 }
 
-/// `[log]`: how the stages write their own log lines. (The delivery log
-/// stream's `enabled`, `max_age` and `max_bytes` will join it.)
+/// `[log]`: how the stages write their own log lines, and the delivery
+/// log stream (see `delivery_log`): its switch and retention.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawLog {
     format: Option<LogFormat>,
+    enabled: Option<bool>,
+    max_age: Option<String>,
+    max_bytes: Option<RawBytes>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -179,6 +183,41 @@ enum OneOrMany {
     Many(Vec<String>),
 }
 
+/// A size: a number of bytes, or text such as `"1GiB"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawBytes {
+    Number(u64),
+    Text(String),
+}
+
+impl RawLog {
+    fn validate(self) -> Result<LogConfig, (&'static str, String)> {
+        let defaults = LogConfig::default();
+        let max_age = match self.max_age {
+            None => defaults.max_age,
+            Some(text) => delivery_log::parse_duration(&text).map_err(|m| ("log.max_age", m))?,
+        };
+        let max_bytes = match self.max_bytes {
+            None => defaults.max_bytes,
+            Some(RawBytes::Number(n)) => n,
+            Some(RawBytes::Text(text)) => delivery_log::parse_bytes(&text).map_err(|m| ("log.max_bytes", m))?,
+        };
+        if max_age < Duration::from_secs(1) {
+            return Err(("log.max_age", "must be at least 1s".into()));
+        }
+        if max_bytes == 0 {
+            return Err(("log.max_bytes", "must be more than 0".into()));
+        }
+        Ok(LogConfig {
+            format: self.format.unwrap_or_default(),
+            enabled: self.enabled.unwrap_or(defaults.enabled),
+            max_age,
+            max_bytes,
+        })
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRateLimit {
@@ -202,15 +241,34 @@ pub struct Config {
     pub matcher: MatcherConfig,
     pub deliverer: DelivererConfig,
     pub responder: ResponderConfig,
+    /// `[log]`: the stages' log lines, and the delivery log's switch and
+    /// retention.
     pub log: LogConfig,
     pub integrations: Arc<Integrations>,
 }
 
 /// The `[log]` table.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogConfig {
     /// `SWALLOW_LOG_FORMAT` overrides it.
     pub format: LogFormat,
+    /// Whether the stages append to the delivery log stream `<prefix>.log`.
+    pub enabled: bool,
+    /// The stream's retention: records older than this go...
+    pub max_age: Duration,
+    /// ...and so do the oldest when the stream is larger than this.
+    pub max_bytes: u64,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            enabled: true,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            max_bytes: 1 << 30,
+        }
+    }
 }
 
 /// How log lines are written to stderr.
@@ -594,6 +652,7 @@ impl Config {
         }
         let reload_interval = Duration::from_millis(reload_interval_ms);
         let integrations = validate_integrations(raw_integrations, &shown, &base_dir, deliverer.circuit_failures)?;
+        let log = raw.log.validate().map_err(|(field, m)| field_err(field, m))?;
         Ok(Config {
             path: path.map(Path::to_owned),
             reload_interval,
@@ -601,9 +660,7 @@ impl Config {
             matcher,
             deliverer,
             responder,
-            log: LogConfig {
-                format: raw.log.format.unwrap_or_default(),
-            },
+            log,
             integrations: Arc::new(integrations),
         })
     }
@@ -1420,5 +1477,33 @@ rate_limit = { per_second = 2.0, burst = 3, on_limit = "drop" }
             "{loud}"
         );
         assert!(error_of(&format!("{text}failure_notice_interval_s = 0\n")).contains("failure_notice_interval_s"));
+    }
+
+    #[test]
+    fn the_log_table() {
+        let c = Config::parse("", None).unwrap();
+        assert_eq!(c.log, LogConfig::default());
+        let c = Config::parse(
+            "[log]\nenabled = false\nmax_age = \"2d\"\nmax_bytes = \"10MiB\"\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            c.log,
+            LogConfig {
+                format: LogFormat::Text,
+                enabled: false,
+                max_age: Duration::from_secs(2 * 86400),
+                max_bytes: 10 << 20
+            }
+        );
+        assert_eq!(
+            Config::parse("[log]\nmax_bytes = 4096\n", None).unwrap().log.max_bytes,
+            4096
+        );
+        assert!(error_of("[log]\nmax_age = \"soon\"").contains("log.max_age: \"soon\" is not a duration"));
+        assert!(error_of("[log]\nmax_bytes = \"1 TB\"").contains("log.max_bytes"));
+        assert!(error_of("[log]\nmax_bytes = 0").contains("log.max_bytes: must be more than 0"));
+        assert!(error_of("[log]\nretention = 1").contains("unknown field `retention`"));
     }
 }

@@ -1,13 +1,15 @@
 //! What two or more swallow stages share: configuration, the messages that
 //! cross the broker, the topology, the broker connection and its recovery,
 //! the operations listener, shutdown, logging, reload, the pacing and retry
-//! logic, and the one lifecycle of a job that is retried (`lifecycle`).
+//! logic, the one lifecycle of a job that is retried (`lifecycle`), and the
+//! delivery log every stage appends to (`delivery_log`).
 
 pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod consume;
 pub mod delay;
+pub mod delivery_log;
 pub mod event;
 pub mod lifecycle;
 pub mod logging;

@@ -1,8 +1,8 @@
 //! What every stage does to start and run: its metrics registry with the
 //! common metrics, the operations listener (bound first, so a taken port
 //! fails the start), the watched integrations, a connection name operators
-//! can find, and the supervisor that runs the stage's session on every
-//! connection until shutdown.
+//! can find, the delivery log's appender, and the supervisor that runs the
+//! stage's session on every connection until shutdown.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -17,6 +17,7 @@ use tracing::info;
 
 use crate::broker::{Health, SessionError, Supervisor};
 use crate::config::{Config, Integrations, Stage};
+use crate::delivery_log::{self, AppenderTarget, DeliveryLog};
 use crate::metrics::CommonMetrics;
 use crate::{ops, reload};
 
@@ -54,6 +55,9 @@ pub struct StageParts {
     pub health: Health,
     /// The integrations in force, updated on every valid reload.
     pub integrations: watch::Receiver<Arc<Integrations>>,
+    /// The delivery log; the stage keeps clones where it records steps.
+    pub log: DeliveryLog,
+    appender: Option<JoinHandle<()>>,
     ops_addr: SocketAddr,
     ops_task: JoinHandle<()>,
 }
@@ -79,12 +83,21 @@ impl StageParts {
             common.clone(),
             shutdown.clone(),
         );
+        let target = AppenderTarget {
+            broker: config.broker.clone(),
+            connection_name: format!("swallow-{}-log {} {}", stage.name(), config.broker.prefix, short_id()),
+            stream: config.broker.topology().log_stream(),
+            config: config.log.clone(),
+        };
+        let (log, appender) = delivery_log::start(target, &registry);
         Ok(StageParts {
             stage,
             registry,
             common,
             health,
             integrations,
+            log,
+            appender,
             ops_addr,
             ops_task,
         })
@@ -98,11 +111,7 @@ impl StageParts {
         Fut: Future<Output = Result<(), SessionError>> + Send + 'static,
     {
         let name = self.stage.name();
-        let connection_name = format!(
-            "swallow-{name} {} {}",
-            config.broker.prefix,
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        );
+        let connection_name = format!("swallow-{name} {} {}", config.broker.prefix, short_id());
         let supervisor = Supervisor {
             broker: config.broker.clone(),
             connection_name: connection_name.clone(),
@@ -111,8 +120,16 @@ impl StageParts {
             metrics: self.common,
         };
         let ops_task = self.ops_task;
+        let appender = self.appender;
+        drop(self.log);
         let task = tokio::spawn(async move {
             supervisor.run(&mut session).await;
+            // The stage's handles on the log go with its session; the
+            // appender then publishes what it holds and ends.
+            drop(session);
+            if let Some(appender) = appender {
+                let _ = tokio::time::timeout(delivery_log::LINGER, appender).await;
+            }
             let _ = ops_task.await;
             info!(stage = name, "stopped");
         });
@@ -122,6 +139,10 @@ impl StageParts {
             task,
         }
     }
+}
+
+fn short_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
 }
 
 /// A started stage.

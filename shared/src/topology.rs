@@ -113,6 +113,11 @@ impl Topology {
     pub fn chat_outbound_exchange(&self) -> String {
         format!("{}.chat.outbound", self.prefix)
     }
+    /// The delivery log: a stream, declared by the stages' log appenders
+    /// (see `delivery_log`), not by [`Topology::declare`].
+    pub fn log_stream(&self) -> String {
+        format!("{}.log", self.prefix)
+    }
     /// The exchange (and queue) of one delay step.
     pub fn delay_step_name(&self, step: u32) -> String {
         format!("{}.delay.{}ms", self.prefix, delay_step(step).as_millis())
@@ -126,6 +131,7 @@ impl Topology {
             self.deliveries_dead_queue(),
             self.replies_queue(),
             self.replies_dead_queue(),
+            self.log_stream(),
         ];
         q.extend(self.delivery_queues());
         q.extend((0..DELAY_STEPS).map(|s| self.delay_step_name(s)));

@@ -12,7 +12,10 @@
 //! 5. each stage's peak RSS, and with 10,000 deliveries in flight;
 //! 6. an offered-load sweep (25% to 125% of the measured rate), drawn to a
 //!    PNG: replies out and p99 event → POST (swallow's and the broker's
-//!    alone) against events offered.
+//!    alone) against events offered;
+//! 7. the delivery log's cost: pipeline throughput with `[log] enabled =
+//!    false` and `true`, side by side in alternating rounds (`--log-only`
+//!    runs just this).
 //!
 //! `cargo build --release --workspace --bins && target/release/swallow-load`
 //! Every loop is bounded in count and time; all traffic is on loopback.
@@ -62,6 +65,16 @@ struct Args {
     /// Only redraw the plot from a results file of an earlier run.
     #[arg(long, value_name = "JSON")]
     replot: Option<PathBuf>,
+    /// Rounds of the delivery log comparison (each: one stack with the log
+    /// off, one with it on, `--log-seconds` of load each).
+    #[arg(long, default_value_t = 3)]
+    log_rounds: usize,
+    /// Seconds of load per stack in the delivery log comparison.
+    #[arg(long, default_value_t = 15)]
+    log_seconds: u64,
+    /// Only measure the delivery log's cost.
+    #[arg(long)]
+    log_only: bool,
 }
 
 /// The sweep's steps, as fractions of the measured pipeline throughput.
@@ -228,6 +241,8 @@ async fn handler(delay: Duration) -> (std::net::SocketAddr, Arc<Mutex<HashMap<St
     (addr, seen)
 }
 
+const ALL_STAGES: &[&str] = &["swallow-matcher", "swallow-deliverer", "swallow-responder"];
+
 struct Stack {
     prefix: String,
     children: Vec<(String, tokio::process::Child, u16)>,
@@ -241,14 +256,7 @@ impl Stack {
         name: &str,
         concurrency: Option<usize>,
     ) -> anyhow::Result<Stack> {
-        Self::start_stages(
-            url,
-            handler,
-            name,
-            concurrency,
-            &["swallow-matcher", "swallow-deliverer", "swallow-responder"],
-        )
-        .await
+        Self::start_stages(url, handler, name, concurrency, ALL_STAGES).await
     }
 
     /// The three stages with these `[[integrations]]` tables (and the
@@ -281,6 +289,18 @@ impl Stack {
         concurrency: Option<usize>,
         stages: &[&str],
     ) -> anyhow::Result<Stack> {
+        Self::start_configured(url, handler, name, concurrency, stages, "").await
+    }
+
+    /// Like `start_stages`, with `tables` (TOML) added to the configuration.
+    async fn start_configured(
+        url: &str,
+        handler: std::net::SocketAddr,
+        name: &str,
+        concurrency: Option<usize>,
+        stages: &[&str],
+        tables: &str,
+    ) -> anyhow::Result<Stack> {
         let prefix = format!("load-{name}-{}", std::process::id());
         let dir = std::env::temp_dir().join(&prefix);
         std::fs::create_dir_all(&dir)?;
@@ -293,7 +313,7 @@ impl Stack {
             &path,
             format!(
                 "[broker]\nurl = \"{url}\"\nprefix = \"{prefix}\"\n[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n{limits}\
-                 [responder]\nper_channel_per_second = 1000000.0\nper_channel_burst = 1000000\n\n\
+                 [responder]\nper_channel_per_second = 1000000.0\nper_channel_burst = 1000000\n{tables}\n\
                  [[integrations]]\nid = \"load\"\nteam_id = \"T0001\"\ntrigger_words = [\"load\"]\ntrigger_match = \"word\"\n\
                  urls = [\"http://{handler}/load\"]\ntoken = \"t\"\nrate_limit = {{ per_second = 1000000.0, burst = 1000000 }}\n"
             ),
@@ -668,6 +688,12 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     }
     let size = event_body(123456, "load").len();
     let mut results = serde_json::Map::new();
+    if args.log_only {
+        println!("the delivery log's cost…");
+        let cost = log_cost(&url, args.log_seconds, args.window, args.log_rounds).await?;
+        results.insert("delivery_log".into(), cost);
+        return write_results(&args.out, results);
+    }
 
     println!("1/6 broker ceiling ({size}-byte persistent messages, one quorum queue, confirms, manual acks)…");
     let broker = broker_pid();
@@ -911,13 +937,88 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     );
 
     let _ = conn.close(200, "".into()).await;
-    if let Some(dir) = args.out.parent() {
-        std::fs::create_dir_all(dir)?;
+
+    if args.log_rounds > 0 {
+        println!("+ the delivery log's cost…");
+        let cost = log_cost(&url, args.log_seconds, args.window, args.log_rounds).await?;
+        results.insert("delivery_log".into(), cost);
     }
-    let results = serde_json::Value::Object(results);
-    std::fs::write(&args.out, serde_json::to_string_pretty(&results)?)?;
-    println!("results written to {}", args.out.display());
-    plot::draw(&results, &args.plot)?;
+    let plot_from = serde_json::Value::Object(results.clone());
+    write_results(&args.out, results)?;
+    plot::draw(&plot_from, &args.plot)?;
     println!("plot written to {}", args.plot.display());
     Ok(())
+}
+
+fn write_results(out: &Path, results: serde_json::Map<String, serde_json::Value>) -> anyhow::Result<()> {
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(out, serde_json::to_string_pretty(&serde_json::Value::Object(results))?)?;
+    println!("results written to {}", out.display());
+    Ok(())
+}
+
+/// The delivery log's cost: pipeline throughput (as in step 2) on fresh
+/// stacks with `[log] enabled = false` and `true`, alternating, `rounds`
+/// times each, so that both see the same machine; the medians and their
+/// ratio.
+async fn log_cost(url: &str, seconds: u64, window: usize, rounds: usize) -> anyhow::Result<serde_json::Value> {
+    let (addr, _seen) = handler(Duration::ZERO).await;
+    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        for enabled in [false, true] {
+            let name = format!("log-{}-{round}", if enabled { "on" } else { "off" });
+            let tables = format!("[log]\nenabled = {enabled}\n");
+            let stack = Stack::start_configured(url, addr, &name, Some(512), ALL_STAGES, &tables).await?;
+            let topology = Topology::new(&stack.prefix);
+            let (replies, _) = listen_replies(url, &topology).await?;
+            let mut processes = stack.pids();
+            processes.extend(broker_pid().map(|pid| ("broker".to_owned(), pid)));
+            let cpu_before = cpu_snapshot(&processes);
+            let t0 = Instant::now();
+            let exchange = topology.events_exchange();
+            let sent = drive(&conn, (&exchange, "load"), "load", seconds, window, None, &replies).await?;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while (*replies.lock().unwrap() as usize) < sent.len() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let through = *replies.lock().unwrap();
+            let rate = through as f64 / t0.elapsed().as_secs_f64();
+            // CPU per 1,000 matched messages, by process.
+            let cpu: Vec<String> = cpu_before
+                .iter()
+                .zip(cpu_snapshot(&processes))
+                .map(|((name, before), (_, after))| {
+                    let short = name.trim_start_matches("swallow-");
+                    format!("{short} {:.0}", (after - before) / through.max(1) as f64 * 1e6)
+                })
+                .collect();
+            let mut dropped = 0.0;
+            for stage in ALL_STAGES {
+                dropped += stack.metric(stage, "swallow_log_records_dropped_total").await;
+            }
+            println!(
+                "    round {}: log {}: {rate:.0} msg/s (records dropped: {dropped}); CPU ms per 1,000 messages: {}",
+                round + 1,
+                if enabled { "on " } else { "off" },
+                cpu.join(", ")
+            );
+            stack.stop(url).await;
+            if enabled { &mut on } else { &mut off }.push(rate);
+        }
+    }
+    let _ = conn.close(200, "".into()).await;
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let (m_off, m_on) = (median(&mut off), median(&mut on));
+    let ratio = if m_off > 0.0 { m_on / m_off } else { 0.0 };
+    println!("    median: off {m_off:.0} msg/s, on {m_on:.0} msg/s: {ratio:.3} × (target ≥ 0.95)");
+    Ok(serde_json::json!({
+        "seconds_per_round": seconds, "off_msgs_per_s": off, "on_msgs_per_s": on,
+        "median_off": m_off, "median_on": m_on, "ratio_on_to_off": ratio,
+    }))
 }
