@@ -1,4 +1,4 @@
-//! One HTTP attempt and what it means (CONTRACT §5): delivered (perhaps with
+//! One HTTP attempt and what it means (docs/contract.md §5): delivered (perhaps with
 //! a reply), retry later (perhaps no sooner than `Retry-After`), gone (410),
 //! or a refused destination.
 

@@ -1,4 +1,4 @@
-//! The SSRF guard (CONTRACT §5): handler URLs may not reach loopback,
+//! The SSRF guard (docs/contract.md §5): handler URLs may not reach loopback,
 //! private, link-local, CGNAT, multicast or unspecified addresses unless
 //! `[deliverer] allow_networks` lists them.
 //!

@@ -1,4 +1,4 @@
-//! The deliverer's metrics (CONTRACT §7). Labels are bounded: outcomes,
+//! The deliverer's metrics (docs/contract.md §7). Labels are bounded: outcomes,
 //! status classes and dead-letter reasons are fixed sets. Each job's visit
 //! is counted once, by [`DelivererMetrics::count`], after it was carried out.
 

@@ -1,4 +1,4 @@
-//! The POST of CONTRACT §4: the seed's fields, form-encoded (or JSON), the
+//! The POST of docs/contract.md §4: the seed's fields, form-encoded (or JSON), the
 //! Standard Webhooks headers (one signature per signing secret, so handlers
 //! keep verifying while a secret is rotated) and the integration's own
 //! headers.

@@ -1,4 +1,4 @@
-//! Which integrations a chat event triggers (CONTRACT §2), without scanning
+//! Which integrations a chat event triggers (docs/contract.md §2), without scanning
 //! every integration per event.
 //!
 //! Integrations are indexed by team, then by channel id and channel name, and

@@ -1,4 +1,4 @@
-//! The matcher's own metrics (CONTRACT §7).
+//! The matcher's own metrics (docs/contract.md §7).
 
 use prometheus::{IntCounter, IntCounterVec, Registry};
 use swallow_shared::metrics::{counter, counter_vec};

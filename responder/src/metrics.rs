@@ -1,4 +1,4 @@
-//! The responder's metrics (CONTRACT §7). Each reply's visit is counted
+//! The responder's metrics (docs/contract.md §7). Each reply's visit is counted
 //! once, by [`ResponderMetrics::count`], after it was carried out: a reply
 //! the sink refused is `rejected` (and dead-lettered), not also `dead`.
 

@@ -1,4 +1,4 @@
-//! Where replies go (CONTRACT §6): the `<prefix>.chat.outbound` exchange,
+//! Where replies go (docs/contract.md §6): the `<prefix>.chat.outbound` exchange,
 //! Slack's `chat.postMessage`, or an incoming-webhook URL.
 
 use std::time::Duration;

@@ -1,4 +1,4 @@
-//! The one configuration file all three stages read (CONTRACT §1–§2).
+//! The one configuration file all three stages read (docs/contract.md §1–§2).
 //!
 //! The file is parsed into strict raw structs (unknown fields are errors, so a
 //! typo is never a silent default), then validated into [`Config`] and
@@ -1504,6 +1504,6 @@ rate_limit = { per_second = 2.0, burst = 3, on_limit = "drop" }
         assert!(error_of("[log]\nmax_age = \"soon\"").contains("log.max_age: \"soon\" is not a duration"));
         assert!(error_of("[log]\nmax_bytes = \"1 TB\"").contains("log.max_bytes"));
         assert!(error_of("[log]\nmax_bytes = 0").contains("log.max_bytes: must be more than 0"));
-        assert!(error_of("[log]\nretention = 1").contains("unknown field `retention`"));
+        assert!(error_of("[log]\nretention = 1").contains("log.retention: unknown field"));
     }
 }

@@ -1,4 +1,4 @@
-//! Chat events as the chat platform publishes them (CONTRACT §3), and the
+//! Chat events as the chat platform publishes them (docs/contract.md §3), and the
 //! check that turns raw bytes into one or into a reason it is invalid.
 
 use serde::{Deserialize, Serialize};

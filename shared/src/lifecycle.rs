@@ -542,6 +542,7 @@ mod tests {
             [
                 "max_attempts",
                 "max_age",
+                "circuit_open",
                 "gone",
                 "blocked_destination",
                 "unknown_integration",

@@ -59,7 +59,7 @@ impl DeliveryJob {
     }
 }
 
-/// What a handler answered, as far as replies go (CONTRACT §5).
+/// What a handler answered, as far as replies go (docs/contract.md §5).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct HandlerAnswer {
     #[serde(default)]

@@ -1,4 +1,4 @@
-//! The retry schedule (CONTRACT §5): exponential from about 1 s, doubling,
+//! The retry schedule (docs/contract.md §5): exponential from about 1 s, doubling,
 //! capped at 5 minutes, with full jitter, and at least a `Retry-After`.
 //!
 //! The exponential ceilings come from `backon`'s builder (the maintained

@@ -47,10 +47,12 @@ fn config_text(stack: &TestStack, handler: &HandlerServer) -> String {
         )
     };
     format!(
-        "reload_interval_ms = 200\n{}[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n[responder]\nper_channel_per_second = 100000.0\nper_channel_burst = 100000\n{}{}{}",
+        "reload_interval_ms = 200\n{}[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n[responder]\nper_channel_per_second = 100000.0\nper_channel_burst = 100000\n{}{}{}{}",
         stack.broker_toml(),
         integration("ok", ""),
-        integration("dead", "max_attempts = 1\n"),
+        // Its circuit off, so that every event dies at once.
+        integration("dead", "max_attempts = 1\ncircuit_failures = 0\n"),
+        integration("broken", "circuit_failures = 1\ntimeout_ms = 1000\n"),
         integration("slow", "timeout_ms = 10000\n"),
     )
 }
@@ -135,8 +137,12 @@ async fn alerts_fire_and_resolve_and_the_dashboard_has_data_in_a_real_prometheus
     .await
     .unwrap();
     let stack = Arc::new(TestStack::with_prefix(broker.url(), "swallow".into()).await.unwrap());
-    let handler = HandlerServer::start(|r, _| match r.path.as_str() {
+    // `/broken` fails until healed, for the circuit alert.
+    let healed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let heal = healed.clone();
+    let handler = HandlerServer::start(move |r, _| match r.path.as_str() {
         "/dead" => Answer::status(500),
+        "/broken" if !heal.load(std::sync::atomic::Ordering::SeqCst) => Answer::status(500),
         "/slow" => Answer::text("slowly").after(Duration::from_millis(1500)),
         _ => Answer::text("ok"),
     })
@@ -236,6 +242,7 @@ async fn alerts_fire_and_resolve_and_the_dashboard_has_data_in_a_real_prometheus
     // latency (a handler answering in 1.5 s) and a refused configuration,
     // all at once: they do not disturb one another.
     let load = [
+        "SwallowCircuitOpen",
         "SwallowDeadLettersGrowing",
         "SwallowDeliveryFailureRatioHigh",
         "SwallowEndToEndLatencyHigh",
@@ -251,6 +258,7 @@ async fn alerts_fire_and_resolve_and_the_dashboard_has_data_in_a_real_prometheus
                 tick.tick().await;
                 let mut bodies = events("dead:", 2);
                 bodies.extend(events("slow:", 1));
+                bodies.extend(events("broken:", 1));
                 stack.publish_events_bytes(&bodies).await.unwrap();
             }
         })
@@ -259,6 +267,9 @@ async fn alerts_fire_and_resolve_and_the_dashboard_has_data_in_a_real_prometheus
     traffic.abort();
     let _ = traffic.await;
     std::fs::write(&path, &good).unwrap();
+    // The jobs waiting behind the open circuit come back for a probe, which
+    // now succeeds: the circuit closes.
+    healed.store(true, std::sync::atomic::Ordering::SeqCst);
     prometheus.until_resolved(&load, ALERT_WAIT).await;
     let load_done = started.elapsed();
 
