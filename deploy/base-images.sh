@@ -30,6 +30,7 @@
 # Storage: a private buildah store (overlay: vfs would copy each layer whole) under $SWALLOW_BUILDAH_ROOT
 # (default /var/lib/swallow-image-check), shared with deploy/image-check.sh.
 set -euo pipefail
+trap 'echo "base-images: FAILED (exit $?) at line $LINENO: $BASH_COMMAND" >&2' ERR
 cd "$(dirname "$0")/.."
 
 ROOT=${SWALLOW_BUILDAH_ROOT:-/var/lib/swallow-image-check}
@@ -83,7 +84,7 @@ if $force || [ "$(key_of "$BUILDER")" != "$builder_key" ]; then
   # the build reaches crates.io as it does here. Not in the public image.
   if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
     cp /usr/local/share/ca-certificates/*.crt "$mnt/usr/local/share/ca-certificates/"
-    chroot "$mnt" update-ca-certificates >/dev/null 2>&1
+    env -u TMPDIR chroot "$mnt" update-ca-certificates >/dev/null  # (the host's TMPDIR is not in the chroot)
   fi
   # rustup's layout, as `rustup-init --profile minimal` leaves it (no docs).
   mkdir -p "$mnt/usr/local/rustup/toolchains" "$mnt/usr/local/cargo/bin"
