@@ -8,11 +8,14 @@ COPY . .
 # Only what the image runs: the stages and swallow-tools (not the test
 # harness). The crate registry and the target directory are build caches
 # (BuildKit, buildah), so a rebuild compiles only what changed. No line
-# tables (profile.release.debug) and no symbol tables in the image: it stays
-# small (a panic still prints its message and source location).
+# tables (profile.release.debug), no symbol tables, and whole-program
+# optimisation (fat LTO, one codegen unit) in the image: it stays small (a
+# panic still prints its message and source location, and still unwinds:
+# a stage hands a panicking task's delivery back).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    CARGO_PROFILE_RELEASE_DEBUG=0 cargo build --release --locked --bins \
+    CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 \
+    cargo build --release --locked --bins \
       -p swallow-matcher -p swallow-deliverer -p swallow-responder -p swallow-tools \
  && mkdir /out \
  && cp target/release/swallow-matcher target/release/swallow-deliverer target/release/swallow-responder \

@@ -58,33 +58,24 @@ async fn run(url: &str, hanging: usize, seconds: u64, name: &str) -> anyhow::Res
     while started.elapsed() < Duration::from_secs(seconds) {
         tick.tick().await;
         n += 1;
+        // The healthy event first, stamped as it goes.
+        let text = format!("ok {n}");
+        let mut bodies = vec![event("COK", &text)];
+        bodies.extend((0..hanging).map(|i| event(&format!("CH{i}"), &format!("h{i} {n}"))));
+        sent.insert(text, micros_now());
         let mut confirms = Vec::new();
-        for i in 0..hanging {
-            let body = event(&format!("CH{i}"), &format!("h{i} {n}"));
+        for body in &bodies {
             confirms.push(
                 ch.basic_publish(
                     exchange.as_str().into(),
                     "".into(),
                     BasicPublishOptions::default(),
-                    &body,
+                    body,
                     BasicProperties::default().with_delivery_mode(2),
                 )
                 .await?,
             );
         }
-        let text = format!("ok {n}");
-        sent.insert(text.clone(), micros_now());
-        let body = event("COK", &text);
-        confirms.push(
-            ch.basic_publish(
-                exchange.as_str().into(),
-                "".into(),
-                BasicPublishOptions::default(),
-                &body,
-                BasicProperties::default().with_delivery_mode(2),
-            )
-            .await?,
-        );
         for c in confirms {
             c.await?;
         }
