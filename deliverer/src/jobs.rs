@@ -72,7 +72,9 @@ async fn decide(job: DeliveryJob, ctx: &Context) -> Disposition<DeliveryJob> {
     ctx.metrics.duration.observe(took.as_secs_f64());
     ctx.metrics.attempts.with_label_values(&[attempted.class]).inc();
     guard::record(ctx, &job, &integration, &attempted);
-    let step = LogRecord::job(Step::Delivered, &job).with_attempt(attempted.status, attempted.class, took);
+    // The record counts this attempt (the job's count goes up in `after_attempt`).
+    let mut step = LogRecord::job(Step::Delivered, &job).with_attempt(attempted.status, attempted.class, took);
+    step.attempt = Some(job.retry.attempt + 1);
     let disposition = after_attempt(ctx, job, &integration, attempted);
     record_attempt(ctx, step, &disposition);
     disposition
