@@ -34,11 +34,17 @@ pub(crate) async fn handle(
     publisher: ConfirmedPublisher,
 ) -> Result<(), SessionError> {
     let noticed = AtomicBool::new(false);
-    let settled = lifecycle::handle(&delivery, &publisher, &ctx.topology, |job| async {
-        let (disposition, with_notice) = notice::attach(&ctx, decide(job, &ctx).await);
-        noticed.store(with_notice, Ordering::Relaxed);
-        disposition
-    })
+    let settled = lifecycle::handle(
+        &delivery,
+        &publisher,
+        &ctx.topology,
+        |job| async {
+            let (disposition, with_notice) = notice::attach(&ctx, decide(job, &ctx).await);
+            noticed.store(with_notice, Ordering::Relaxed);
+            disposition
+        },
+        |opened| record_unattempted(&ctx, opened),
+    )
     .await?;
     ctx.metrics.count(settled);
     if noticed.load(Ordering::Relaxed) {

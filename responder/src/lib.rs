@@ -49,32 +49,33 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
 /// Starts the responder and returns once its listener is bound.
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, StartError> {
     let topology = config.broker.topology();
-    let client = || {
-        reqwest::Client::builder()
-            .user_agent(swallow_shared::USER_AGENT)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-    };
+    // Built before anything starts, so that a client that cannot be built
+    // leaves nothing running.
+    let client = reqwest::Client::builder()
+        .user_agent(swallow_shared::USER_AGENT)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(StartError::client)?;
+    let parts = StageParts::new(Stage::Responder, &config, &shutdown).await?;
     let sink = match &config.responder.sink {
         Sink::Amqp => ReplySink::Amqp {
             exchange: topology.chat_outbound_exchange(),
         },
-        Sink::Slack { api_base, token } => {
+        Sink::Slack { api_base, .. } => {
             let base = api_base.as_str().trim_end_matches('/');
             ReplySink::Slack {
                 endpoint: format!("{base}/chat.postMessage")
                     .parse()
                     .expect("a base URL plus a path is a URL"),
-                token: token.clone(),
-                client: client().map_err(StartError::client)?,
+                token: parts.slack_token.clone(),
+                client,
             }
         }
         Sink::Webhook { url } => ReplySink::Webhook {
             url: url.clone(),
-            client: client().map_err(StartError::client)?,
+            client,
         },
     };
-    let parts = StageParts::new(Stage::Responder, &config, &shutdown).await?;
     let metrics = ResponderMetrics::new(&parts.registry);
     info!(sink = sink.name(), "responder posting replies");
     let ctx = Arc::new(Context {
@@ -174,9 +175,13 @@ pub fn outbound(reply: &ReplyJob, integration: Option<&Integration>) -> Outbound
 }
 
 async fn handle(delivery: Delivery, ctx: Arc<Context>, publisher: ConfirmedPublisher) -> Result<(), SessionError> {
-    let settled = lifecycle::handle(&delivery, &publisher, &ctx.topology, |reply| {
-        decide(reply, &ctx, &publisher)
-    })
+    let settled = lifecycle::handle(
+        &delivery,
+        &publisher,
+        &ctx.topology,
+        |reply| decide(reply, &ctx, &publisher),
+        |opened| record_failure(&ctx, opened, None),
+    )
     .await?;
     ctx.metrics.count(settled);
     Ok(())

@@ -103,7 +103,8 @@ pub enum ReplySink {
     },
     Slack {
         endpoint: Url,
-        token: String,
+        /// The token in force: a reload check re-reads `slack_token_file`.
+        token: tokio::sync::watch::Receiver<std::sync::Arc<str>>,
         client: reqwest::Client,
     },
     Webhook {
@@ -145,7 +146,7 @@ impl ReplySink {
                 let request = client
                     .post(endpoint.clone())
                     .timeout(timeout)
-                    .header(AUTHORIZATION, format!("Bearer {token}"))
+                    .header(AUTHORIZATION, format!("Bearer {}", &**token.borrow()))
                     .header(CONTENT_TYPE, "application/json; charset=utf-8")
                     .json(&reply.chat_message());
                 http_post(request, true).await

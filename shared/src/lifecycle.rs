@@ -436,12 +436,15 @@ async fn dead_letter<J: Job>(
 }
 
 /// The whole life of one delivery: [`open`] it, let the stage's `decide`
-/// settle it, [`carry_out`] the result.
+/// settle it, [`carry_out`] the result. `opened` sees what opening settled
+/// by itself (a job not due yet, or dead: unreadable or of a newer version),
+/// so that the stage can record it as it records its own decisions.
 pub async fn handle<J, F, Fut>(
     delivery: &Delivery,
     publisher: &ConfirmedPublisher,
     topology: &Topology,
     decide: F,
+    opened: impl FnOnce(&Disposition<J>),
 ) -> Result<Settled, SessionError>
 where
     J: Job,
@@ -450,7 +453,10 @@ where
 {
     let disposition = match open::<J>(&delivery.data).await {
         ControlFlow::Continue(job) => decide(job).await,
-        ControlFlow::Break(settled) => settled,
+        ControlFlow::Break(settled) => {
+            opened(&settled);
+            settled
+        }
     };
     carry_out(delivery, disposition, publisher, topology).await
 }

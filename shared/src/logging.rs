@@ -47,9 +47,17 @@ pub fn init(stage: &'static str, format: LogFormat) {
     }
 }
 
-/// The format logging was started with (text when it was not).
+/// The format logging was started with; before it starts (a configuration
+/// that cannot be loaded), the one `SWALLOW_LOG_FORMAT` asks for, so that a
+/// stage in a JSON-logging pod says why it did not start in JSON too.
 pub fn format() -> LogFormat {
-    FORMAT.get().copied().unwrap_or_default()
+    FORMAT
+        .get()
+        .copied()
+        .unwrap_or_else(|| match std::env::var("SWALLOW_LOG_FORMAT").as_deref().map(str::trim) {
+            Ok("json") => LogFormat::Json,
+            _ => LogFormat::Text,
+        })
 }
 
 /// One JSON log line, as [`JsonLine`] writes them, for a message that is

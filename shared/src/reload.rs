@@ -4,31 +4,50 @@
 //! reads and validates them again, and the integrations change when the
 //! result differs. An invalid file, or a secret file that is missing or
 //! empty, is refused with a log line and a metric (once per distinct
-//! error), and the integrations in force stay.
+//! error), and the integrations in force stay. The responder's Slack token
+//! (`[responder] slack_token_file`) is re-read the same way.
 
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use crate::config::{Config, Integrations};
+use crate::config::{Config, Integrations, Sink};
 use crate::metrics::CommonMetrics;
 
-/// Starts watching `path` (when there is one) and returns the integrations in
-/// force, updated on every valid change.
-pub fn watch_integrations(
-    path: Option<PathBuf>,
-    initial: Arc<Integrations>,
-    interval: Duration,
-    metrics: CommonMetrics,
-    shutdown: CancellationToken,
-) -> watch::Receiver<Arc<Integrations>> {
+/// What a reload check can change while a stage runs.
+pub struct Watched {
+    /// The integrations in force.
+    pub integrations: watch::Receiver<Arc<Integrations>>,
+    /// The Slack token in force: `[responder] slack_token`, the file
+    /// `slack_token_file` names, or `SWALLOW_SLACK_TOKEN`; empty unless the
+    /// sink is Slack.
+    pub slack_token: watch::Receiver<Arc<str>>,
+}
+
+fn slack_token(config: &Config) -> Option<&str> {
+    match &config.responder.sink {
+        Sink::Slack { token, .. } => Some(token),
+        _ => None,
+    }
+}
+
+/// Starts watching the configuration file `config.path` (when there is one)
+/// and returns what is in force, updated on every valid change.
+pub fn watch_config(config: &Config, metrics: CommonMetrics, shutdown: CancellationToken) -> Watched {
+    let initial = config.integrations.clone();
     metrics.integrations_loaded.set(initial.list.len() as i64);
     let (tx, rx) = watch::channel(initial);
-    let Some(path) = path else { return rx };
+    let (token_tx, token_rx) = watch::channel(Arc::from(slack_token(config).unwrap_or_default()));
+    let watched = Watched {
+        integrations: rx,
+        slack_token: token_rx,
+    };
+    let interval = config.reload_interval;
+    let Some(path) = config.path.clone() else {
+        return watched;
+    };
     tokio::spawn(async move {
         let mut last_bytes = tokio::fs::read(&path).await.ok();
         let mut last_error: Option<String> = None;
@@ -48,7 +67,19 @@ pub fn watch_integrations(
             match parsed {
                 Ok(config) => {
                     last_error = None;
-                    if !changed && *config.integrations == **tx.borrow() {
+                    let token_changed = slack_token(&config).is_some_and(|new| {
+                        token_tx.send_if_modified(|token| {
+                            let differs = **token != *new;
+                            if differs {
+                                *token = Arc::from(new);
+                            }
+                            differs
+                        })
+                    });
+                    if token_changed {
+                        info!(path = %path.display(), "responder.slack_token reloaded");
+                    }
+                    if !changed && !token_changed && *config.integrations == **tx.borrow() {
                         continue;
                     }
                     let count = config.integrations.list.len();
@@ -70,5 +101,5 @@ pub fn watch_integrations(
             }
         }
     });
-    rx
+    watched
 }

@@ -55,6 +55,8 @@ pub struct StageParts {
     pub health: Health,
     /// The integrations in force, updated on every valid reload.
     pub integrations: watch::Receiver<Arc<Integrations>>,
+    /// The responder's Slack token in force, updated on every valid reload.
+    pub slack_token: watch::Receiver<Arc<str>>,
     /// The delivery log; the stage keeps clones where it records steps.
     pub log: DeliveryLog,
     appender: Option<JoinHandle<()>>,
@@ -76,13 +78,7 @@ impl StageParts {
             .await
             .map_err(|source| ListenError { addr, source })?;
         info!(stage = stage.name(), %ops_addr, "listening for /metrics, /healthz, /readyz");
-        let integrations = reload::watch_integrations(
-            config.path.clone(),
-            config.integrations.clone(),
-            config.reload_interval,
-            common.clone(),
-            shutdown.clone(),
-        );
+        let watched = reload::watch_config(config, common.clone(), shutdown.clone());
         let target = AppenderTarget {
             broker: config.broker.clone(),
             connection_name: format!("swallow-{}-log {} {}", stage.name(), config.broker.prefix, short_id()),
@@ -95,7 +91,8 @@ impl StageParts {
             registry,
             common,
             health,
-            integrations,
+            integrations: watched.integrations,
+            slack_token: watched.slack_token,
             log,
             appender,
             ops_addr,

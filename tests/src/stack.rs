@@ -90,6 +90,23 @@ impl TestStack {
         Ok(())
     }
 
+    /// Publishes raw bytes straight to `queue` (through the default
+    /// exchange), persistent, confirmed.
+    pub async fn publish_to_queue(&self, queue: &str, body: &[u8]) -> anyhow::Result<()> {
+        let confirm = self
+            .channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?;
+        anyhow::ensure!(confirm.await?.is_ack(), "publish to {queue} not confirmed");
+        Ok(())
+    }
+
     /// Starts draining `queue` into a collector (acking what it takes).
     pub async fn drain(&self, queue: &str) -> anyhow::Result<Collector> {
         self.drain_many(&[queue.to_owned()]).await

@@ -126,15 +126,39 @@ async fn the_log_tells_what_happened_to_each_delivery() {
         .publish_event(&chat_event("nobody: hello", "1355517523.000004"))
         .await
         .unwrap();
+    // A job and a reply of a newer version than this build's: dead at once,
+    // and recorded.
+    let (newer_ts, newer_reply_ts) = ("1355517523.000005", "1355517523.000006");
+    let mut newer = serde_json::to_value(job("newer-job")).unwrap();
+    newer["v"] = 99.into();
+    newer["integration_id"] = "okbot".into();
+    newer["event"]["ts"] = newer_ts.into();
+    newer["event"]["channel_id"] = "C2147483705".into();
+    let queue = stack.topology.delivery_queue_for("okbot");
+    stack
+        .publish_to_queue(&queue, newer.to_string().as_bytes())
+        .await
+        .unwrap();
+    let newer_reply = serde_json::json!({
+        "v": 99, "delivery_id": "newer-reply", "integration_id": "okbot", "team_id": "T0001",
+        "channel_id": "C2147483705", "in_reply_to": newer_reply_ts, "answer": {"text": "hi"}, "created_at_ms": 1,
+    });
+    let replies = stack.topology.replies_queue();
+    stack
+        .publish_to_queue(&replies, newer_reply.to_string().as_bytes())
+        .await
+        .unwrap();
     out.until(2, T, "the two replies").await;
-    dead.until(1, T, "the dead-lettered delivery").await;
+    dead.until(2, T, "the dead-lettered delivery and the newer job").await;
 
     // Records reach the stream within about a flush interval of their step.
     let (records, stdout) = wait_for(T, "every step's record in the log", || async {
         let (records, stdout) = log_json(&path, &[]).await;
         let done = outcomes(&records, ok).contains(&"reply_posted".to_owned())
             && outcomes(&records, flaky).contains(&"reply_posted".to_owned())
-            && outcomes(&records, gone).contains(&"dead".to_owned());
+            && outcomes(&records, gone).contains(&"dead".to_owned())
+            && outcomes(&records, newer_ts).contains(&"dead".to_owned())
+            && outcomes(&records, newer_reply_ts).contains(&"reply_dead".to_owned());
         done.then_some((records, stdout))
     })
     .await;
@@ -189,6 +213,15 @@ async fn the_log_tells_what_happened_to_each_delivery() {
     let died = step(gone, "dead");
     assert_eq!((died.status, died.attempt), (Some(500), Some(2)));
     assert!(died.error.as_deref().unwrap().contains("HTTP 500"), "{died:?}");
+    for (ts, outcome, stage) in [
+        (newer_ts, "dead", "deliverer"),
+        (newer_reply_ts, "reply_dead", "responder"),
+    ] {
+        let newer = step(ts, outcome);
+        assert_eq!(newer.stage, stage);
+        let error = newer.error.as_deref().unwrap_or_default();
+        assert!(error.contains("version 99 is newer"), "{newer:?}");
+    }
 
     // Ids, never the message, the token or the handler's body.
     for secret in [secret_text, TOKEN, BODY] {

@@ -116,6 +116,54 @@ fn replace_file(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
+/// A secret file being rotated under a running stage.
+struct Rotation<'a> {
+    stack: &'a TestStack,
+    /// The secret file.
+    file: &'a Path,
+    /// The stage that reads it: its reload checks are counted here.
+    ops: std::net::SocketAddr,
+    /// Where the secret shows: the server that receives the requests.
+    server: &'a HandlerServer,
+    /// The secret as one request carries it.
+    shown: fn(&handler::Recorded) -> String,
+}
+
+impl Rotation<'_> {
+    async fn reloads(&self, result: &str) -> f64 {
+        metric(self.ops, "swallow_config_reloads_total", &[("result", result)])
+            .await
+            .unwrap()
+    }
+
+    /// Publishes an event; the secret the request it causes (the `n`th) carries.
+    async fn next_shows(&self, n: usize, ts: &str) -> String {
+        self.stack.publish_event(&event_in(None, ts)).await.unwrap();
+        let requests = self.server.until(n, T, "the request after the event").await;
+        (self.shown)(&requests[n - 1])
+    }
+
+    /// First what the file holds at start, then, for each step (what to
+    /// write, the reload check's result, what the next request carries): the
+    /// rotated secret is the next request's, and a refused file (empty)
+    /// keeps the one in force.
+    async fn check(&self, at_start: &str, steps: &[(&str, &str, &str)]) {
+        assert_eq!(self.next_shows(1, "1700000001.000001").await, at_start);
+        for (i, (content, result, want)) in steps.iter().enumerate() {
+            replace_file(self.file, content);
+            let what = format!("the reload check ({result}) after writing {content:?}");
+            wait_for(T, &what, || async { (self.reloads(result).await >= 1.0).then_some(()) }).await;
+            let shown = self.next_shows(i + 2, &format!("1700000001.00001{i}")).await;
+            assert_eq!(&shown, want, "after writing {content:?}");
+        }
+        assert_eq!(
+            self.reloads("ok").await,
+            1.0,
+            "the refused file was not counted as a reload"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_file_changed_is_the_token_of_the_next_post_and_a_bad_one_keeps_the_old() {
     let stack = TestStack::new("opt-tokfile").await.unwrap();
@@ -126,39 +174,58 @@ async fn a_token_file_changed_is_the_token_of_the_next_post_and_a_bad_one_keeps_
     let text = integration("filed", &handler.url("/filed"), "token_file = \"token\"");
     let path = write_config(&dir, &config_for(&stack, &text));
     let (_matcher, deliverer) = match_and_deliver(&path).await;
-    let token_of = |r: &handler::Recorded| r.form().into_iter().find(|(k, _)| k == "token").unwrap().1;
-    let reloads = |result: &'static str| {
-        let addr = deliverer.ops_addr;
-        async move {
-            metric(addr, "swallow_config_reloads_total", &[("result", result)])
-                .await
-                .unwrap()
-        }
+    let rotation = Rotation {
+        stack: &stack,
+        file: &token,
+        ops: deliverer.ops_addr,
+        server: &handler,
+        shown: |r| r.form().into_iter().find(|(k, _)| k == "token").unwrap().1,
     };
+    rotation
+        .check(
+            "first-token",
+            &[
+                ("second-token\n", "ok", "second-token"),
+                ("\n", "error", "second-token"),
+            ],
+        )
+        .await;
+    let _ = std::fs::remove_dir_all(dir);
+}
 
-    stack.publish_event(&event_in(None, "1700000001.000001")).await.unwrap();
-    let first = handler.until(1, T, "the first POST").await;
-    assert_eq!(token_of(&first[0]), "first-token");
-
-    // The rotated token is the next POST's; then an empty token file is
-    // refused: the integration in force stays, and the next event is
-    // delivered with the token before.
-    let steps = [
-        ("second-token\n", "ok", "second-token"),
-        ("\n", "error", "second-token"),
-    ];
-    for (i, (content, result, want)) in steps.into_iter().enumerate() {
-        replace_file(&token, content);
-        let what = format!("the deliverer's reload check ({result}) after writing {content:?}");
-        wait_for(T, &what, || async { (reloads(result).await >= 1.0).then_some(()) }).await;
-        stack
-            .publish_event(&event_in(None, &format!("1700000001.00001{i}")))
-            .await
-            .unwrap();
-        let posts = handler.until(i + 2, T, "the POST after the reload check").await;
-        assert_eq!(token_of(&posts[i + 1]), want, "after writing {content:?}");
-    }
-    assert_eq!(reloads("ok").await, 1.0, "the refused file was not counted as a reload");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slack_token_file_changed_is_the_token_of_the_next_reply_and_a_bad_one_keeps_the_old() {
+    let stack = TestStack::new("opt-slacktok").await.unwrap();
+    let handler = HandlerServer::start(|_, _| Answer::json(serde_json::json!({"text": "hi"}))).await;
+    let slack = HandlerServer::start(|_, _| Answer::json(serde_json::json!({"ok": true}))).await;
+    let dir = tempdir("opt-slacktok");
+    let token = dir.join("slack-token");
+    std::fs::write(&token, "xoxb-first\n").unwrap();
+    let responder = format!(
+        "[responder]\nsink = \"slack\"\nslack_api_base = \"{}\"\nslack_token_file = \"slack-token\"\nper_channel_per_second = 100.0\nper_channel_burst = 100\n\n",
+        slack.url("/api")
+    );
+    let text = responder + &integration("hook", &handler.url("/hook"), "token = \"t\"");
+    let path = write_config(&dir, &config_for(&stack, &text));
+    let (_matcher, _deliverer) = match_and_deliver(&path).await;
+    let responder = StageProcess::spawn("swallow-responder", &path, &HashMap::new()).unwrap();
+    responder.ready(T).await;
+    let rotation = Rotation {
+        stack: &stack,
+        file: &token,
+        ops: responder.ops_addr,
+        server: &slack,
+        shown: |r| r.header("authorization").unwrap_or_default().to_owned(),
+    };
+    rotation
+        .check(
+            "Bearer xoxb-first",
+            &[
+                ("xoxb-second\n", "ok", "Bearer xoxb-second"),
+                ("", "error", "Bearer xoxb-second"),
+            ],
+        )
+        .await;
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -364,5 +431,28 @@ async fn logs_to_a_file_have_no_escape_codes_and_json_lines_parse() {
         lines.iter().any(|l| l["level"] == "WARN" || l["level"] == "ERROR"),
         "the invalid event is logged: {json}"
     );
+
+    // A configuration that cannot be loaded stops the stage with one line in
+    // the format asked for, though logging never started.
+    let path = write_config(&dir, "[broker]\nprefetch = 0\n");
+    let out = std::process::Command::new(bin_path("swallow-matcher"))
+        .arg("--config")
+        .arg(&path)
+        .env("SWALLOW_LOG_FORMAT", "json")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    let line: serde_json::Value =
+        serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("not JSON ({e}): {stderr:?}"));
+    assert_eq!(
+        (&line["level"], &line["stage"]),
+        (&"ERROR".into(), &"matcher".into()),
+        "{line}"
+    );
+    let message = line["message"].as_str().unwrap_or_default();
+    assert!(message.contains("broker.prefetch"), "{line}");
     let _ = std::fs::remove_dir_all(dir);
 }
