@@ -27,6 +27,12 @@ use swallow_shared::retry::RetrySchedule;
 pub const FIRST_PROBE: Duration = Duration::from_secs(5);
 /// Probe intervals double up to this.
 pub const MAX_PROBE: Duration = Duration::from_secs(300);
+/// A circuit that no job has asked about, and no attempt reported on, for
+/// this long is forgotten (its integration has no traffic, or the URL left
+/// the configuration), so that an idle circuit does not stay open, and
+/// alerting, for ever. Twice the longest step of the delay ladder: a job
+/// waiting behind an open circuit asks again at least that often.
+pub const IDLE_FORGET: Duration = Duration::from_secs(15 * 60);
 /// A probe whose result never came (its task was aborted) is given up this
 /// long after its timeout, and another probe may go.
 const LOST_PROBE_MARGIN: Duration = Duration::from_secs(1);
@@ -116,6 +122,8 @@ enum State {
 struct Circuit {
     state: State,
     last_error: String,
+    /// When a job last asked about it or an attempt last reported on it.
+    touched_ms: u64,
 }
 
 /// The circuits of one deliverer, keyed by (integration id, URL).
@@ -147,6 +155,7 @@ impl Circuits {
         let Some(circuit) = map.get_mut(&(key.0.to_owned(), key.1.to_owned())) else {
             return (Admission::Go, None);
         };
+        circuit.touched_ms = now_ms;
         let probe_until = now_ms + (probe_timeout + LOST_PROBE_MARGIN).as_millis() as u64;
         match circuit.state {
             State::Closed { .. } => (Admission::Go, None),
@@ -231,8 +240,10 @@ impl Circuits {
         let circuit = map.entry(id).or_insert(Circuit {
             state: State::Closed { failures: 0 },
             last_error: String::new(),
+            touched_ms: now_ms,
         });
         circuit.last_error = error.to_owned();
+        circuit.touched_ms = now_ms;
         let openings = match circuit.state {
             State::Closed { failures } if failures + 1 < threshold => {
                 circuit.state = State::Closed { failures: failures + 1 };
@@ -286,6 +297,22 @@ impl Circuits {
             .filter(|c| !matches!(c.state, State::Closed { .. }))
             .count();
         open_before - open_after
+    }
+
+    /// Forgets the circuits untouched for [`IDLE_FORGET`] at `now_ms`, and
+    /// returns the (integration, URL) of the open or half-open ones among
+    /// them.
+    pub fn forget_idle(&self, now_ms: u64) -> Vec<(String, String)> {
+        let idle_ms = IDLE_FORGET.as_millis() as u64;
+        let mut open = Vec::new();
+        self.map.lock().expect("circuits lock").retain(|key, c| {
+            let keep = now_ms.saturating_sub(c.touched_ms) < idle_ms;
+            if !keep && !matches!(c.state, State::Closed { .. }) {
+                open.push(key.clone());
+            }
+            keep
+        });
+        open
     }
 }
 
@@ -450,5 +477,34 @@ mod tests {
         assert_eq!(c.retain(|id| id != "googlebot"), 1);
         assert_eq!(c.open(), 0);
         assert_eq!(c.admit(KEY, 3, T, 4).0, Admission::Go);
+    }
+
+    #[test]
+    fn an_idle_circuit_is_forgotten_and_one_in_use_is_kept() {
+        let c = Circuits::new();
+        let idle = IDLE_FORGET.as_millis() as u64;
+        for now in 0..3 {
+            fail(&c, now);
+        }
+        assert_eq!(c.open(), 1);
+        let other = ("other", "http://127.0.0.1:9/other");
+        c.record(other, 3, Verdict::Failed, "HTTP 500", 10, 0.0);
+        // A job asking about the open circuit keeps it (it goes as the probe).
+        assert_eq!(c.admit(KEY, 3, T, idle - 1).0, Admission::Probe);
+        assert_eq!(c.forget_idle(idle + 10), Vec::<(String, String)>::new());
+        assert_eq!(c.open(), 1, "the circuit in use stays open");
+        // The closed one, untouched since 10, went quietly: two more
+        // failures do not open it, where they would have with its first.
+        for now in [idle + 11, idle + 12] {
+            c.record(other, 3, Verdict::Failed, "HTTP 500", now, 0.0);
+        }
+        assert!(!c.is_open(other), "the idle closed circuit was forgotten");
+        assert_eq!(
+            c.forget_idle(2 * idle),
+            vec![(KEY.0.to_owned(), KEY.1.to_owned())],
+            "the open circuit untouched for IDLE_FORGET is forgotten"
+        );
+        assert_eq!(c.open(), 0);
+        assert_eq!(c.admit(KEY, 3, T, 2 * idle).0, Admission::Go);
     }
 }

@@ -100,6 +100,24 @@ struct HeldShard {
     task: tokio::task::JoinHandle<Result<(), SessionError>>,
 }
 
+/// Forgets the circuits no job has asked about for a while, so that an idle
+/// circuit does not stay open, and alerting, for ever.
+fn forget_idle_circuits(ctx: &Context) {
+    let forgotten = ctx.circuits.forget_idle(swallow_shared::messages::now_millis());
+    if forgotten.is_empty() {
+        return;
+    }
+    for (integration, url) in &forgotten {
+        let url = swallow_shared::delivery_log::redact_url(url);
+        info!(
+            %integration,
+            %url,
+            "open circuit forgotten: no job for it in 15 minutes (the next one is attempted)"
+        );
+    }
+    ctx.metrics.circuits_open.set(ctx.circuits.open() as i64);
+}
+
 /// Brings the shards held in line with the assignment for the members seen.
 async fn rebalance(
     connection: &Arc<Connection>,
@@ -129,6 +147,7 @@ async fn rebalance(
             ctx.metrics.circuits_open.set(ctx.circuits.open() as i64);
         }
     }
+    forget_idle_circuits(ctx);
     for &k in &mine {
         if !held.contains_key(&k)
             && let Some(shard) = take_shard(connection, ctx, publisher, k).await?
