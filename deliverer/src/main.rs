@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use swallow_deliverer::log_command;
-use swallow_shared::cli::{ConfigArgs, RUNNING, fail};
+use swallow_shared::cli::{ConfigArgs, RUNNING, fail, serve};
 use swallow_shared::config::Stage;
 use tokio_util::sync::CancellationToken;
 
@@ -102,15 +102,7 @@ async fn main() -> ExitCode {
         Err(e) => return fail(NAME, e),
     };
     match args.command {
-        None => match swallow_deliverer::run(
-            config,
-            swallow_shared::shutdown::on_signal(swallow_deliverer::SHUTDOWN_GRACE),
-        )
-        .await
-        {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(NAME, e),
-        },
+        None => serve(NAME, config, swallow_deliverer::SHUTDOWN_GRACE, swallow_deliverer::run).await,
         Some(Command::Replay { integration, limit }) => {
             match swallow_deliverer::replay::replay(&config, integration.as_deref(), limit).await {
                 Ok(done) => {

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use swallow_shared::cli::{ConfigArgs, RUNNING, fail};
+use swallow_shared::cli::{ConfigArgs, RUNNING, run_stage};
 use swallow_shared::config::Stage;
 
 /// swallow's matcher: reads chat events from <prefix>.events and, for every
@@ -21,19 +21,13 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    const NAME: &str = "swallow-matcher";
     let args = Args::parse();
-    let config = match args.config.load(Stage::Matcher) {
-        Ok(config) => config,
-        Err(e) => return fail(NAME, e),
-    };
-    match swallow_matcher::run(
-        config,
-        swallow_shared::shutdown::on_signal(swallow_matcher::SHUTDOWN_GRACE),
+    run_stage(
+        "swallow-matcher",
+        Stage::Matcher,
+        &args.config,
+        swallow_matcher::SHUTDOWN_GRACE,
+        swallow_matcher::run,
     )
     .await
-    {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(NAME, e),
-    }
 }

@@ -1,7 +1,8 @@
 //! The one line a stage prints when its configuration file is invalid
 //! (README, Configuration): the file, the integration (id, or position when
 //! the id is missing), the field, and for an unknown field the closest known
-//! one. Run with the real binary, as an operator sees it.
+//! one. Run with the real binary, as an operator sees it (every stage binary
+//! loads its file through the same `swallow_shared::cli::run_stage`).
 
 use std::process::Command;
 
@@ -16,6 +17,8 @@ fn refusal(text: &str) -> (Option<i32>, String, String) {
         .arg(&path)
         .env("SWALLOW_HTTP_ADDR", "127.0.0.1:0")
         .env_remove("RUST_LOG")
+        .env_remove("SWALLOW_SLACK_TOKEN")
+        .env_remove("SWALLOW_LOG_FORMAT")
         .output()
         .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
@@ -72,6 +75,10 @@ fn each_invalid_file_gets_its_exact_line() {
         (
             format!("[responder]\nsink = \"irc\"\n{GOOD}"),
             "loading configuration from {path}: responder.sink: unknown variant `irc`, expected one of `amqp`, `slack`, `webhook`",
+        ),
+        (
+            format!("[responder]\nsink = \"slack\"\n{GOOD}"),
+            "loading configuration from {path}: responder.slack_token: sink = \"slack\" needs slack_token, slack_token_file or SWALLOW_SLACK_TOKEN",
         ),
         (
             format!("{GOOD}token = \"again\"\n"),

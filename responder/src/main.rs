@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use swallow_shared::cli::{ConfigArgs, RUNNING, fail};
+use swallow_shared::cli::{ConfigArgs, RUNNING, run_stage};
 use swallow_shared::config::Stage;
 
 /// swallow's responder: posts the replies of webhook handlers back into their
@@ -22,19 +22,13 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    const NAME: &str = "swallow-responder";
     let args = Args::parse();
-    let config = match args.config.load(Stage::Responder) {
-        Ok(config) => config,
-        Err(e) => return fail(NAME, e),
-    };
-    match swallow_responder::run(
-        config,
-        swallow_shared::shutdown::on_signal(swallow_responder::SHUTDOWN_GRACE),
+    run_stage(
+        "swallow-responder",
+        Stage::Responder,
+        &args.config,
+        swallow_responder::SHUTDOWN_GRACE,
+        swallow_responder::run,
     )
     .await
-    {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(NAME, e),
-    }
 }

@@ -1,4 +1,7 @@
 //! The binary refuses a bad `[responder]` table with one clear message.
+//! (An integration test of this package is also what makes `cargo test
+//! --workspace` build the `swallow-responder` binary the end-to-end tests
+//! run.)
 
 use std::process::Command;
 

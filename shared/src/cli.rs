@@ -2,8 +2,13 @@
 //! declares its own `clap::Parser` (so its `--help` and `--version` describe
 //! that binary, not this library) and flattens [`ConfigArgs`] into it.
 
+use std::fmt::Display;
+use std::future::Future;
 use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::{Config, ConfigError, LogFormat, Stage};
@@ -45,9 +50,38 @@ impl ConfigArgs {
     }
 }
 
+/// A stage's whole `main`: loads the configuration for `stage`, then runs
+/// the stage (`run(config, shutdown)`, shutdown on SIGTERM or SIGINT with
+/// `grace` for the work under way) until it stops; the exit code, with one
+/// line for an error that stopped it.
+pub async fn run_stage<F, Fut, E>(program: &str, stage: Stage, args: &ConfigArgs, grace: Duration, run: F) -> ExitCode
+where
+    F: FnOnce(Config, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: Display,
+{
+    match args.load(stage) {
+        Ok(config) => serve(program, config, grace, run).await,
+        Err(e) => fail(program, e),
+    }
+}
+
+/// Runs a stage on a loaded configuration until it stops (see [`run_stage`]).
+pub async fn serve<F, Fut, E>(program: &str, config: Config, grace: Duration, run: F) -> ExitCode
+where
+    F: FnOnce(Config, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: Display,
+{
+    match run(config, crate::shutdown::on_signal(grace)).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(program, e),
+    }
+}
+
 /// Prints one clear line for an error that stops a stage (a JSON one when
 /// logging is in JSON), and the exit code.
-pub fn fail(program: &str, error: impl std::fmt::Display) -> std::process::ExitCode {
+pub fn fail(program: &str, error: impl Display) -> ExitCode {
     match crate::logging::format() {
         LogFormat::Text => eprintln!("{program}: error: {error}"),
         LogFormat::Json => eprintln!(
@@ -59,5 +93,5 @@ pub fn fail(program: &str, error: impl std::fmt::Display) -> std::process::ExitC
             )
         ),
     }
-    std::process::ExitCode::from(2)
+    ExitCode::from(2)
 }
