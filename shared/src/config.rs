@@ -245,6 +245,18 @@ pub struct Config {
     /// retention.
     pub log: LogConfig,
     pub integrations: Arc<Integrations>,
+    /// The secret files it read (`token_file`, `signing_secret_file`,
+    /// `slack_token_file`) and a hash of each one's content, so that a reload
+    /// check can tell whether any changed without parsing the file again.
+    pub secret_files: Vec<(PathBuf, u64)>,
+}
+
+/// A hash of a file's content, to see whether it changed.
+pub fn content_hash(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// The `[log]` table.
@@ -518,7 +530,7 @@ impl Config {
         })?;
         let raw_integrations = raw_integrations_of(raw_integrations, &shown)?;
         // Secret files named by a relative path are found next to the file.
-        let base_dir = path.and_then(Path::parent).map(Path::to_owned).unwrap_or_default();
+        let files = SecretFiles::new(path.and_then(Path::parent).map(Path::to_owned).unwrap_or_default());
         let field_err = |field: &str, message: String| ConfigError::Field {
             path: shown.clone(),
             field: field.to_owned(),
@@ -600,7 +612,8 @@ impl Config {
             SinkKind::Slack => {
                 let base = r.slack_api_base.unwrap_or_else(|| "https://slack.com/api".into());
                 let api_base = parse_http_url(&base).map_err(|m| field_err("responder.slack_api_base", m))?;
-                let token = secret(r.slack_token, r.slack_token_file.as_deref(), "slack_token", &base_dir)
+                let token = files
+                    .secret(r.slack_token, r.slack_token_file.as_deref(), "slack_token")
                     .map_err(|(field, m)| field_err(&format!("responder.{field}"), m))?
                     .or_else(|| env_nonempty("SWALLOW_SLACK_TOKEN"));
                 let Some(token) = token else {
@@ -651,7 +664,7 @@ impl Config {
             ));
         }
         let reload_interval = Duration::from_millis(reload_interval_ms);
-        let integrations = validate_integrations(raw_integrations, &shown, &base_dir, deliverer.circuit_failures)?;
+        let integrations = validate_integrations(raw_integrations, &shown, &files, deliverer.circuit_failures)?;
         let log = raw.log.validate().map_err(|(field, m)| field_err(field, m))?;
         Ok(Config {
             path: path.map(Path::to_owned),
@@ -662,6 +675,7 @@ impl Config {
             responder,
             log,
             integrations: Arc::new(integrations),
+            secret_files: files.read.into_inner(),
         })
     }
 
@@ -715,26 +729,50 @@ impl Config {
 /// A secret given inline (`name`) or in a file (`name_file`, read now, a
 /// trailing newline trimmed); `None` when neither is set. On error, the
 /// field at fault and why (the path included).
-fn secret(
-    inline: Option<String>,
-    file: Option<&Path>,
-    name: &str,
-    base_dir: &Path,
-) -> Result<Option<String>, (String, String)> {
-    let Some(file) = file else { return Ok(inline) };
-    let field = format!("{name}_file");
-    if inline.is_some() {
-        return Err((field, format!("give {name} or {name}_file, not both")));
+/// Reads the secret files a configuration names, relative to its
+/// directory, and notes each one it read with a hash of its content.
+struct SecretFiles {
+    base_dir: PathBuf,
+    read: std::cell::RefCell<Vec<(PathBuf, u64)>>,
+}
+
+impl SecretFiles {
+    fn new(base_dir: PathBuf) -> Self {
+        SecretFiles {
+            base_dir,
+            read: Default::default(),
+        }
     }
-    let path = base_dir.join(file);
-    let text =
-        std::fs::read_to_string(&path).map_err(|e| (field.clone(), format!("reading {}: {e}", path.display())))?;
-    let text = text.strip_suffix('\n').unwrap_or(&text);
-    let text = text.strip_suffix('\r').unwrap_or(text);
-    if text.trim().is_empty() {
-        return Err((field, format!("{} is empty", path.display())));
+
+    fn path(&self, file: &Path) -> PathBuf {
+        self.base_dir.join(file)
     }
-    Ok(Some(text.to_owned()))
+
+    /// The secret `name`: given `inline`, or read from `file` (a trailing
+    /// newline trimmed); an error names the field (`<name>_file`).
+    fn secret(
+        &self,
+        inline: Option<String>,
+        file: Option<&Path>,
+        name: &str,
+    ) -> Result<Option<String>, (String, String)> {
+        let Some(file) = file else { return Ok(inline) };
+        let field = format!("{name}_file");
+        if inline.is_some() {
+            return Err((field, format!("give {name} or {name}_file, not both")));
+        }
+        let path = self.path(file);
+        let bytes = std::fs::read(&path).map_err(|e| (field.clone(), format!("reading {}: {e}", path.display())))?;
+        let hash = content_hash(&bytes);
+        let text = String::from_utf8(bytes).map_err(|_| (field.clone(), format!("{} is not UTF-8", path.display())))?;
+        let text = text.strip_suffix('\n').unwrap_or(&text);
+        let text = text.strip_suffix('\r').unwrap_or(text);
+        if text.trim().is_empty() {
+            return Err((field, format!("{} is empty", path.display())));
+        }
+        self.read.borrow_mut().push((path, hash));
+        Ok(Some(text.to_owned()))
+    }
 }
 
 /// Decodes one `whsec_…` secret into its key.
@@ -943,7 +981,7 @@ pub const DEFAULT_CIRCUIT_FAILURES: u32 = 5;
 fn validate_integrations(
     raw: Vec<RawIntegration>,
     path: &Path,
-    base_dir: &Path,
+    files: &SecretFiles,
     circuit_failures: u32,
 ) -> Result<Integrations, ConfigError> {
     let mut seen = HashSet::new();
@@ -1003,7 +1041,8 @@ fn validate_integrations(
         for (i, u) in raw_urls.iter().enumerate() {
             urls.push(parse_http_url(u).map_err(|m| err(&format!("urls[{i}]"), m))?);
         }
-        let token = secret(r.token, r.token_file.as_deref(), "token", base_dir)
+        let token = files
+            .secret(r.token, r.token_file.as_deref(), "token")
             .map_err(|(field, m)| err(&field, m))?
             .unwrap_or_default();
         if token.is_empty() {
@@ -1050,14 +1089,15 @@ fn validate_integrations(
         }
         if let Some(file) = &r.signing_secret_file {
             // Given inline too, `secret` refuses the pair.
-            let text = secret(inline_secrets.then(String::new), Some(file), "signing_secret", base_dir)
+            let text = files
+                .secret(inline_secrets.then(String::new), Some(file), "signing_secret")
                 .map_err(|(field, m)| err(&field, m))?
                 .unwrap_or_default();
             for (i, line) in text.lines().map(str::trim).filter(|l| !l.is_empty()).enumerate() {
                 signing_keys.push(signing_key(line).map_err(|m| {
                     err(
                         "signing_secret_file",
-                        format!("{}: secret {}: {m}", base_dir.join(file).display(), i + 1),
+                        format!("{}: secret {}: {m}", files.path(file).display(), i + 1),
                     )
                 })?);
             }
@@ -1300,10 +1340,18 @@ rate_limit = { per_second = 2.0, burst = 3, on_limit = "drop" }
         assert_eq!(i.channel_types, [ChannelType::Im, ChannelType::Private]);
         assert_eq!(i.headers[0].0, "x-api-key");
         assert_eq!(i.headers[0].1, "k1");
+        // The secret files read, each with its content's hash, for the
+        // reload check.
+        let read: Vec<(PathBuf, u64)> = ["token", "secrets"]
+            .iter()
+            .map(|f| (dir.join(f), content_hash(&std::fs::read(dir.join(f)).unwrap())))
+            .collect();
+        assert_eq!(good.secret_files, read);
         let list =
             parse("token = \"t\"\nsigning_secret = [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\", \"whsec_AAAA\"]")
                 .unwrap();
         assert_eq!(list.integrations.list[0].signing_keys.len(), 2);
+        assert!(list.secret_files.is_empty(), "no secret file named");
 
         let shown = path.display();
         let d = dir.display();

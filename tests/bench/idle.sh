@@ -1,0 +1,45 @@
+#!/bin/bash
+# What an idle stage costs with many integrations: the CPU a matcher spends
+# with N integrations (default 10,000) and nothing to do, over 30 s, most of
+# it in reload checks (every reload_interval_ms, 2 s by default). Run with
+# one matcher binary or two (say, before and after a change): they are run
+# in turn, ROUNDS times each, and the CPU seconds of every run printed.
+# Usage: cargo build --release --bins -p swallow-matcher &&
+#        bash tests/bench/idle.sh target/release/swallow-matcher [OTHER-MATCHER]
+# Environment: N (integrations), SECONDS_IDLE (30), ROUNDS (3), AMQP_URL.
+set -euo pipefail
+[ $# -ge 1 ] || { echo "usage: $0 MATCHER [OTHER-MATCHER]"; exit 2; }
+n=${N:-10000}
+seconds=${SECONDS_IDLE:-30}
+rounds=${ROUNDS:-3}
+url=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
+prefix="idle-$$"
+python3 - "$dir/swallow.toml" "$n" "$url" "$prefix" <<'PY'
+import sys
+path, n, url, prefix = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+with open(path, "w") as f:
+    f.write(f'[broker]\nurl = "{url}"\nprefix = "{prefix}"\n\n')
+    for k in range(n):
+        channel = f"CS{k // 25}" if k % 5 == 0 else f"C{k}"
+        f.write(f'[[integrations]]\nid = "i{k}"\nteam_id = "T0001"\nchannel = "{channel}"\n'
+                f'trigger_words = ["b{k}:"]\nurls = ["http://127.0.0.1:9/i{k}"]\ntoken = "t"\n\n')
+PY
+cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+for round in $(seq "$rounds"); do
+  for bin in "$@"; do
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    SWALLOW_HTTP_ADDR=127.0.0.1:$port RUST_LOG=error "$bin" --config "$dir/swallow.toml" &
+    pid=$!
+    for _ in $(seq 300); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
+    sleep 3 # past the start's own work
+    before=$(cpu "$pid")
+    sleep "$seconds"
+    after=$(cpu "$pid")
+    rss=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
+    kill -TERM "$pid"; wait "$pid" || true
+    echo "round $round $bin: $(( after - before )) CPU ticks (1/100 s) in ${seconds} s idle with $n integrations; peak RSS $(( rss / 1024 )) MiB"
+  done
+done
+for q in $(rabbitmqctl -q list_queues name | grep "^$prefix\."); do rabbitmqctl -q delete_queue "$q" >/dev/null; done
