@@ -1,9 +1,12 @@
 //! The failing-handlers step: a healthy integration's event → POST latency
 //! alone, then beside `hanging` integrations whose handlers hang (they
 //! answer after 8 s; `timeout_ms = 1000`), each channel sent 4 events a
-//! second, on a fresh stack each time (so the second run starts with every
-//! circuit closed). The ratio of the two p99s is what slow handlers cost
-//! everyone else.
+//! second, on a fresh stack each time (so each run starts with every
+//! circuit closed). The ratio of the p99s is what slow handlers cost
+//! everyone else. Beside them twice: with every channel's event published
+//! in the same instant, right after the healthy one (synchronized bursts,
+//! the worst case), and with the hanging channels' events spread evenly over
+//! each quarter second (independent channels).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -33,8 +36,15 @@ fn event(channel: &str, text: &str) -> Vec<u8> {
     .unwrap()
 }
 
-/// One run: `hanging` integrations sent events beside the healthy one.
-async fn run(url: &str, hanging: usize, seconds: u64, name: &str) -> anyhow::Result<(serde_json::Value, u64)> {
+/// One run: `hanging` integrations sent events beside the healthy one, in
+/// bursts or `spread` over each tick.
+async fn run(
+    url: &str,
+    hanging: usize,
+    seconds: u64,
+    name: &str,
+    spread: bool,
+) -> anyhow::Result<(serde_json::Value, u64)> {
     let (healthy_addr, seen) = handler(Duration::ZERO).await;
     let (hanging_addr, _) = handler(Duration::from_secs(8)).await;
     let mut integrations = integration("healthy", "COK", &format!("http://{healthy_addr}/ok"));
@@ -53,28 +63,36 @@ async fn run(url: &str, hanging: usize, seconds: u64, name: &str) -> anyhow::Res
     let exchange = topology.events_exchange();
     let mut sent: HashMap<String, u128> = HashMap::new();
     let started = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(1000 / EVENTS_PER_SECOND));
+    let period = Duration::from_millis(1000 / EVENTS_PER_SECOND);
+    let mut tick = tokio::time::interval(period);
+    let publish = |body: Vec<u8>| {
+        let ch = ch.clone();
+        let exchange = exchange.clone();
+        async move {
+            let props = BasicProperties::default().with_delivery_mode(2);
+            ch.basic_publish(
+                exchange.as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                &body,
+                props,
+            )
+            .await
+        }
+    };
     let mut n = 0u64;
     while started.elapsed() < Duration::from_secs(seconds) {
-        tick.tick().await;
+        let at = tick.tick().await;
         n += 1;
         // The healthy event first, stamped as it goes.
         let text = format!("ok {n}");
-        let mut bodies = vec![event("COK", &text)];
-        bodies.extend((0..hanging).map(|i| event(&format!("CH{i}"), &format!("h{i} {n}"))));
-        sent.insert(text, micros_now());
-        let mut confirms = Vec::new();
-        for body in &bodies {
-            confirms.push(
-                ch.basic_publish(
-                    exchange.as_str().into(),
-                    "".into(),
-                    BasicPublishOptions::default(),
-                    body,
-                    BasicProperties::default().with_delivery_mode(2),
-                )
-                .await?,
-            );
+        sent.insert(text.clone(), micros_now());
+        let mut confirms = vec![publish(event("COK", &text)).await?];
+        for i in 0..hanging {
+            if spread {
+                tokio::time::sleep_until(at + period.mul_f64((i as f64 + 0.5) / hanging as f64)).await;
+            }
+            confirms.push(publish(event(&format!("CH{i}"), &format!("h{i} {n}"))).await?);
         }
         for c in confirms {
             c.await?;
@@ -94,20 +112,25 @@ async fn run(url: &str, hanging: usize, seconds: u64, name: &str) -> anyhow::Res
     Ok((percentiles(latencies), attempts_hanging))
 }
 
-/// The step: alone, then beside `hanging` hanging handlers.
+/// The step: alone, then beside `hanging` hanging handlers, in bursts and
+/// spread.
 pub async fn measure(url: &str, hanging: usize, seconds: u64) -> anyhow::Result<serde_json::Value> {
-    let (alone, _) = run(url, 0, seconds, "healthy-alone").await?;
+    let (alone, _) = run(url, 0, seconds, "healthy-alone", false).await?;
     println!("    healthy alone: p50 {} ms, p99 {} ms", alone["p50"], alone["p99"]);
-    let (beside, attempts) = run(url, hanging, seconds, "healthy-beside").await?;
-    println!(
-        "    healthy beside {hanging} hanging handlers: p50 {} ms, p99 {} ms ({attempts} attempts reached the hanging handlers)",
-        beside["p50"], beside["p99"]
-    );
-    let ratio = beside["p99"].as_f64().unwrap_or(f64::NAN) / alone["p99"].as_f64().unwrap_or(f64::NAN);
-    println!("    p99 beside ÷ alone: {ratio:.2} (target ≤ 2)");
-    Ok(serde_json::json!({
+    let mut figures = serde_json::json!({
         "hanging": hanging, "seconds": seconds, "events_per_second_each": EVENTS_PER_SECOND,
-        "healthy_alone_ms": alone, "healthy_beside_ms": beside, "p99_ratio": ratio,
-        "attempts_to_hanging": attempts,
-    }))
+        "healthy_alone_ms": alone,
+    });
+    for (spread, name, key) in [(false, "healthy-beside", "bursts"), (true, "healthy-spread", "spread")] {
+        let (beside, attempts) = run(url, hanging, seconds, name, spread).await?;
+        let ratio = beside["p99"].as_f64().unwrap_or(f64::NAN) / alone["p99"].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "    healthy beside {hanging} hanging handlers ({key}): p50 {} ms, p99 {} ms, p99 ÷ alone {ratio:.2} (target ≤ 2); \
+             {attempts} attempts reached the hanging handlers",
+            beside["p50"], beside["p99"]
+        );
+        figures[key] =
+            serde_json::json!({"healthy_beside_ms": beside, "p99_ratio": ratio, "attempts_to_hanging": attempts});
+    }
+    Ok(figures)
 }

@@ -10,12 +10,18 @@
 //! 4. latency percentiles at half the measured pipeline rate, beside the
 //!    broker's own latency for the same two queue hops at the same rate;
 //! 5. each stage's peak RSS, and with 10,000 deliveries in flight;
-//! 6. an offered-load sweep (25% to 125% of the measured rate), drawn to a
+//! 6. an offered-load sweep (25% to 200% of the measured rate), drawn to a
 //!    PNG: replies out and p99 event → POST (swallow's and the broker's
 //!    alone) against events offered;
 //! 7. the delivery log's cost: pipeline throughput with `[log] enabled =
 //!    false` and `true`, side by side in alternating rounds (`--log-only`
-//!    runs just this).
+//!    runs just this);
+//! 8. realistic scale: 100, 1,000 and 10,000 integrations, events spread
+//!    Zipf-like over them, the default rate limit, 1% of handlers slow
+//!    (`--scale-only` runs just this);
+//! 9. with `--bytes-only` only: bytes per hop (an event's, a delivery job's
+//!    and a reply's size on the wire) and the broker's CPU per message at
+//!    its ceiling for several sizes.
 //!
 //! `cargo build --release --workspace --bins && target/release/swallow-load`
 //! Every loop is bounded in count and time; all traffic is on loopback.
@@ -32,8 +38,10 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use swallow_shared::Topology;
 
+mod bytes;
 mod failing;
 mod plot;
+mod scale;
 
 #[derive(Parser)]
 #[command(about = "Measure swallow against the broker's own ceiling")]
@@ -75,10 +83,36 @@ struct Args {
     /// Only measure the delivery log's cost.
     #[arg(long)]
     log_only: bool,
+    /// Numbers of integrations in the realistic-scale step.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+    scale_sizes: Vec<usize>,
+    /// Leave the realistic-scale step out of a full run.
+    #[arg(long)]
+    no_scale: bool,
+    /// Events per second offered in the realistic-scale step.
+    #[arg(long, default_value_t = 500.0)]
+    scale_rate: f64,
+    /// Seconds of load at each size of the realistic-scale step.
+    #[arg(long, default_value_t = 20)]
+    scale_seconds: u64,
+    /// Only run the realistic-scale step.
+    #[arg(long)]
+    scale_only: bool,
+    /// Only measure the broker's ceiling and pipeline throughput (steps 1
+    /// and 2), e.g. to compare two builds' stages with `--bin-dir`.
+    #[arg(long)]
+    pipeline_only: bool,
+    /// Where the stage binaries are (default: next to this one).
+    #[arg(long, value_name = "DIR")]
+    bin_dir: Option<PathBuf>,
+    /// Only measure bytes per hop: the sizes of an event, a delivery job and
+    /// a reply on the wire, and the broker's CPU per message by size.
+    #[arg(long)]
+    bytes_only: bool,
 }
 
 /// The sweep's steps, as fractions of the measured pipeline throughput.
-const SWEEP: &[f64] = &[0.25, 0.5, 0.75, 1.0, 1.25];
+const SWEEP: &[f64] = &[0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0];
 
 fn event_body(i: u64, text: &str) -> Vec<u8> {
     let now = std::time::SystemTime::now()
@@ -241,6 +275,9 @@ async fn handler(delay: Duration) -> (std::net::SocketAddr, Arc<Mutex<HashMap<St
     (addr, seen)
 }
 
+/// `--bin-dir`, when given.
+static BIN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
 const ALL_STAGES: &[&str] = &["swallow-matcher", "swallow-deliverer", "swallow-responder"];
 
 struct Stack {
@@ -331,10 +368,13 @@ impl Stack {
 
     /// Starts one stage binary (from next to this one) and waits until it is ready.
     async fn add(&mut self, stage: &str) -> anyhow::Result<()> {
-        let bin_dir = std::env::current_exe()?
-            .parent()
-            .map(Path::to_owned)
-            .unwrap_or_default();
+        let bin_dir = match BIN_DIR.get() {
+            Some(dir) => dir.clone(),
+            None => std::env::current_exe()?
+                .parent()
+                .map(Path::to_owned)
+                .unwrap_or_default(),
+        };
         let port = swallow_tests::free_addr().port();
         let child = tokio::process::Command::new(bin_dir.join(stage))
             .arg("--config")
@@ -379,13 +419,18 @@ impl Stack {
     }
 
     async fn metric(&self, stage: &str, name: &str) -> f64 {
+        self.metric_with(stage, name, &[]).await
+    }
+
+    /// The sum of `name`'s samples whose labels include `labels`.
+    async fn metric_with(&self, stage: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         let port = self
             .children
             .iter()
             .find(|(s, _, _)| s == stage)
             .map(|c| c.2)
             .unwrap_or(0);
-        swallow_tests::metric(format!("127.0.0.1:{port}").parse().unwrap(), name, &[])
+        swallow_tests::metric(format!("127.0.0.1:{port}").parse().unwrap(), name, labels)
             .await
             .unwrap_or(0.0)
     }
@@ -677,6 +722,9 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let url = args.amqp_url.clone();
+    if let Some(dir) = &args.bin_dir {
+        let _ = BIN_DIR.set(dir.clone());
+    }
     if args.failing_only {
         println!(
             "failing handlers: a healthy integration alone, then beside {} hanging ones…",
@@ -688,6 +736,18 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     }
     let size = event_body(123456, "load").len();
     let mut results = serde_json::Map::new();
+    if args.bytes_only {
+        println!("bytes per hop…");
+        let figures = bytes::measure(&url, args.seconds.min(20), args.window).await?;
+        results.insert("bytes_per_hop".into(), figures);
+        return write_results(&args.out, results);
+    }
+    if args.scale_only {
+        println!("realistic scale at {} events/s…", args.scale_rate);
+        let figures = scale::measure(&url, &args.scale_sizes, args.scale_rate, args.scale_seconds).await?;
+        results.insert("scale".into(), figures);
+        return write_results(&args.out, results);
+    }
     if args.log_only {
         println!("the delivery log's cost…");
         let cost = log_cost(&url, args.log_seconds, args.window, args.log_rounds).await?;
@@ -771,6 +831,10 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         results.insert("broker_ms_per_1k_at_ceiling".into(), (per * 1e6).into());
     }
     results.insert("pipeline_cpu".into(), cpu.into());
+    if args.pipeline_only {
+        stack.stop(&url).await;
+        return write_results(&args.out, results);
+    }
     let rss_after_load = stack.rss();
 
     // 3. Matcher, unmatched.
@@ -900,6 +964,21 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         }));
     }
     floor.stop().await;
+    // Overload: what comes out past capacity, against what came out at it.
+    let at = |fraction: f64| {
+        sweep
+            .iter()
+            .find(|s| s["fraction"].as_f64() == Some(fraction))
+            .and_then(|s| s["achieved_msgs_per_s"].as_f64())
+    };
+    let mut overload = serde_json::Map::new();
+    for over in [1.25, 1.5, 2.0] {
+        if let (Some(past), Some(full)) = (at(over), at(1.0)) {
+            println!("    replies/s at {:.0}% ÷ at 100%: {:.2}", over * 100.0, past / full);
+            overload.insert(format!("{:.0}", over * 100.0), (past / full).into());
+        }
+    }
+    results.insert("overload_ratio_to_full".into(), overload.into());
     results.insert("sweep".into(), sweep.into());
     stack.stop(&url).await;
 
@@ -942,6 +1021,11 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         println!("+ the delivery log's cost…");
         let cost = log_cost(&url, args.log_seconds, args.window, args.log_rounds).await?;
         results.insert("delivery_log".into(), cost);
+    }
+    if !args.no_scale {
+        println!("+ realistic scale at {} events/s…", args.scale_rate);
+        let figures = scale::measure(&url, &args.scale_sizes, args.scale_rate, args.scale_seconds).await?;
+        results.insert("scale".into(), figures);
     }
     let plot_from = serde_json::Value::Object(results.clone());
     write_results(&args.out, results)?;
