@@ -126,10 +126,19 @@ struct Circuit {
     touched_ms: u64,
 }
 
-/// The circuits of one deliverer, keyed by (integration id, URL).
+/// The circuits of one deliverer, keyed by integration id, then URL (so
+/// that a job's look-up borrows its strings instead of building a key).
 #[derive(Debug, Default)]
 pub struct Circuits {
-    map: Mutex<HashMap<(String, String), Circuit>>,
+    map: Mutex<HashMap<String, HashMap<String, Circuit>>>,
+}
+
+/// How many circuits in `map` are not closed.
+fn count_open(map: &HashMap<String, HashMap<String, Circuit>>) -> usize {
+    map.values()
+        .flat_map(HashMap::values)
+        .filter(|c| !matches!(c.state, State::Closed { .. }))
+        .count()
 }
 
 impl Circuits {
@@ -152,7 +161,7 @@ impl Circuits {
             return (Admission::Go, None);
         }
         let mut map = self.map.lock().expect("circuits lock");
-        let Some(circuit) = map.get_mut(&(key.0.to_owned(), key.1.to_owned())) else {
+        let Some(circuit) = map.get_mut(key.0).and_then(|urls| urls.get_mut(key.1)) else {
             return (Admission::Go, None);
         };
         circuit.touched_ms = now_ms;
@@ -226,9 +235,12 @@ impl Circuits {
             return None;
         }
         let mut map = self.map.lock().expect("circuits lock");
-        let id = (key.0.to_owned(), key.1.to_owned());
         if verdict == Verdict::Answered {
-            let was = map.remove(&id)?;
+            let urls = map.get_mut(key.0)?;
+            let was = urls.remove(key.1)?;
+            if urls.is_empty() {
+                map.remove(key.0);
+            }
             return match was.state {
                 State::Closed { .. } => None,
                 State::Open { .. } | State::HalfOpen { .. } => Some(Transition {
@@ -237,7 +249,8 @@ impl Circuits {
                 }),
             };
         }
-        let circuit = map.entry(id).or_insert(Circuit {
+        let urls = map.entry(key.0.to_owned()).or_default();
+        let circuit = urls.entry(key.1.to_owned()).or_insert(Circuit {
             state: State::Closed { failures: 0 },
             last_error: String::new(),
             touched_ms: now_ms,
@@ -268,18 +281,14 @@ impl Circuits {
     /// Whether `key`'s circuit is open or half-open now.
     pub fn is_open(&self, key: (&str, &str)) -> bool {
         let map = self.map.lock().expect("circuits lock");
-        map.get(&(key.0.to_owned(), key.1.to_owned()))
+        map.get(key.0)
+            .and_then(|urls| urls.get(key.1))
             .is_some_and(|c| !matches!(c.state, State::Closed { .. }))
     }
 
     /// How many circuits are not closed (open or half-open) now.
     pub fn open(&self) -> usize {
-        self.map
-            .lock()
-            .expect("circuits lock")
-            .values()
-            .filter(|c| !matches!(c.state, State::Closed { .. }))
-            .count()
+        count_open(&self.map.lock().expect("circuits lock"))
     }
 
     /// Forgets the circuits of integrations for which `keep` is false (a
@@ -287,16 +296,9 @@ impl Circuits {
     /// went.
     pub fn retain(&self, mut keep: impl FnMut(&str) -> bool) -> usize {
         let mut map = self.map.lock().expect("circuits lock");
-        let open_before = map
-            .values()
-            .filter(|c| !matches!(c.state, State::Closed { .. }))
-            .count();
-        map.retain(|(integration, _), _| keep(integration));
-        let open_after = map
-            .values()
-            .filter(|c| !matches!(c.state, State::Closed { .. }))
-            .count();
-        open_before - open_after
+        let open_before = count_open(&map);
+        map.retain(|integration, _| keep(integration));
+        open_before - count_open(&map)
     }
 
     /// Forgets the circuits untouched for [`IDLE_FORGET`] at `now_ms`, and
@@ -305,12 +307,15 @@ impl Circuits {
     pub fn forget_idle(&self, now_ms: u64) -> Vec<(String, String)> {
         let idle_ms = IDLE_FORGET.as_millis() as u64;
         let mut open = Vec::new();
-        self.map.lock().expect("circuits lock").retain(|key, c| {
-            let keep = now_ms.saturating_sub(c.touched_ms) < idle_ms;
-            if !keep && !matches!(c.state, State::Closed { .. }) {
-                open.push(key.clone());
-            }
-            keep
+        self.map.lock().expect("circuits lock").retain(|integration, urls| {
+            urls.retain(|url, c| {
+                let keep = now_ms.saturating_sub(c.touched_ms) < idle_ms;
+                if !keep && !matches!(c.state, State::Closed { .. }) {
+                    open.push((integration.clone(), url.clone()));
+                }
+                keep
+            });
+            !urls.is_empty()
         });
         open
     }

@@ -112,7 +112,8 @@ fn forget_idle_circuits(ctx: &Context) {
         info!(
             %integration,
             %url,
-            "open circuit forgotten: no job for it in 15 minutes (the next one is attempted)"
+            idle_s = crate::circuit::IDLE_FORGET.as_secs(),
+            "open circuit forgotten: no job asked for it in idle_s (the next one is attempted)"
         );
     }
     ctx.metrics.circuits_open.set(ctx.circuits.open() as i64);

@@ -29,10 +29,16 @@ pub struct Watched {
 }
 
 /// Whether every secret file still holds what it held (by hash).
-fn unchanged(files: &[(PathBuf, u64)]) -> bool {
-    files
-        .iter()
-        .all(|(path, hash)| std::fs::read(path).is_ok_and(|bytes| content_hash(&bytes) == *hash))
+async fn unchanged(files: &[(PathBuf, u64)]) -> bool {
+    for (path, hash) in files {
+        if !tokio::fs::read(path)
+            .await
+            .is_ok_and(|bytes| content_hash(&bytes) == *hash)
+        {
+            return false;
+        }
+    }
+    true
 }
 
 fn slack_token(config: &Config) -> Option<&str> {
@@ -75,7 +81,11 @@ pub fn watch_config(config: &Config, metrics: CommonMetrics, shutdown: Cancellat
             // Nothing to parse again when neither the file nor a secret file
             // it names changed (with 10,000 integrations a parse is most of
             // an idle stage's CPU).
-            if !changed && last_secrets.as_deref().is_some_and(unchanged) {
+            let secrets_unchanged = match last_secrets.as_deref() {
+                Some(files) => unchanged(files).await,
+                None => false,
+            };
+            if !changed && secrets_unchanged {
                 continue;
             }
             last_bytes = Some(bytes.clone());
