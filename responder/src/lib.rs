@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use swallow_shared::broker::{ConfirmedPublisher, Health, SessionError};
+use swallow_shared::broker::{ConfirmedPublisher, Health, OneAtATime, SessionError};
 use swallow_shared::config::{RateLimit, Sink};
 use swallow_shared::consume::{ConsumeOptions, consume};
 use swallow_shared::delivery_log::{DeliveryLog, LogRecord, Outcome as Step};
@@ -36,6 +36,10 @@ use swallow_shared::{Config, Integration, Integrations, Stage, Topology};
 
 use metrics::ResponderMetrics;
 pub use sink::{BOT_ID, OutboundReply, Posted, ReplySink};
+
+/// At most this many replies are published to `chat.outbound` at once
+/// (each on a channel of its own, see [`OneAtATime`]).
+pub const OUTBOUND_CHANNELS: usize = 32;
 
 /// How long shutdown waits for replies being posted.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
@@ -127,8 +131,15 @@ async fn session(connection: Arc<Connection>, ctx: Arc<Context>) -> Result<(), S
         shutdown: &ctx.shutdown,
         grace: SHUTDOWN_GRACE,
     };
+    // Replies to `chat.outbound` may come back unroutable (no platform
+    // bound for their channel): they go on channels of their own, one at a
+    // time each, so that a return is never taken for another publish.
+    let chat = Arc::new(OneAtATime::new(
+        connection.clone(),
+        usize::from(ctx.prefetch).min(OUTBOUND_CHANNELS),
+    ));
     consume(connection, options, |delivery, publisher| {
-        handle(delivery, ctx.clone(), publisher)
+        handle(delivery, ctx.clone(), publisher, chat.clone())
     })
     .await
 }
@@ -174,12 +185,17 @@ pub fn outbound(reply: &ReplyJob, integration: Option<&Integration>) -> Outbound
     }
 }
 
-async fn handle(delivery: Delivery, ctx: Arc<Context>, publisher: ConfirmedPublisher) -> Result<(), SessionError> {
+async fn handle(
+    delivery: Delivery,
+    ctx: Arc<Context>,
+    publisher: ConfirmedPublisher,
+    chat: Arc<OneAtATime>,
+) -> Result<(), SessionError> {
     let settled = lifecycle::handle(
         &delivery,
         &publisher,
         &ctx.topology,
-        |reply| decide(reply, &ctx, &publisher),
+        |reply| decide(reply, &ctx, &chat),
         |opened| record_failure(&ctx, opened, None),
     )
     .await?;
@@ -189,7 +205,7 @@ async fn handle(delivery: Delivery, ctx: Arc<Context>, publisher: ConfirmedPubli
 
 /// The responder's own part of a reply's life: its channel's pace, then
 /// the post and what the sink's answer means.
-async fn decide(reply: ReplyJob, ctx: &Context, publisher: &ConfirmedPublisher) -> Disposition<ReplyJob> {
+async fn decide(reply: ReplyJob, ctx: &Context, chat: &OneAtATime) -> Disposition<ReplyJob> {
     let reply = match admit(reply, ctx) {
         ControlFlow::Continue(reply) => reply,
         ControlFlow::Break(settled) => {
@@ -197,7 +213,7 @@ async fn decide(reply: ReplyJob, ctx: &Context, publisher: &ConfirmedPublisher) 
             return settled;
         }
     };
-    post(reply, ctx, publisher).await
+    post(reply, ctx, chat).await
 }
 
 /// The delivery log's record of a reply that failed for good or waits for
@@ -234,11 +250,11 @@ fn admit(reply: ReplyJob, ctx: &Context) -> Next<ReplyJob> {
     take_turn(reply, &ctx.limiter, &key, &ctx.pace, now, deadline)
 }
 
-async fn post(mut reply: ReplyJob, ctx: &Context, publisher: &ConfirmedPublisher) -> Disposition<ReplyJob> {
+async fn post(mut reply: ReplyJob, ctx: &Context, chat: &OneAtATime) -> Disposition<ReplyJob> {
     let integrations = ctx.integrations.borrow().clone();
     let out = outbound(&reply, integrations.get(&reply.integration_id).map(|i| i.as_ref()));
     let started = Instant::now();
-    let posted = ctx.sink.post(&out, publisher, ctx.timeout).await;
+    let posted = ctx.sink.post(&out, chat, ctx.timeout).await;
     let took = started.elapsed();
     ctx.metrics.post_duration.observe(took.as_secs_f64());
     reply.retry.attempt += 1;

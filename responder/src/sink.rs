@@ -7,7 +7,7 @@ use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use serde::Serialize;
 use url::Url;
 
-use swallow_shared::broker::{self, ConfirmedPublisher};
+use swallow_shared::broker::{self, OneAtATime};
 
 /// A reply as it is posted: the integration's identity applied, the thread
 /// chosen, and marked as a bot's message so it can never trigger anything.
@@ -122,15 +122,12 @@ impl ReplySink {
         }
     }
 
-    pub async fn post(&self, reply: &OutboundReply, publisher: &ConfirmedPublisher, timeout: Duration) -> Posted {
+    pub async fn post(&self, reply: &OutboundReply, outbound: &OneAtATime, timeout: Duration) -> Posted {
         match self {
             ReplySink::Amqp { exchange } => {
                 let body = serde_json::to_vec(reply).expect("a reply always serializes");
                 let key = format!("{}.{}", reply.team_id, reply.channel_id);
-                match publisher
-                    .publish(exchange, &key, &body, broker::persistent_json())
-                    .await
-                {
+                match outbound.publish(exchange, &key, &body, broker::persistent_json()).await {
                     Ok(()) => Posted::Ok,
                     Err(e) => Posted::Retry {
                         error: e.to_string(),

@@ -370,11 +370,7 @@ impl ConfirmedPublisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<PendingConfirm, PublishError> {
-        let target = if exchange.is_empty() {
-            routing_key.to_owned()
-        } else {
-            format!("{exchange} ({routing_key})")
-        };
+        let target = target(exchange, routing_key);
         let options = BasicPublishOptions {
             mandatory: true,
             ..Default::default()
@@ -409,6 +405,84 @@ impl ConfirmedPublisher {
 
     pub fn channel(&self) -> &Channel {
         &self.channel
+    }
+}
+
+/// How a publish's destination is named in errors.
+fn target(exchange: &str, routing_key: &str) -> String {
+    if exchange.is_empty() {
+        routing_key.to_owned()
+    } else {
+        format!("{exchange} ({routing_key})")
+    }
+}
+
+/// Publishers for messages that may come back unroutable: those to an
+/// exchange that others bind to (`chat.outbound`). AMQP's `basic.return`
+/// names no publish, and a broker that confirms several publishes at once
+/// (`multiple`) leaves the client unable to tell which of them came back;
+/// lapin hands the return to one of them, not always the right one (a park
+/// on the same channel was reported unroutable, and the reply that came
+/// back reported confirmed). Here each channel has at most one publish
+/// awaiting its confirm, so a return is that publish's; `size` channels,
+/// opened when first needed, let that many go at once.
+pub struct OneAtATime {
+    connection: Arc<Connection>,
+    slots: Vec<tokio::sync::Mutex<Option<ConfirmedPublisher>>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl OneAtATime {
+    pub fn new(connection: Arc<Connection>, size: usize) -> Self {
+        OneAtATime {
+            connection,
+            slots: (0..size.max(1)).map(|_| tokio::sync::Mutex::new(None)).collect(),
+            next: Default::default(),
+        }
+    }
+
+    /// Sends a message on a channel with nothing else awaiting a confirm,
+    /// and waits for its confirm.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let n = self.slots.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut slot = match (0..n).find_map(|i| self.slots[(start + i) % n].try_lock().ok()) {
+            Some(free) => free,
+            None => self.slots[start % n].lock().await,
+        };
+        let publisher = match &*slot {
+            Some(publisher) => publisher.clone(),
+            None => {
+                let opened =
+                    ConfirmedPublisher::open(&self.connection)
+                        .await
+                        .map_err(|source| PublishError::Broker {
+                            target: target(exchange, routing_key),
+                            source,
+                        })?;
+                slot.insert(opened).clone()
+            }
+        };
+        let result = publisher.publish(exchange, routing_key, body, properties).await;
+        if matches!(
+            result,
+            Err(PublishError::Unconfirmed { .. } | PublishError::Broker { .. })
+        ) {
+            // A confirm or return still owed on this channel could be taken
+            // for the next publish's: the next one opens a new channel.
+            *slot = None;
+            let channel = publisher.channel().clone();
+            tokio::spawn(async move {
+                let _ = channel.close(200, "replaced".into()).await;
+            });
+        }
+        result
     }
 }
 

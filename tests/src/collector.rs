@@ -79,6 +79,12 @@ pub fn header(delivery: &Delivery, name: &str) -> Option<String> {
 /// Binds a queue of the test's own to `<prefix>.chat.outbound` (as a chat
 /// platform would) and drains it.
 pub async fn listen_outbound(stack: &TestStack) -> anyhow::Result<Collector> {
+    listen_outbound_for(stack, "#").await
+}
+
+/// Like [`listen_outbound`], for the replies whose routing key (`<team>.<channel>`)
+/// matches `binding` only: the others have no route.
+pub async fn listen_outbound_for(stack: &TestStack, binding: &str) -> anyhow::Result<Collector> {
     let name = format!(
         "{}.test-outbound-{}",
         stack.prefix,
@@ -92,7 +98,7 @@ pub async fn listen_outbound(stack: &TestStack) -> anyhow::Result<Collector> {
         .channel
         .queue_declare(name.as_str().into(), options, FieldTable::default())
         .await?;
-    bind_outbound(stack, &name).await?;
+    bind_outbound(stack, &name, binding).await?;
     stack.drain(&name).await
 }
 
@@ -102,18 +108,18 @@ pub async fn listen_outbound(stack: &TestStack) -> anyhow::Result<Collector> {
 pub async fn listen_outbound_durable(stack: &TestStack) -> anyhow::Result<(String, Collector)> {
     let name = format!("{}.test-outbound", stack.prefix);
     swallow_shared::topology::declare_quorum_queue(&stack.channel, &name).await?;
-    bind_outbound(stack, &name).await?;
+    bind_outbound(stack, &name, "#").await?;
     Ok((name.clone(), stack.drain(&name).await?))
 }
 
-/// Binds `name` to `<prefix>.chat.outbound`, for every routing key.
-async fn bind_outbound(stack: &TestStack, name: &str) -> anyhow::Result<()> {
+/// Binds `name` to `<prefix>.chat.outbound` with `binding`.
+async fn bind_outbound(stack: &TestStack, name: &str, binding: &str) -> anyhow::Result<()> {
     stack
         .channel
         .queue_bind(
             name.into(),
             stack.topology.chat_outbound_exchange().as_str().into(),
-            "#".into(),
+            binding.into(),
             Default::default(),
             FieldTable::default(),
         )

@@ -146,6 +146,68 @@ async fn amqp_sink_posts_exactly_the_contract_fields() {
     responder.join().await;
 }
 
+/// Replies to a channel no chat platform takes (nothing bound for its
+/// routing key) come back from the broker unroutable. AMQP's return names
+/// no publish, and a broker that confirms several publishes at once leaves
+/// the client unable to tell which came back: lapin hands the return to one
+/// of them, not always the right one. Posted amid other replies and parks
+/// on one channel, a return reported on a park ended the session (the
+/// replies under way redelivered), and the reply that came back was
+/// counted posted. Each must be told apart: the routed ones posted once,
+/// the others retried and dead-lettered, the session never dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unroutable_reply_is_retried_and_never_taken_for_another() {
+    let stack = TestStack::new("rsp-noroute").await.unwrap();
+    let mut out = listen_outbound_for(&stack, "T0001.CA").await.unwrap();
+    let mut dead = stack.drain(&stack.topology.replies_dead_queue()).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let responder_toml = "max_attempts = 3\nper_channel_per_second = 1000.0\nper_channel_burst = 1000";
+    let responder = swallow_responder::start(config(&stack, responder_toml), shutdown.clone())
+        .await
+        .unwrap();
+    const EACH: usize = 150;
+    let replies: Vec<serde_json::Value> = (0..EACH)
+        .flat_map(|i| ["CA", "CB"].map(|channel| reply(&format!("{i}.0"), channel, serde_json::json!({"text": "hi"}))))
+        .collect();
+    publish_replies(&stack, &replies).await;
+    dead.until(EACH, T, "dead replies to the channel nobody takes").await;
+    out.settle(Duration::from_millis(500)).await;
+    let routed: Vec<String> = out
+        .json()
+        .iter()
+        .map(|r| r["delivery_id"].as_str().unwrap().to_owned())
+        .collect();
+    let distinct: BTreeSet<&String> = routed.iter().collect();
+    assert_eq!(distinct.len(), EACH, "every reply to CA arrives");
+    assert!(
+        routed.iter().all(|id| id.starts_with("msg_CA_")),
+        "only CA's replies have a route"
+    );
+    for d in &dead.got {
+        assert_eq!(header(d, "x-swallow-reason").as_deref(), Some("max_attempts"));
+        let error = header(d, "x-swallow-error").unwrap_or_default();
+        assert!(error.contains("unroutable"), "dead for being unroutable: {error}");
+        let body: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+        assert_eq!(body["channel_id"], "CB", "only CB's replies are dead");
+    }
+    let ops = responder.ops_addr;
+    assert_eq!(
+        metric(ops, "swallow_replies_total", &[("outcome", "posted")])
+            .await
+            .unwrap(),
+        EACH as f64,
+        "posted counts CA's replies, none of CB's"
+    );
+    assert_eq!(
+        metric(ops, "swallow_broker_reconnects_total", &[]).await.unwrap(),
+        0.0,
+        "an unroutable reply never ends the broker session"
+    );
+    assert_eq!(routed.len(), EACH, "no reply redelivered and posted twice");
+    shutdown.cancel();
+    responder.join().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slack_sink_retries_ok_false_honours_retry_after_and_dead_letters() {
     let stack = TestStack::new("rsp-slack").await.unwrap();
