@@ -15,7 +15,7 @@ use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use swallow_shared::Topology;
 
-use crate::{Stack, handler, micros_now, percentiles, post_latencies};
+use crate::{Stack, handler, listen_replies, micros_now, percentiles, post_latencies};
 
 const EVENTS_PER_SECOND: u64 = 4;
 const LIMITS: &str = "timeout_ms = 1000\nrate_limit = { per_second = 5.0, burst = 10 }\n";
@@ -57,6 +57,8 @@ async fn run(
     }
     let stack = Stack::with_integrations(url, name, &integrations).await?;
     let topology = Topology::new(&stack.prefix);
+    // A chat platform takes the replies.
+    let _replies = listen_replies(url, &topology).await?;
     let conn = Connection::connect(url, ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(Default::default()).await?;

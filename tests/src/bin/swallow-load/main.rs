@@ -21,7 +21,9 @@
 //!    (`--scale-only` runs just this);
 //! 9. with `--bytes-only` only: bytes per hop (an event's, a delivery job's
 //!    and a reply's size on the wire) and the broker's CPU per message at
-//!    its ceiling for several sizes.
+//!    its ceiling for several sizes;
+//! 10. with `--ladder-only` only: what the delay ladder costs the broker
+//!     (parking, holding, a whole trip) beside a plain queue hop.
 //!
 //! `cargo build --release --workspace --bins && target/release/swallow-load`
 //! Every loop is bounded in count and time; all traffic is on loopback.
@@ -40,6 +42,7 @@ use swallow_shared::Topology;
 
 mod bytes;
 mod failing;
+mod ladder;
 mod plot;
 mod scale;
 
@@ -109,6 +112,13 @@ struct Args {
     /// a reply on the wire, and the broker's CPU per message by size.
     #[arg(long)]
     bytes_only: bool,
+    /// Only measure what the delay ladder costs the broker: parking a
+    /// message, holding parked ones and a whole trip, beside a plain hop.
+    #[arg(long)]
+    ladder_only: bool,
+    /// Messages through each path of the ladder step.
+    #[arg(long, default_value_t = 5_000)]
+    ladder_messages: usize,
 }
 
 /// The sweep's steps, as fractions of the measured pipeline throughput.
@@ -627,6 +637,8 @@ async fn memory(
     let mut stack =
         Stack::start_stages(url, addr, name, concurrency, &["swallow-matcher", "swallow-responder"]).await?;
     let topology = Topology::new(&stack.prefix);
+    // A chat platform takes the replies.
+    let _replies = listen_replies(url, &topology).await?;
     let none = Arc::new(Mutex::new(0u64));
     let sent = drive(
         conn,
@@ -740,6 +752,12 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         println!("bytes per hop…");
         let figures = bytes::measure(&url, args.seconds.min(20), args.window).await?;
         results.insert("bytes_per_hop".into(), figures);
+        return write_results(&args.out, results);
+    }
+    if args.ladder_only {
+        println!("what the delay ladder costs the broker…");
+        let figures = ladder::measure(&url, args.ladder_messages, args.window).await?;
+        results.insert("ladder".into(), figures);
         return write_results(&args.out, results);
     }
     if args.scale_only {

@@ -14,12 +14,13 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use rand::SeedableRng as _;
 use rand_distr::Distribution as _;
 use swallow_shared::Topology;
+use swallow_shared::config::RateLimit;
+use swallow_shared::pacing::{Admission, TokenBucket};
 
-use crate::{Stack, broker_pid, cpu_seconds, handler, micros_now, percentiles, post_latencies};
+use crate::{Stack, broker_pid, cpu_seconds, handler, listen_replies, micros_now, percentiles, post_latencies};
 
-/// The default rate limit's burst and rate (the integrations set none).
-const BURST: f64 = 5.0;
-const PER_SECOND: f64 = 1.0;
+/// The default `max_age_s`: how far ahead the deliverer reserves a slot.
+const MAX_AGE: Duration = Duration::from_secs(600);
 /// Every hundredth handler answers after this long.
 const SLOW: Duration = Duration::from_secs(1);
 
@@ -70,6 +71,8 @@ pub async fn measure_one(url: &str, n: usize, rate: f64, seconds: u64) -> anyhow
     let (slow, slow_seen) = handler(SLOW).await;
     let stack = Stack::with_integrations(url, &format!("scale{n}"), &integrations(n, fast, slow)).await?;
     let topology = Topology::new(&stack.prefix);
+    // A chat platform takes the replies.
+    let (replies, _) = listen_replies(url, &topology).await?;
     let conn = Connection::connect(url, ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(Default::default()).await?;
@@ -78,10 +81,14 @@ pub async fn measure_one(url: &str, n: usize, rate: f64, seconds: u64) -> anyhow
     // Seeded, so that each size sees the same spread in every run.
     let mut rng = rand::rngs::StdRng::seed_from_u64(n as u64);
     // Each event's text (unique), its integration, when it was published,
-    // and whether its integration's token bucket (as the deliverer keeps it)
-    // had a token for it then: an event under the limit.
+    // and whether its integration's token bucket had a token for it then:
+    // an event under the limit. The buckets are the deliverer's own
+    // (`pacing::TokenBucket`, the default limit), so an event that finds
+    // none reserves the next slot as its job will, and the events after it
+    // queue behind that reservation.
     let mut sent: HashMap<String, (usize, u128, bool)> = HashMap::new();
-    let mut buckets: HashMap<usize, (f64, u128)> = HashMap::new();
+    let limit = RateLimit::default();
+    let mut buckets: HashMap<usize, TokenBucket> = HashMap::new();
     let broker = broker_pid();
     let broker_before = broker.and_then(cpu_seconds);
     let tick = Duration::from_millis(10);
@@ -101,13 +108,9 @@ pub async fn measure_one(url: &str, n: usize, rate: f64, seconds: u64) -> anyhow
             let text = format!("{} e{seq}", trigger(k));
             let body = event(k, &text);
             let at = micros_now();
-            let (tokens, last) = buckets.entry(k).or_insert((BURST, at));
-            *tokens = (*tokens + (at - *last) as f64 / 1e6 * PER_SECOND).min(BURST);
-            *last = at;
-            let under = *tokens >= 1.0;
-            if under {
-                *tokens -= 1.0;
-            }
+            let now = Instant::now();
+            let bucket = buckets.entry(k).or_insert_with(|| TokenBucket::new(&limit, now));
+            let under = bucket.reserve(now, MAX_AGE) == Admission::Now;
             sent.insert(text, (k, at, under));
             confirms.push(
                 ch.basic_publish(
@@ -129,6 +132,7 @@ pub async fn measure_one(url: &str, n: usize, rate: f64, seconds: u64) -> anyhow
     tokio::time::sleep(SLOW + Duration::from_millis(500)).await;
     let broker_cpu = broker.and_then(cpu_seconds).zip(broker_before).map(|(a, b)| a - b);
     let posts = fast_seen.lock().unwrap().len() + slow_seen.lock().unwrap().len();
+    let replies = *replies.lock().unwrap();
     // The events that found a token, to fast handlers; and how many
     // integrations were over their limit at least once.
     let under: HashMap<String, u128> = sent
@@ -184,7 +188,8 @@ pub async fn measure_one(url: &str, n: usize, rate: f64, seconds: u64) -> anyhow
     stack.stop(url).await;
     Ok(serde_json::json!({
         "integrations": n, "offered_msgs_per_s": sent.len() as f64 / window,
-        "posts_per_s": posts as f64 / window, "integrations_over_limit": over,
+        "posts_per_s": posts as f64 / window, "replies_per_s": replies as f64 / window,
+        "integrations_over_limit": over,
         "events_under_limit": under.len(),
         "under_limit_event_to_post_ms": latency, "broker_ms_per_1k_events": broker_ms_per_1k,
         "peak_rss_mib": rss, "ladder_depth": ladder_total, "ladder_by_step": ladder,
