@@ -38,6 +38,10 @@ pub(crate) async fn handle(
         &delivery,
         &publisher,
         &ctx.topology,
+        |job: &DeliveryJob| {
+            let integrations = ctx.integrations.borrow();
+            lifecycle::slot_leeway(job, integrations.get(&job.integration_id).map(|i| &i.rate_limit))
+        },
         |job| async {
             let (disposition, with_notice) = notice::attach(&ctx, decide(job, &ctx).await);
             noticed.store(with_notice, Ordering::Relaxed);

@@ -195,6 +195,7 @@ async fn handle(
         &delivery,
         &publisher,
         &ctx.topology,
+        |reply| lifecycle::slot_leeway(reply, Some(&ctx.pace)),
         |reply| decide(reply, &ctx, &chat),
         |opened| record_failure(&ctx, opened, None),
     )

@@ -9,7 +9,7 @@ use lapin::BasicProperties;
 use lapin::types::FieldTable;
 
 use crate::broker::{self, ConfirmedPublisher, PublishError};
-use crate::topology::{Topology, step_for};
+use crate::topology::{Topology, park_for, step_for};
 
 /// Publishes `body` to come back to `queue` in about `wait` (confirmed).
 /// Waits shorter than the shortest step go straight back to `queue`.
@@ -30,15 +30,16 @@ pub async fn park(
     }
 }
 
-/// For a message due at `not_before_ms`: `Some(wait)` when it should go
+/// For a message due at `not_before_ms`, which may come back up to
+/// `late_ok` after that (see [`park_for`]): `Some(wait)` when it should go
 /// back on the ladder for that long; otherwise waits out a remainder too
 /// short to park (under 100 ms) and returns `None`: it is due.
-pub async fn wait_until_due(not_before_ms: Option<u64>) -> Option<Duration> {
+pub async fn wait_until_due(not_before_ms: Option<u64>, late_ok: Duration) -> Option<Duration> {
     let now = crate::messages::now_millis();
     let due = not_before_ms.filter(|&due| due > now)?;
     let wait = Duration::from_millis(due - now);
     if step_for(wait).is_some() {
-        return Some(wait);
+        return Some(park_for(wait, late_ok));
     }
     tokio::time::sleep(wait).await;
     None

@@ -253,8 +253,9 @@ pub type Step<J, T = J> = ControlFlow<Disposition<J>, T>;
 
 /// Opens a delivery's bytes as a `J`: not one, or from a newer version,
 /// is dead; one not due yet goes back on the ladder (a remainder too
-/// short to park is waited out here).
-pub async fn open<J: Job>(data: &[u8]) -> Step<J> {
+/// short to park is waited out here), allowed to come back as late as
+/// `leeway` says for it (see [`slot_leeway`]).
+pub async fn open<J: Job>(data: &[u8], leeway: impl FnOnce(&J) -> Duration) -> Step<J> {
     let job: J = match serde_json::from_slice(data) {
         Ok(job) => job,
         Err(e) => {
@@ -275,7 +276,7 @@ pub async fn open<J: Job>(data: &[u8]) -> Step<J> {
         );
         return ControlFlow::Break(Disposition::dead(job, DeadReason::UnsupportedVersion, detail));
     }
-    match delay::wait_until_due(job.retry().not_before_ms).await {
+    match delay::wait_until_due(job.retry().not_before_ms, leeway(&job)).await {
         Some(wait) => ControlFlow::Break(Disposition::park(job, wait, ParkReason::NotDue)),
         None => ControlFlow::Continue(job),
     }
@@ -293,8 +294,19 @@ pub fn within_max_age<J: Job>(job: J, max_age: Duration, now_ms: u64) -> Step<J,
     ControlFlow::Break(Disposition::dead(job, DeadReason::MaxAge, detail))
 }
 
+/// How late a job may come back from the ladder: a job holding a
+/// rate-limit slot under `limit`, by [`pacing::park_leeway`]; any other not
+/// at all (a retry's or a circuit's wait is its own).
+pub fn slot_leeway<J: Job>(job: &J, limit: Option<&RateLimit>) -> Duration {
+    match limit {
+        Some(limit) if job.retry().rate_reserved => crate::pacing::park_leeway(limit),
+        _ => Duration::ZERO,
+    }
+}
+
 /// The job's turn under `limit` (see [`RateLimiter::turn`]): go, park for
-/// the slot it reserved, or die when that slot is past its deadline.
+/// the slot it reserved (coming back within its leeway after it), or die
+/// when that slot is past its deadline.
 pub fn take_turn<J: Job, K: std::hash::Hash + Eq + Clone>(
     mut job: J,
     limiter: &RateLimiter<K>,
@@ -312,6 +324,7 @@ pub fn take_turn<J: Job, K: std::hash::Hash + Eq + Clone>(
             } else {
                 ParkReason::RateLimited
             };
+            let wait = crate::topology::park_for(wait, crate::pacing::park_leeway(limit));
             ControlFlow::Break(Disposition::park(job, wait, why))
         }
         Turn::TooLong(wait) => {
@@ -443,6 +456,7 @@ pub async fn handle<J, F, Fut>(
     delivery: &Delivery,
     publisher: &ConfirmedPublisher,
     topology: &Topology,
+    leeway: impl FnOnce(&J) -> Duration,
     decide: F,
     opened: impl FnOnce(&Disposition<J>),
 ) -> Result<Settled, SessionError>
@@ -451,7 +465,7 @@ where
     F: FnOnce(J) -> Fut,
     Fut: Future<Output = Disposition<J>>,
 {
-    let disposition = match open::<J>(&delivery.data).await {
+    let disposition = match open::<J>(&delivery.data, leeway).await {
         ControlFlow::Continue(job) => decide(job).await,
         ControlFlow::Break(settled) => {
             opened(&settled);
@@ -476,26 +490,26 @@ mod tests {
 
     #[tokio::test]
     async fn opening_refuses_garbage_and_newer_versions_and_parks_what_is_not_due() {
-        let garbage = open::<ReplyJob>(b"{").await;
+        let garbage = open::<ReplyJob>(b"{", |_| Duration::ZERO).await;
         assert!(matches!(
             garbage,
             ControlFlow::Break(Disposition::Dead(DeadLetter { reason: DeadReason::InvalidReply, body: Err(ref b), .. })) if b == b"{"
         ));
         let mut newer = serde_json::to_value(reply(0, 1)).unwrap();
         newer["v"] = (MESSAGE_VERSION + 1).into();
-        let opened = open::<ReplyJob>(newer.to_string().as_bytes()).await;
+        let opened = open::<ReplyJob>(newer.to_string().as_bytes(), |_| Duration::ZERO).await;
         assert_eq!(
             opened.break_value().map(|d| d.settled()),
             Some(Settled::Dead(DeadReason::UnsupportedVersion))
         );
         let mut later = reply(0, 1);
         later.retry.not_before_ms = Some(now_millis() + 5_000);
-        let opened = open::<ReplyJob>(&serde_json::to_vec(&later).unwrap()).await;
+        let opened = open::<ReplyJob>(&serde_json::to_vec(&later).unwrap(), |_| Duration::ZERO).await;
         assert_eq!(
             opened.break_value().map(|d| d.settled()),
             Some(Settled::Parked(ParkReason::NotDue))
         );
-        let due = open::<ReplyJob>(&serde_json::to_vec(&reply(2, 1)).unwrap()).await;
+        let due = open::<ReplyJob>(&serde_json::to_vec(&reply(2, 1)).unwrap(), |_| Duration::ZERO).await;
         assert!(matches!(due, ControlFlow::Continue(r) if r.retry.attempt == 2));
     }
 

@@ -184,6 +184,14 @@ pub enum Turn {
     TooLong(Duration),
 }
 
+/// How long after its slot a parked message is brought back: half its
+/// grace, the other half left for the broker's own lateness. Coming back
+/// on a step that ends within this saves the ladder trips that would
+/// otherwise approach the slot exactly (see `topology::park_for`).
+pub fn park_leeway(limit: &RateLimit) -> Duration {
+    slot_grace(limit) / 2
+}
+
 /// How late a message may use its slot: one interval of the limit, and at
 /// least 250 ms, the broker's usual lateness and more. Messages going up to
 /// this late may come closer together than the interval, by at most one

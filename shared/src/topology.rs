@@ -274,6 +274,22 @@ pub fn step_for(remaining: Duration) -> Option<u32> {
     (0..DELAY_STEPS).rev().find(|&s| delay_step(s) <= remaining)
 }
 
+/// How long to park a message that is due in `remaining` and may come back
+/// up to `late_ok` after that as good as on time (a rate-limit slot's
+/// grace): a step's length within that window when one fits, so that this
+/// is its last trip; otherwise `remaining` (the longest step not longer,
+/// and more trips for what is left). Waits too short to park stay as they
+/// are: waiting them out costs less than a trip.
+pub fn park_for(remaining: Duration, late_ok: Duration) -> Duration {
+    if remaining < DELAY_STEP_MIN {
+        return remaining;
+    }
+    (0..DELAY_STEPS)
+        .map(delay_step)
+        .find(|&step| step >= remaining && step - remaining <= late_ok)
+        .unwrap_or(remaining)
+}
+
 /// A wait of at least `wanted` made in one trip on the ladder: the shortest
 /// step not shorter than it (the longest step at most). For waits where
 /// coming back a little late costs nothing and every extra trip costs a
@@ -295,6 +311,44 @@ mod tests {
         assert_eq!(one_trip(Duration::from_millis(6_400)), Duration::from_millis(6_400));
         assert_eq!(one_trip(Duration::from_millis(7_000)), Duration::from_millis(12_800));
         assert_eq!(one_trip(Duration::from_secs(3_600)), Duration::from_millis(409_600));
+    }
+
+    #[test]
+    fn a_wait_that_may_end_late_takes_the_step_that_ends_it_in_one_trip() {
+        let ms = Duration::from_millis;
+        // 6.2 s may end up to 0.5 s late: one trip of 6.4 s.
+        assert_eq!(park_for(ms(6_200), ms(500)), ms(6_400));
+        assert_eq!(step_for(park_for(ms(6_200), ms(500))), Some(6));
+        // Not when that would be later than allowed, nor without leeway.
+        assert_eq!(park_for(ms(5_800), ms(500)), ms(5_800));
+        assert_eq!(park_for(ms(6_200), Duration::ZERO), ms(6_200));
+        assert_eq!(park_for(ms(6_400), Duration::ZERO), ms(6_400));
+        // A remainder too short to park is waited out, not made a trip.
+        assert_eq!(park_for(ms(60), ms(500)), ms(60));
+        // Over waits up to 5 minutes, half a second of leeway saves a
+        // fifth of the trips.
+        let trips = |late_ok: Duration| -> u32 {
+            (1..=3_000u64)
+                .map(|tenth| {
+                    let mut left = ms(tenth * 100 + 37);
+                    let mut hops = 0;
+                    while let Some(s) = step_for(park_for(left, late_ok)) {
+                        hops += 1;
+                        let step = delay_step(s);
+                        if step >= left {
+                            break;
+                        }
+                        left -= step;
+                    }
+                    hops
+                })
+                .sum()
+        };
+        let (exact, lenient) = (trips(Duration::ZERO), trips(ms(500)));
+        assert!(
+            lenient * 5 <= exact * 4,
+            "{lenient} trips with leeway against {exact} without"
+        );
     }
 
     #[test]
