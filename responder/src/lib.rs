@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use swallow_shared::broker::{ConfirmedPublisher, Health, OneAtATime, SessionError};
+use swallow_shared::broker::{ConfirmedPublisher, Health, MatchedReturns, SessionError};
 use swallow_shared::config::{RateLimit, Sink};
 use swallow_shared::consume::{ConsumeOptions, consume};
 use swallow_shared::delivery_log::{DeliveryLog, LogRecord, Outcome as Step};
@@ -36,10 +36,6 @@ use swallow_shared::{Config, Integration, Integrations, Stage, Topology};
 
 use metrics::ResponderMetrics;
 pub use sink::{BOT_ID, OutboundReply, Posted, ReplySink};
-
-/// At most this many replies are published to `chat.outbound` at once
-/// (each on a channel of its own, see [`OneAtATime`]).
-pub const OUTBOUND_CHANNELS: usize = 32;
 
 /// How long shutdown waits for replies being posted.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
@@ -132,12 +128,10 @@ async fn session(connection: Arc<Connection>, ctx: Arc<Context>) -> Result<(), S
         grace: SHUTDOWN_GRACE,
     };
     // Replies to `chat.outbound` may come back unroutable (no platform
-    // bound for their channel): they go on channels of their own, one at a
-    // time each, so that a return is never taken for another publish.
-    let chat = Arc::new(OneAtATime::new(
-        connection.clone(),
-        usize::from(ctx.prefetch).min(OUTBOUND_CHANNELS),
-    ));
+    // bound for their channel): they go on a channel of their own, in
+    // batches whose returns are matched to their publishes, so that a
+    // return is never taken for another publish.
+    let chat = Arc::new(MatchedReturns::start(connection.clone(), usize::from(ctx.prefetch)));
     consume(connection, options, |delivery, publisher| {
         handle(delivery, ctx.clone(), publisher, chat.clone())
     })
@@ -189,7 +183,7 @@ async fn handle(
     delivery: Delivery,
     ctx: Arc<Context>,
     publisher: ConfirmedPublisher,
-    chat: Arc<OneAtATime>,
+    chat: Arc<MatchedReturns>,
 ) -> Result<(), SessionError> {
     let settled = lifecycle::handle(
         &delivery,
@@ -206,7 +200,7 @@ async fn handle(
 
 /// The responder's own part of a reply's life: its channel's pace, then
 /// the post and what the sink's answer means.
-async fn decide(reply: ReplyJob, ctx: &Context, chat: &OneAtATime) -> Disposition<ReplyJob> {
+async fn decide(reply: ReplyJob, ctx: &Context, chat: &MatchedReturns) -> Disposition<ReplyJob> {
     let reply = match admit(reply, ctx) {
         ControlFlow::Continue(reply) => reply,
         ControlFlow::Break(settled) => {
@@ -251,7 +245,7 @@ fn admit(reply: ReplyJob, ctx: &Context) -> Next<ReplyJob> {
     take_turn(reply, &ctx.limiter, &key, &ctx.pace, now, deadline)
 }
 
-async fn post(mut reply: ReplyJob, ctx: &Context, chat: &OneAtATime) -> Disposition<ReplyJob> {
+async fn post(mut reply: ReplyJob, ctx: &Context, chat: &MatchedReturns) -> Disposition<ReplyJob> {
     let integrations = ctx.integrations.borrow().clone();
     let out = outbound(&reply, integrations.get(&reply.integration_id).map(|i| i.as_ref()));
     let started = Instant::now();

@@ -7,7 +7,7 @@ use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use serde::Serialize;
 use url::Url;
 
-use swallow_shared::broker::{self, OneAtATime};
+use swallow_shared::broker::{self, MatchedReturns};
 
 /// A reply as it is posted: the integration's identity applied, the thread
 /// chosen, and marked as a bot's message so it can never trigger anything.
@@ -122,7 +122,7 @@ impl ReplySink {
         }
     }
 
-    pub async fn post(&self, reply: &OutboundReply, outbound: &OneAtATime, timeout: Duration) -> Posted {
+    pub async fn post(&self, reply: &OutboundReply, outbound: &MatchedReturns, timeout: Duration) -> Posted {
         match self {
             ReplySink::Amqp { exchange } => {
                 let body = serde_json::to_vec(reply).expect("a reply always serializes");

@@ -233,6 +233,10 @@ pub enum PublishError {
     Unroutable { target: String, reply: String },
     #[error("publishing to {target}: no confirm within {after:?}")]
     Unconfirmed { target: String, after: Duration },
+    #[error("publishing to {target}: the publisher stopped")]
+    Stopped { target: String },
+    #[error("publishing to {target}: a publish of its batch failed ({error})")]
+    Batch { target: String, error: String },
 }
 
 /// Subscribes `channel` to `exchange`: a server-named queue of its own
@@ -330,6 +334,23 @@ pub struct PendingConfirm {
 }
 
 impl PendingConfirm {
+    /// Waits for the broker's answer as it came: acked or not, and the
+    /// returned message lapin attached to this confirm, which may be
+    /// another publish's (see [`MatchedReturns`]).
+    async fn outcome(self) -> Result<(bool, Option<lapin::message::BasicReturnMessage>), PublishError> {
+        let target = self.target;
+        match tokio::time::timeout(self.bound, self.confirm).await {
+            Err(_) => Err(PublishError::Unconfirmed {
+                target,
+                after: self.bound,
+            }),
+            Ok(Err(source)) => Err(PublishError::Broker { target, source }),
+            Ok(Ok(Confirmation::Ack(back))) => Ok((true, back)),
+            Ok(Ok(Confirmation::Nack(back))) => Ok((false, back)),
+            Ok(Ok(Confirmation::NotRequested)) => Ok((true, None)),
+        }
+    }
+
     /// Waits until the broker has taken responsibility for the message.
     pub async fn confirmed(self) -> Result<(), PublishError> {
         let target = self.target;
@@ -417,32 +438,42 @@ fn target(exchange: &str, routing_key: &str) -> String {
     }
 }
 
-/// Publishers for messages that may come back unroutable: those to an
+/// A publisher for messages that may come back unroutable: those to an
 /// exchange that others bind to (`chat.outbound`). AMQP's `basic.return`
 /// names no publish, and a broker that confirms several publishes at once
 /// (`multiple`) leaves the client unable to tell which of them came back;
-/// lapin hands the return to one of them, not always the right one (a park
-/// on the same channel was reported unroutable, and the reply that came
-/// back reported confirmed). Here each channel has at most one publish
-/// awaiting its confirm, so a return is that publish's; `size` channels,
-/// opened when first needed, let that many go at once.
-pub struct OneAtATime {
-    connection: Arc<Connection>,
-    slots: Vec<tokio::sync::Mutex<Option<ConfirmedPublisher>>>,
-    next: std::sync::atomic::AtomicUsize,
+/// lapin hands the return to whichever confirm it resolves first (a park on
+/// the same channel was once reported unroutable, and the reply that came
+/// back reported confirmed). So these publishes go on a channel of their
+/// own, in batches: a batch is published at once (pipelined), its confirms
+/// are all awaited before the next batch starts, and the messages returned
+/// within it, wherever lapin put them, are matched to their publishes by
+/// their bytes. A return always comes before its publish's confirm, so every
+/// return of a batch is in hand when its last confirm is. Messages sent
+/// while a batch is under way go in the next one.
+pub struct MatchedReturns {
+    requests: tokio::sync::mpsc::UnboundedSender<Request>,
 }
 
-impl OneAtATime {
-    pub fn new(connection: Arc<Connection>, size: usize) -> Self {
-        OneAtATime {
-            connection,
-            slots: (0..size.max(1)).map(|_| tokio::sync::Mutex::new(None)).collect(),
-            next: Default::default(),
-        }
+struct Request {
+    exchange: String,
+    routing_key: String,
+    body: Vec<u8>,
+    properties: BasicProperties,
+    done: tokio::sync::oneshot::Sender<Result<(), PublishError>>,
+}
+
+impl MatchedReturns {
+    /// Starts the batching task on `connection` (its channel is opened with
+    /// the first batch); it ends when this value is dropped.
+    pub fn start(connection: Arc<Connection>, max_batch: usize) -> Self {
+        let (requests, batches) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(publish_batches(connection, batches, max_batch.max(1)));
+        MatchedReturns { requests }
     }
 
-    /// Sends a message on a channel with nothing else awaiting a confirm,
-    /// and waits for its confirm.
+    /// Publishes a message (mandatory) and waits for its confirm; an
+    /// unroutable one is [`PublishError::Unroutable`].
     pub async fn publish(
         &self,
         exchange: &str,
@@ -450,40 +481,124 @@ impl OneAtATime {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        let n = self.slots.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut slot = match (0..n).find_map(|i| self.slots[(start + i) % n].try_lock().ok()) {
-            Some(free) => free,
-            None => self.slots[start % n].lock().await,
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        let request = Request {
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            body: body.to_vec(),
+            properties,
+            done,
         };
-        let publisher = match &*slot {
-            Some(publisher) => publisher.clone(),
-            None => {
-                let opened =
-                    ConfirmedPublisher::open(&self.connection)
+        let stopped = || PublishError::Stopped {
+            target: target(exchange, routing_key),
+        };
+        self.requests.send(request).map_err(|_| stopped())?;
+        outcome.await.unwrap_or_else(|_| Err(stopped()))
+    }
+}
+
+async fn publish_batches(
+    connection: Arc<Connection>,
+    mut batches: tokio::sync::mpsc::UnboundedReceiver<Request>,
+    max_batch: usize,
+) {
+    let mut publisher: Option<ConfirmedPublisher> = None;
+    let mut batch = Vec::with_capacity(max_batch);
+    while batches.recv_many(&mut batch, max_batch).await > 0 {
+        let outcomes = publish_batch(&connection, &mut publisher, &batch).await;
+        for (request, outcome) in batch.drain(..).zip(outcomes) {
+            let _ = request.done.send(outcome);
+        }
+    }
+    if let Some(publisher) = publisher {
+        let _ = publisher.channel().close(200, "stopping".into()).await;
+    }
+}
+
+/// One batch: every message published, every confirm awaited, the returns
+/// matched by bytes. When the channel failed for any of them, all of the
+/// batch fail (a return may have been on the failed confirm), and the next
+/// batch opens a new channel.
+async fn publish_batch(
+    connection: &Connection,
+    publisher: &mut Option<ConfirmedPublisher>,
+    batch: &[Request],
+) -> Vec<Result<(), PublishError>> {
+    let result = async {
+        let channel = match publisher {
+            Some(channel) => channel.clone(),
+            None => publisher
+                .insert(
+                    ConfirmedPublisher::open(connection)
                         .await
                         .map_err(|source| PublishError::Broker {
-                            target: target(exchange, routing_key),
+                            target: "the channel for messages that may come back".into(),
                             source,
-                        })?;
-                slot.insert(opened).clone()
-            }
+                        })?,
+                )
+                .clone(),
         };
-        let result = publisher.publish(exchange, routing_key, body, properties).await;
-        if matches!(
-            result,
-            Err(PublishError::Unconfirmed { .. } | PublishError::Broker { .. })
-        ) {
-            // A confirm or return still owed on this channel could be taken
-            // for the next publish's: the next one opens a new channel.
-            *slot = None;
-            let channel = publisher.channel().clone();
-            tokio::spawn(async move {
-                let _ = channel.close(200, "replaced".into()).await;
-            });
+        let mut sent = Vec::with_capacity(batch.len());
+        for r in batch {
+            sent.push(
+                channel
+                    .send(&r.exchange, &r.routing_key, &r.body, r.properties.clone())
+                    .await?,
+            );
         }
-        result
+        let mut acked = Vec::with_capacity(batch.len());
+        let mut returned = Vec::new();
+        for pending in sent {
+            let (ack, back) = pending.outcome().await?;
+            acked.push(ack);
+            returned.extend(back);
+        }
+        Ok::<_, PublishError>((acked, returned))
     }
+    .await;
+    let (acked, mut returned) = match result {
+        Ok(outcome) => outcome,
+        Err(error) => {
+            if let Some(broken) = publisher.take() {
+                let channel = broken.channel().clone();
+                tokio::spawn(async move {
+                    let _ = channel.close(200, "replaced".into()).await;
+                });
+            }
+            let error = error.to_string();
+            return batch
+                .iter()
+                .map(|r| {
+                    Err(PublishError::Batch {
+                        target: target(&r.exchange, &r.routing_key),
+                        error: error.clone(),
+                    })
+                })
+                .collect();
+        }
+    };
+    batch
+        .iter()
+        .zip(acked)
+        .map(|(r, ack)| {
+            let target = target(&r.exchange, &r.routing_key);
+            if let Some(i) = returned
+                .iter()
+                .position(|m: &lapin::message::BasicReturnMessage| m.delivery.data == r.body)
+            {
+                let back = returned.swap_remove(i);
+                return Err(PublishError::Unroutable {
+                    target,
+                    reply: back.reply_text.to_string(),
+                });
+            }
+            if ack {
+                Ok(())
+            } else {
+                Err(PublishError::Nacked { target })
+            }
+        })
+        .collect()
 }
 
 /// Why a session ended other than by shutdown.
