@@ -12,7 +12,8 @@
 //! 5. each stage's peak RSS, and with 10,000 deliveries in flight;
 //! 6. an offered-load sweep (25% to 200% of the measured rate), drawn to a
 //!    PNG: replies out and p99 event → POST (swallow's and the broker's
-//!    alone) against events offered;
+//!    alone) against events offered, and the broker's CPU per reply at each
+//!    step;
 //! 7. the delivery log's cost: pipeline throughput with `[log] enabled =
 //!    false` and `true`, side by side in alternating rounds (`--log-only`
 //!    runs just this);
@@ -949,6 +950,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     for (n, fraction) in SWEEP.iter().enumerate() {
         let offered = (throughput * fraction).max(1.0);
         let before = *lat_replies.lock().unwrap();
+        let broker_before = broker_pid().and_then(cpu_seconds);
         let t = Instant::now();
         let text = format!("load s{n}");
         let sent = drive(
@@ -965,20 +967,29 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         while ((*lat_replies.lock().unwrap() - before) as usize) < sent.len() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let achieved = (*lat_replies.lock().unwrap() - before) as f64 / t.elapsed().as_secs_f64();
+        let replies = *lat_replies.lock().unwrap() - before;
+        let achieved = replies as f64 / t.elapsed().as_secs_f64();
+        // The broker's CPU per reply at this rate (the drain included):
+        // what a matched message costs it when it is not at full stretch.
+        let broker_us = broker_pid()
+            .and_then(cpu_seconds)
+            .zip(broker_before)
+            .map(|(after, before)| (after - before) / replies.max(1) as f64 * 1e6);
         let p = percentiles(post_latencies(&sent, &seen2));
         let floor_p = floor
             .measure(&format!("floor s{n}"), offered, args.sweep_seconds)
             .await?;
         println!(
-            "    offered {offered:.0}/s ({:.0}%): {achieved:.0} replies/s, event → POST p99 {} ms (broker alone {} ms)",
+            "    offered {offered:.0}/s ({:.0}%): {achieved:.0} replies/s, event → POST p99 {} ms (broker alone {} ms); broker {} µs CPU per reply",
             fraction * 100.0,
             p["p99"],
-            floor_p["p99"]
+            floor_p["p99"],
+            broker_us.map_or("?".into(), |v| format!("{v:.0}"))
         );
         sweep.push(serde_json::json!({
             "fraction": fraction, "offered_msgs_per_s": offered,
             "achieved_msgs_per_s": achieved, "event_to_post_ms": p, "broker_floor_ms": floor_p,
+            "broker_us_per_reply": broker_us,
         }));
     }
     floor.stop().await;
