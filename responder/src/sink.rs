@@ -127,7 +127,7 @@ impl ReplySink {
             ReplySink::Amqp { exchange } => {
                 let body = serde_json::to_vec(reply).expect("a reply always serializes");
                 let key = format!("{}.{}", reply.team_id, reply.channel_id);
-                match outbound.publish(exchange, &key, &body, broker::persistent_json()).await {
+                match outbound.publish(exchange, &key, body, broker::persistent_json()).await {
                     Ok(()) => Posted::Ok,
                     Err(e) => Posted::Retry {
                         error: e.to_string(),

@@ -334,10 +334,10 @@ pub struct PendingConfirm {
 }
 
 impl PendingConfirm {
-    /// Waits for the broker's answer as it came: acked or not, and the
-    /// returned message lapin attached to this confirm, which may be
-    /// another publish's (see [`MatchedReturns`]).
-    async fn outcome(self) -> Result<(bool, Option<lapin::message::BasicReturnMessage>), PublishError> {
+    /// Waits for the broker's answer as it came: the target, acked or not,
+    /// and the returned message lapin attached to this confirm, which may
+    /// be another publish's (see [`MatchedReturns`]).
+    async fn outcome(self) -> Result<(String, bool, Option<lapin::message::BasicReturnMessage>), PublishError> {
         let target = self.target;
         match tokio::time::timeout(self.bound, self.confirm).await {
             Err(_) => Err(PublishError::Unconfirmed {
@@ -345,31 +345,21 @@ impl PendingConfirm {
                 after: self.bound,
             }),
             Ok(Err(source)) => Err(PublishError::Broker { target, source }),
-            Ok(Ok(Confirmation::Ack(back))) => Ok((true, back)),
-            Ok(Ok(Confirmation::Nack(back))) => Ok((false, back)),
-            Ok(Ok(Confirmation::NotRequested)) => Ok((true, None)),
+            Ok(Ok(Confirmation::Ack(back))) => Ok((target, true, back)),
+            Ok(Ok(Confirmation::Nack(back))) => Ok((target, false, back)),
+            Ok(Ok(Confirmation::NotRequested)) => Ok((target, true, None)),
         }
     }
 
     /// Waits until the broker has taken responsibility for the message.
     pub async fn confirmed(self) -> Result<(), PublishError> {
-        let target = self.target;
-        let Ok(confirmation) = tokio::time::timeout(self.bound, self.confirm).await else {
-            return Err(PublishError::Unconfirmed {
+        match self.outcome().await? {
+            (target, _, Some(returned)) => Err(PublishError::Unroutable {
                 target,
-                after: self.bound,
-            });
-        };
-        match confirmation {
-            Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => Ok(()),
-            Ok(Confirmation::Ack(Some(returned))) | Ok(Confirmation::Nack(Some(returned))) => {
-                Err(PublishError::Unroutable {
-                    target,
-                    reply: returned.reply_text.to_string(),
-                })
-            }
-            Ok(Confirmation::Nack(None)) => Err(PublishError::Nacked { target }),
-            Err(source) => Err(PublishError::Broker { target, source }),
+                reply: returned.reply_text.to_string(),
+            }),
+            (target, false, None) => Err(PublishError::Nacked { target }),
+            (_, true, None) => Ok(()),
         }
     }
 }
@@ -473,19 +463,20 @@ impl MatchedReturns {
     }
 
     /// Publishes a message (mandatory) and waits for its confirm; an
-    /// unroutable one is [`PublishError::Unroutable`].
+    /// unroutable one is [`PublishError::Unroutable`]. The body is kept
+    /// until then, to be matched against what comes back.
     pub async fn publish(
         &self,
         exchange: &str,
         routing_key: &str,
-        body: &[u8],
+        body: Vec<u8>,
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
         let (done, outcome) = tokio::sync::oneshot::channel();
         let request = Request {
             exchange: exchange.to_owned(),
             routing_key: routing_key.to_owned(),
-            body: body.to_vec(),
+            body,
             properties,
             done,
         };
@@ -549,7 +540,7 @@ async fn publish_batch(
         let mut acked = Vec::with_capacity(batch.len());
         let mut returned = Vec::new();
         for pending in sent {
-            let (ack, back) = pending.outcome().await?;
+            let (_, ack, back) = pending.outcome().await?;
             acked.push(ack);
             returned.extend(back);
         }

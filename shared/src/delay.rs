@@ -31,15 +31,16 @@ pub async fn park(
 }
 
 /// For a message due at `not_before_ms`, which may come back up to
-/// `late_ok` after that (see [`park_for`]): `Some(wait)` when it should go
-/// back on the ladder for that long; otherwise waits out a remainder too
-/// short to park (under 100 ms) and returns `None`: it is due.
-pub async fn wait_until_due(not_before_ms: Option<u64>, late_ok: Duration) -> Option<Duration> {
+/// `late_ok()` after that (see [`park_for`]; asked only when it parks):
+/// `Some(wait)` when it should go back on the ladder for that long;
+/// otherwise waits out a remainder too short to park (under 100 ms) and
+/// returns `None`: it is due.
+pub async fn wait_until_due(not_before_ms: Option<u64>, late_ok: impl FnOnce() -> Duration) -> Option<Duration> {
     let now = crate::messages::now_millis();
     let due = not_before_ms.filter(|&due| due > now)?;
     let wait = Duration::from_millis(due - now);
     if step_for(wait).is_some() {
-        return Some(park_for(wait, late_ok));
+        return Some(park_for(wait, late_ok()));
     }
     tokio::time::sleep(wait).await;
     None

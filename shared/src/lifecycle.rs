@@ -276,7 +276,7 @@ pub async fn open<J: Job>(data: &[u8], leeway: impl FnOnce(&J) -> Duration) -> S
         );
         return ControlFlow::Break(Disposition::dead(job, DeadReason::UnsupportedVersion, detail));
     }
-    match delay::wait_until_due(job.retry().not_before_ms, leeway(&job)).await {
+    match delay::wait_until_due(job.retry().not_before_ms, || leeway(&job)).await {
         Some(wait) => ControlFlow::Break(Disposition::park(job, wait, ParkReason::NotDue)),
         None => ControlFlow::Continue(job),
     }
