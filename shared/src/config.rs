@@ -726,9 +726,6 @@ impl Config {
     }
 }
 
-/// A secret given inline (`name`) or in a file (`name_file`, read now, a
-/// trailing newline trimmed); `None` when neither is set. On error, the
-/// field at fault and why (the path included).
 /// Reads the secret files a configuration names, relative to its
 /// directory, and notes each one it read with a hash of its content.
 struct SecretFiles {
@@ -748,8 +745,9 @@ impl SecretFiles {
         self.base_dir.join(file)
     }
 
-    /// The secret `name`: given `inline`, or read from `file` (a trailing
-    /// newline trimmed); an error names the field (`<name>_file`).
+    /// The secret `name`: given `inline`, or read from `file` now (a
+    /// trailing newline trimmed); `None` when neither is set. On error, the
+    /// field at fault (`<name>_file`) and why, the path included.
     fn secret(
         &self,
         inline: Option<String>,
