@@ -4,13 +4,17 @@
 
 use std::time::{Duration, SystemTime};
 
-use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
+use bytes::Bytes;
+use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER, USER_AGENT};
+use http::{Request, Response, Uri};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
 
 use swallow_shared::config::Integration;
 use swallow_shared::messages::{DeliveryJob, HandlerAnswer};
 
 use crate::destination::{AddressPolicy, blocked_in};
-use crate::request;
+use crate::{HttpClient, request};
 
 /// Answers larger than this are cut off and treated as not JSON.
 pub const MAX_ANSWER_BYTES: usize = 1024 * 1024;
@@ -38,20 +42,19 @@ pub struct Attempted {
 }
 
 pub async fn attempt(
-    client: &reqwest::Client,
+    client: &HttpClient,
     policy: &AddressPolicy,
     job: &DeliveryJob,
     integration: &Integration,
 ) -> Attempted {
+    let invalid = |e: &dyn std::fmt::Display| Attempted {
+        outcome: Outcome::Blocked(format!("invalid URL {:?}: {e}", job.url)),
+        class: "blocked",
+        status: None,
+    };
     let url = match url::Url::parse(&job.url) {
         Ok(u) => u,
-        Err(e) => {
-            return Attempted {
-                outcome: Outcome::Blocked(format!("invalid URL {:?}: {e}", job.url)),
-                class: "blocked",
-                status: None,
-            };
-        }
+        Err(e) => return invalid(&e),
     };
     if let Err(blocked) = policy.check_url(&url) {
         return Attempted {
@@ -60,27 +63,43 @@ pub async fn attempt(
             status: None,
         };
     }
+    // The parsed URL's normal form (IDNA, percent-encoding) is what is sent.
+    let uri = match url.as_str().parse::<Uri>() {
+        Ok(u) => u,
+        Err(e) => return invalid(&e),
+    };
     let now_secs = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let post = request::build(job, integration, now_secs);
-    let mut builder = client
-        .post(url)
-        .timeout(integration.timeout)
-        .header(CONTENT_TYPE, post.content_type)
-        .body(post.body);
-    for (name, value) in post.headers {
-        builder = builder.header(name, value);
-    }
-    match builder.send().await {
-        Ok(response) => answered(response).await,
-        Err(e) => transport_error(&e),
+    let mut request = Request::post(uri)
+        .header(USER_AGENT, HeaderValue::from_static(swallow_shared::USER_AGENT))
+        .header(ACCEPT, HeaderValue::from_static("*/*"))
+        .header(CONTENT_TYPE, HeaderValue::from_static(post.content_type))
+        .body(Full::new(Bytes::from(post.body)))
+        .expect("a parsed URI and static headers make a request");
+    request.headers_mut().extend(post.headers);
+    // The timeout covers the whole exchange: connecting, sending, the answer's body.
+    match tokio::time::timeout(integration.timeout, exchange(client, request)).await {
+        Ok(Ok(attempted)) => attempted,
+        Ok(Err(e)) => transport_error(&*e),
+        Err(_) => Attempted {
+            outcome: Outcome::Retry {
+                error: format!("timeout: no answer within {} ms", integration.timeout.as_millis()),
+                retry_after: None,
+            },
+            class: "timeout",
+            status: None,
+        },
     }
 }
 
-/// What the handler's response means.
-async fn answered(response: reqwest::Response) -> Attempted {
+type ExchangeError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Sends the request and reads what the handler answered.
+async fn exchange(client: &HttpClient, request: Request<Full<Bytes>>) -> Result<Attempted, ExchangeError> {
+    let response = client.request(request).await?;
     let status = response.status();
     let retry_after = retry_after(response.headers());
     let code = status.as_u16();
@@ -91,16 +110,12 @@ async fn answered(response: reqwest::Response) -> Attempted {
         _ => "5xx",
     };
     if status.is_success() {
-        let answer = match read_capped(response).await {
-            Ok(Some(bytes)) => parse_answer(&bytes),
-            Ok(None) => None,
-            Err(e) => return transport_error(&e),
-        };
-        return Attempted {
+        let answer = read_capped(response).await?.and_then(|bytes| parse_answer(&bytes));
+        return Ok(Attempted {
             outcome: Outcome::Delivered { answer },
             class,
             status: Some(code),
-        };
+        });
     }
     let outcome = if code == 410 {
         Outcome::Gone
@@ -110,14 +125,14 @@ async fn answered(response: reqwest::Response) -> Attempted {
             retry_after: if code == 429 || code == 503 { retry_after } else { None },
         }
     };
-    Attempted {
+    Ok(Attempted {
         outcome,
         class,
         status: Some(code),
-    }
+    })
 }
 
-fn transport_error(e: &reqwest::Error) -> Attempted {
+fn transport_error(e: &(dyn std::error::Error + 'static)) -> Attempted {
     if let Some(blocked) = blocked_in(e) {
         return Attempted {
             outcome: Outcome::Blocked(blocked.to_string()),
@@ -125,16 +140,13 @@ fn transport_error(e: &reqwest::Error) -> Attempted {
             status: None,
         };
     }
-    let class = if e.is_timeout() {
-        "timeout"
-    } else if e.is_connect() {
-        "connect"
-    } else {
-        "error"
-    };
+    let connect = e
+        .downcast_ref::<hyper_util::client::legacy::Error>()
+        .is_some_and(|e| e.is_connect());
+    let class = if connect { "connect" } else { "error" };
     // The full chain says "connection refused" or "reset by peer".
     let mut message = e.to_string();
-    let mut source = std::error::Error::source(e);
+    let mut source = e.source();
     while let Some(s) = source {
         message.push_str(": ");
         message.push_str(&s.to_string());
@@ -151,16 +163,23 @@ fn transport_error(e: &reqwest::Error) -> Attempted {
 }
 
 /// The body, or `None` when it is larger than [`MAX_ANSWER_BYTES`].
-async fn read_capped(mut response: reqwest::Response) -> Result<Option<Vec<u8>>, reqwest::Error> {
-    if response.content_length().is_some_and(|n| n as usize > MAX_ANSWER_BYTES) {
+async fn read_capped(response: Response<Incoming>) -> Result<Option<Vec<u8>>, hyper::Error> {
+    let declared = response
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_ANSWER_BYTES as u64) {
         return Ok(None);
     }
+    let mut incoming = response.into_body();
     let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await? {
-        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
-            return Ok(None);
+    while let Some(frame) = incoming.frame().await {
+        if let Ok(chunk) = frame?.into_data() {
+            if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+                return Ok(None);
+            }
+            body.extend_from_slice(&chunk);
         }
-        body.extend_from_slice(&chunk);
     }
     Ok(Some(body))
 }

@@ -9,10 +9,11 @@
 //! address the connection then uses.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
+use hyper_util::client::legacy::connect::dns::Name;
 use ipnet::IpNet;
-use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
 /// A destination the policy refuses.
 #[derive(Debug, thiserror::Error)]
@@ -106,19 +107,31 @@ fn is_special(ip: IpAddr) -> bool {
     }
 }
 
-/// A resolver that drops refused addresses and fails when none is left.
+/// A resolver that drops refused addresses and fails when none is left: the
+/// HTTP connector's resolver, so it connects only to what passed.
+#[derive(Debug, Clone)]
 pub struct GuardedResolver {
     policy: AddressPolicy,
 }
 
 impl GuardedResolver {
-    pub fn new(policy: AddressPolicy) -> Arc<Self> {
-        Arc::new(GuardedResolver { policy })
+    pub fn new(policy: AddressPolicy) -> Self {
+        GuardedResolver { policy }
     }
 }
 
-impl Resolve for GuardedResolver {
-    fn resolve(&self, name: Name) -> Resolving {
+type ResolveError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower_service::Service<Name> for GuardedResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = ResolveError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, ResolveError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ResolveError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
         let policy = self.policy.clone();
         let host = name.as_str().to_owned();
         Box::pin(async move {
@@ -126,9 +139,9 @@ impl Resolve for GuardedResolver {
             let allowed: Vec<SocketAddr> = all.iter().copied().filter(|a| policy.allows(a.ip())).collect();
             if allowed.is_empty() {
                 let addrs = all.iter().map(|a| a.ip().to_string()).collect::<Vec<_>>().join(", ");
-                return Err(Box::new(BlockedDestination { host, addrs }) as Box<dyn std::error::Error + Send + Sync>);
+                return Err(Box::new(BlockedDestination { host, addrs }) as ResolveError);
             }
-            Ok(Box::new(allowed.into_iter()) as Addrs)
+            Ok(allowed.into_iter())
         })
     }
 }

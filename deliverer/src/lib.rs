@@ -31,6 +31,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -63,18 +68,36 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Deli
     Ok(())
 }
 
-/// The HTTP client for handlers: keep-alive pool, no redirects, no proxy,
-/// the SSRF guard in its resolver.
-pub fn http_client(policy: &AddressPolicy) -> Result<reqwest::Client, reqwest::Error> {
-    reqwest::Client::builder()
-        .user_agent(swallow_shared::USER_AGENT)
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
-        .dns_resolver(GuardedResolver::new(policy.clone()))
+/// The HTTP client for handlers.
+pub type HttpClient = hyper_util::client::legacy::Client<HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>>;
+
+/// The HTTP client for handlers: HTTP/1.1, or HTTP/2 where a TLS handler
+/// offers it; a keep-alive pool, no redirects, no proxy, the SSRF guard in
+/// its resolver, the platform's trusted roots for TLS.
+///
+/// hyper-util's client rather than reqwest (built on it): less CPU and
+/// memory per attempt (BENCHMARKS.md, "The HTTP client").
+pub fn http_client(policy: &AddressPolicy) -> Result<HttpClient, rustls::Error> {
+    use rustls_platform_verifier::BuilderVerifierExt as _;
+    let mut http = HttpConnector::new_with_resolver(GuardedResolver::new(policy.clone()));
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_platform_verifier()?
+        .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(64)
-        .tcp_nodelay(true)
-        .build()
+        .build(https))
 }
 
 /// Starts the deliverer and returns once its listener is bound.
@@ -117,7 +140,7 @@ struct Context {
     replies_queue: String,
     prefetch: u16,
     integrations: watch::Receiver<Arc<Integrations>>,
-    client: reqwest::Client,
+    client: HttpClient,
     policy: AddressPolicy,
     limiter: RateLimiter<String>,
     /// `[deliverer] concurrency` HTTP attempts under way at once, fairly shared.

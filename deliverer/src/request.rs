@@ -5,7 +5,7 @@
 
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
-use reqwest::header::{HeaderName, HeaderValue};
+use http::header::{HeaderName, HeaderValue};
 use sha2::Sha256;
 
 use swallow_shared::config::{ContentType, Integration};

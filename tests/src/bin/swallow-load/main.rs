@@ -120,6 +120,10 @@ struct Args {
     /// Messages through each path of the ladder step.
     #[arg(long, default_value_t = 5_000)]
     ladder_messages: usize,
+    /// Only measure the stages' memory with 10,000 deliveries in flight
+    /// (step 5), e.g. to compare two builds' deliverers with `--bin-dir`.
+    #[arg(long)]
+    memory_only: bool,
 }
 
 /// The sweep's steps, as fractions of the measured pipeline throughput.
@@ -621,6 +625,28 @@ impl Floor {
     }
 }
 
+/// Step 5: [`memory`] with the default limits and with all 10,000 at once;
+/// each stage's peak RSS goes into `rss`, the attempts under way into `results`.
+async fn memory_step(
+    url: &str,
+    conn: &Connection,
+    rss: &mut serde_json::Map<String, serde_json::Value>,
+    results: &mut serde_json::Map<String, serde_json::Value>,
+) -> anyhow::Result<()> {
+    for (label, concurrency) in [("default_limits", None), ("all_at_once", Some(12_000))] {
+        let (hwm, in_flight_max, events) = memory(url, conn, concurrency).await?;
+        println!("    {label}: {events} events, at most {in_flight_max} HTTP attempts under way; peak RSS (MiB):");
+        for (stage, peak, _) in &hwm {
+            println!("      {stage}: {peak:.1}");
+            let entry = rss.entry(stage.clone()).or_insert_with(|| serde_json::json!({}));
+            entry[format!("peak_mib_{label}")] = (*peak).into();
+        }
+        results.insert(format!("in_flight_max_{label}"), in_flight_max.into());
+        results.insert("in_flight_events".into(), events.into());
+    }
+    Ok(())
+}
+
 /// Queues 10,000 jobs (matcher only), then starts a deliverer on the
 /// backlog against a handler that answers after 1 s; returns each stage's
 /// peak RSS, the most attempts seen under way, and the events sent.
@@ -765,6 +791,15 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         println!("realistic scale at {} events/s…", args.scale_rate);
         let figures = scale::measure(&url, &args.scale_sizes, args.scale_rate, args.scale_seconds).await?;
         results.insert("scale".into(), figures);
+        return write_results(&args.out, results);
+    }
+    if args.memory_only {
+        println!("memory with 10,000 deliveries in flight…");
+        let conn = Connection::connect(&url, ConnectionProperties::default()).await?;
+        let mut rss = serde_json::Map::new();
+        memory_step(&url, &conn, &mut rss, &mut results).await?;
+        results.insert("rss".into(), rss.into());
+        let _ = conn.close(200, "".into()).await;
         return write_results(&args.out, results);
     }
     if args.log_only {
@@ -1020,16 +1055,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     for (stage, hwm_load, _) in &rss_after_load {
         rss.insert(stage.clone(), serde_json::json!({"peak_mib_throughput": hwm_load}));
     }
-    for (label, concurrency) in [("default_limits", None), ("all_at_once", Some(12_000))] {
-        let (hwm, in_flight_max, events) = memory(&url, &conn, concurrency).await?;
-        println!("    {label}: {events} events, at most {in_flight_max} HTTP attempts under way; peak RSS (MiB):");
-        for (stage, peak, _) in &hwm {
-            println!("      {stage}: {peak:.1} (target ≤ 64)");
-            rss[stage.as_str()][format!("peak_mib_{label}")] = (*peak).into();
-        }
-        results.insert(format!("in_flight_max_{label}"), in_flight_max.into());
-        results.insert("in_flight_events".into(), events.into());
-    }
+    memory_step(&url, &conn, &mut rss, &mut results).await?;
     for (stage, hwm_load, _) in &rss_after_load {
         println!("    {stage}: {hwm_load:.1} after the throughput run");
     }
