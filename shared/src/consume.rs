@@ -186,7 +186,9 @@ where
 {
     let acker = delivery.acker.clone();
     let tag = delivery.delivery_tag;
-    let work = AssertUnwindSafe(handle(delivery, publisher)).catch_unwind();
+    // Boxed: the task then holds a pointer, not the handler's whole state
+    // machine (kilobytes), which would otherwise be copied on every spawn.
+    let work = Box::pin(AssertUnwindSafe(handle(delivery, publisher)).catch_unwind());
     async move {
         let panic = match work.await {
             Ok(result) => return result,

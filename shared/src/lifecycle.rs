@@ -465,14 +465,17 @@ where
     F: FnOnce(J) -> Fut,
     Fut: Future<Output = Disposition<J>>,
 {
+    // The stage's decision and the carrying out are boxed, each only while
+    // under way: a job then holds the state of the step it is in, not room
+    // for the largest step (the attempt, the confirmed publish) throughout.
     let disposition = match open::<J>(&delivery.data, leeway).await {
-        ControlFlow::Continue(job) => decide(job).await,
+        ControlFlow::Continue(job) => Box::pin(decide(job)).await,
         ControlFlow::Break(settled) => {
             opened(&settled);
             settled
         }
     };
-    carry_out(delivery, disposition, publisher, topology).await
+    Box::pin(carry_out(delivery, disposition, publisher, topology)).await
 }
 
 #[cfg(test)]
