@@ -156,3 +156,48 @@ struct Context {
     health: Health,
     shutdown: CancellationToken,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt as _;
+
+    /// An `https` handler gets a TLS handshake that offers HTTP/2 and
+    /// HTTP/1.1 (ALPN), read off the client's first bytes by a plain TCP
+    /// listener; with no TLS server behind it, the request fails.
+    #[tokio::test]
+    async fn https_handlers_get_tls_offering_h2_and_http1() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let allow_loopback = AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]);
+        let client = http_client(&allow_loopback).unwrap();
+        let request = http::Request::post(format!("https://127.0.0.1:{port}/"))
+            .body(Full::new(Bytes::from_static(b"x")))
+            .unwrap();
+        let sent = tokio::spawn(async move { client.request(request).await });
+        let (mut stream, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+            .await
+            .expect("the client connects within 10 s")
+            .unwrap();
+        let mut hello = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut hello))
+            .await
+            .expect("the client speaks within 10 s")
+            .unwrap();
+        let hello = &hello[..n];
+        assert_eq!(
+            hello.first(),
+            Some(&0x16),
+            "a TLS handshake record, not plain HTTP: {hello:?}"
+        );
+        let offers = |proto: &[u8]| hello.windows(proto.len()).any(|w| w == proto);
+        assert!(offers(b"\x02h2"), "ALPN offers h2");
+        assert!(offers(b"\x08http/1.1"), "ALPN offers http/1.1");
+        drop(stream);
+        let failed = tokio::time::timeout(Duration::from_secs(10), sent)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(failed.is_err(), "no TLS server answered, so the request fails");
+    }
+}
