@@ -141,8 +141,10 @@ async fn a_publish_whose_confirm_never_comes_fails_after_two_heartbeats() {
         .unwrap();
     let publisher = ConfirmedPublisher::open(&connection).await.unwrap();
     let queue = format!("t-unconfirmed-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    // Exclusive: the broker deletes it when this connection ends, however
+    // the test ends (auto-delete would need a consumer to have come and gone).
     let declare = lapin::options::QueueDeclareOptions {
-        auto_delete: true,
+        exclusive: true,
         ..Default::default()
     };
     publisher
