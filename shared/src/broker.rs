@@ -320,8 +320,12 @@ pub fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
 /// message is an error, never a silent drop.
 /// A confirm that does not come within [`silence_bound`] of the
 /// connection's heartbeat is a failure: the input is not acknowledged.
+/// Cloned for every delivery's task: a clone is one reference count, not a
+/// lapin `Channel`'s dozen.
 #[derive(Clone)]
-pub struct ConfirmedPublisher {
+pub struct ConfirmedPublisher(Arc<PublisherChannel>);
+
+struct PublisherChannel {
     channel: Channel,
     bound: Duration,
 }
@@ -369,7 +373,7 @@ impl ConfirmedPublisher {
         let channel = connection.create_channel().await?;
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
         let bound = silence_bound(connection.configuration().heartbeat());
-        Ok(ConfirmedPublisher { channel, bound })
+        Ok(ConfirmedPublisher(Arc::new(PublisherChannel { channel, bound })))
     }
 
     /// Sends a message; the returned value resolves when it is confirmed.
@@ -387,6 +391,7 @@ impl ConfirmedPublisher {
             ..Default::default()
         };
         match self
+            .0
             .channel
             .basic_publish(exchange.into(), routing_key.into(), options, body, properties)
             .await
@@ -394,7 +399,7 @@ impl ConfirmedPublisher {
             Ok(confirm) => Ok(PendingConfirm {
                 target,
                 confirm,
-                bound: self.bound,
+                bound: self.0.bound,
             }),
             Err(source) => Err(PublishError::Broker { target, source }),
         }
@@ -415,7 +420,7 @@ impl ConfirmedPublisher {
     }
 
     pub fn channel(&self) -> &Channel {
-        &self.channel
+        &self.0.channel
     }
 }
 
