@@ -44,6 +44,24 @@ PY=/usr/bin/python3
 started=$(date +%s)
 say() { echo "image-check: $*"; }
 die() { echo "image-check: FAILED: $*" >&2; exit 1; }
+# buildah (containers/storage) re-executes itself from a sealed memfd copy
+# of its binary when it unshares; the kernel sometimes answers the seal with
+# EBUSY ("Close_Fd sealing memfd copy: Device or resource busy") and buildah
+# exits 1 before the image's program starts. That is buildah's own start, not
+# the image: such a run is retried (3 attempts), any other failure is not.
+REEXEC_TRIES=3
+reexec_failed() { grep -q "sealing memfd copy" "$1" 2>/dev/null; }
+# bh_run OUT ARGS...: buildah run ARGS, output to OUT, retried as above.
+# Returns buildah's status, or 125 when every attempt failed that way.
+bh_run() {
+  local out=$1 i rc; shift
+  for i in $(seq 1 "$REEXEC_TRIES"); do
+    rc=0; bh run "$@" > "$out" 2>&1 || rc=$?
+    [ "$rc" != 0 ] && reexec_failed "$out" || return "$rc"
+    say "buildah's re-exec failed before the program started (sealing memfd copy: EBUSY), attempt $i of $REEXEC_TRIES"
+  done
+  return 125
+}
 
 for tool in buildah debootstrap docker-compose rabbitmqctl curl "$PY"; do
   command -v "$tool" >/dev/null 2>&1 || die "$tool is not installed (Debian: apt-get install buildah debootstrap docker-compose python3-pika python3-yaml)"
@@ -132,8 +150,12 @@ say "base images ready in $(( $(date +%s) - t )) s"
 
 # 2. The Dockerfile, as users build it.
 t=$(date +%s)
-bh bud --isolation chroot --layers --pull=never -t "$IMAGE" -f Dockerfile . > "$work/build.log" 2>&1 \
-  || { tail -40 "$work/build.log" >&2; die "buildah bud of the Dockerfile"; }
+for i in $(seq 1 "$REEXEC_TRIES"); do
+  rc=0; bh bud --isolation chroot --layers --pull=never -t "$IMAGE" -f Dockerfile . > "$work/build.log" 2>&1 || rc=$?
+  [ "$rc" != 0 ] && reexec_failed "$work/build.log" || break
+  say "buildah's re-exec failed in a build step (sealing memfd copy: EBUSY), attempt $i of $REEXEC_TRIES"
+done
+[ "$rc" = 0 ] || { tail -40 "$work/build.log" >&2; die "buildah bud of the Dockerfile"; }
 say "built the Dockerfile in $(( $(date +%s) - t )) s"
 
 ctr=$(bh from --pull=never "$IMAGE"); containers+=("$ctr")
@@ -143,7 +165,7 @@ called=$( { grep -rhoE 'command: \["swallow-[a-z]+' deploy/k8s | sed 's/.*"//';
             docker-compose -f deploy/compose.yaml config | grep -oE '^ +- swallow-[a-z]+$' | sed 's/^ *- //'; } | sort -u)
 for bin in $called; do
   [ -x "$mnt/usr/local/bin/$bin" ] || die "$bin (called by deploy/) is not in the image's /usr/local/bin"
-  bh run --isolation chroot "$ctr" -- "$bin" --help > "$work/help.txt" 2>&1 || { cat "$work/help.txt" >&2; die "$bin --help in the image"; }
+  bh_run "$work/help.txt" --isolation chroot "$ctr" -- "$bin" --help || { cat "$work/help.txt" >&2; die "$bin --help in the image"; }
   say "$bin is in the image and runs (--help)"
 done
 user=$(bh inspect --type image --format '{{.OCIv1.Config.User}}' "$IMAGE")
@@ -153,7 +175,9 @@ say "the image runs as $user = uid $uid"
 for sh in bin/sh bin/bash bin/dash bin/busybox usr/bin/sh usr/bin/bash usr/bin/dash usr/bin/busybox; do
   [ ! -e "$mnt/$sh" ] || die "the image has a shell: /$sh"
 done
-if bh run --isolation chroot "$ctr" -- /bin/sh -c true >/dev/null 2>&1; then die "/bin/sh runs in the image"; fi
+rc=0; bh_run "$work/sh.txt" --isolation chroot "$ctr" -- /bin/sh -c true || rc=$?
+[ "$rc" != 0 ] || die "/bin/sh runs in the image"
+[ "$rc" != 125 ] || die "buildah run could not start (to try /bin/sh)"
 say "no shell in the image (/bin/sh does not run)"
 image_mb=$(du -sb "$mnt" | awk '{printf "%.1f", $1 / 1e6}')
 layer_mb=$(du -sb "$mnt/usr/local/bin" | awk '{printf "%.1f", $1 / 1e6}')
@@ -172,12 +196,19 @@ chmod 644 "$work/swallow.toml"
 grep -q "127.0.0.1:$gb_port" "$work/swallow.toml" || die "deploy/example.toml no longer points googlebot at 127.0.0.1:8088"
 # A listing of a container's root (path, type, size, mode, owner, mtime).
 listing() { (cd "$1" && find . -xdev -printf '%p %y %s %m %u:%g %T@\n' | sort); }
+declare -A run_args=() run_tries=()
 run_image() { # name extra-env command...
-  local name=$1 extra=$2; shift 2
+  local name=$1; shift
   local c; c=$(bh from --pull=never --name "$PREFIX-$name" "$IMAGE"); containers+=("$c")
   local m; m=$(bh mount "$c")
   listing "$m" > "$work/$name.before"
   echo "$m" > "$work/$name.mnt"
+  run_args[$name]=$(printf '%q ' "$c" "$@")
+  run_tries[$name]=1
+  eval "start_image $name ${run_args[$name]}"
+}
+start_image() { # name container extra-env command...
+  local name=$1 c=$2 extra=$3; shift 3
   bh run --isolation chroot --user 65532:65532 \
     --env "AMQP_URL=$AMQP" --env "SWALLOW_PREFIX=$PREFIX" --env SWALLOW_CONFIG=/etc/swallow/swallow.toml \
     --env RUST_LOG=info --env "$extra" --volume "$work/swallow.toml:/etc/swallow/swallow.toml:ro" \
@@ -186,13 +217,39 @@ run_image() { # name extra-env command...
   echo $! > "$work/$name.pid"
   echo "$1" > "$work/$!.name"
 }
+# A program started from the image whose buildah run exited in its re-exec
+# (see bh_run) is started again, up to $REEXEC_TRIES times.
+restart_reexec_failed() {
+  local name pid keep=()
+  for name in "${!run_args[@]}"; do
+    pid=$(cat "$work/$name.pid")
+    ! kill -0 "$pid" 2>/dev/null && reexec_failed "$work/$name.log" || continue
+    [ "${run_tries[$name]}" -lt "$REEXEC_TRIES" ] || continue
+    wait "$pid" 2>/dev/null || true
+    for p in "${pids[@]}"; do [ "$p" = "$pid" ] || keep+=("$p"); done
+    pids=("${keep[@]}"); keep=()
+    say "buildah's re-exec failed before $name started (sealing memfd copy: EBUSY), attempt ${run_tries[$name]} of $REEXEC_TRIES"
+    run_tries[$name]=$(( ${run_tries[$name]} + 1 ))
+    eval "start_image $name ${run_args[$name]}"
+  done
+}
 wait_for() { # seconds what command...
   local deadline=$(( $(date +%s) + $1 )) what=$2; shift 2
   until "$@" >/dev/null 2>&1; do
     [ "$(date +%s)" -lt "$deadline" ] || return 1
+    restart_reexec_failed
     sleep 0.5
   done
   say "$what"
+}
+# Waits for the one-shot program NAME to exit; its status.
+wait_image() {
+  local rc
+  while :; do
+    rc=0; wait "$(cat "$work/$1.pid")" || rc=$?
+    [ "$rc" != 0 ] && reexec_failed "$work/$1.log" && [ "${run_tries[$1]}" -lt "$REEXEC_TRIES" ] || return "$rc"
+    restart_reexec_failed
+  done
 }
 
 run_image googlebot UNUSED=1 swallow-googlebot --addr "127.0.0.1:$gb_port"
@@ -212,7 +269,7 @@ run_image listen UNUSED=1 swallow-chat listen
 wait_for 60 "swallow-chat listen (from the image) is listening" grep -q "listening for replies" "$work/listen.log" \
   || { cat "$work/listen.log" >&2; die "swallow-chat listen did not start"; }
 run_image say UNUSED=1 swallow-chat say "$SEED"
-wait "${pids[-1]}" || { cat "$work/say.log" >&2; die "swallow-chat say \"$SEED\""; }
+wait_image say || { cat "$work/say.log" >&2; die "swallow-chat say \"$SEED\""; }
 say "published: $SEED"
 wait_for 60 "googlebot received the POST" grep -q "googlebot received a POST" "$work/googlebot.log" \
   || { cat "$work"/*.log >&2; die "googlebot received no POST within 60 s"; }
@@ -276,7 +333,10 @@ for name, svc in compose["services"].items():
           f"{name} builds the repository's Dockerfile")
     cmd = svc["command"]
     check(cmd[0] in bins, f"{name}: {cmd[0]} is in the image")
-    r = subprocess.run(bh + ["run", "--isolation", "chroot", ctr, "--"] + cmd + ["--help"], capture_output=True, text=True)
+    for attempt in range(3):  # buildah's re-exec flake, as bh_run above
+        r = subprocess.run(bh + ["run", "--isolation", "chroot", ctr, "--"] + cmd + ["--help"], capture_output=True, text=True)
+        if r.returncode == 0 or "sealing memfd copy" not in r.stderr + r.stdout:
+            break
     check(r.returncode == 0, f"{name}: `{' '.join(cmd)}` parses in the image" + ("" if r.returncode == 0 else f" ({r.stderr.strip()[:200]})"))
     env = svc.get("environment", {})
     for key in env:
