@@ -24,7 +24,7 @@ use tracing::warn;
 use swallow_shared::broker::{self, ConfirmedPublisher, Health, SessionError};
 use swallow_shared::consume::{ConsumeOptions, consume};
 use swallow_shared::delivery_log::{DeliveryLog, LogRecord};
-use swallow_shared::messages::{DeliveryJob, MESSAGE_VERSION, RetryState, now_millis};
+use swallow_shared::messages::{DeliveryJob, now_millis};
 use swallow_shared::stage::{ListenError, Running, StageParts};
 use swallow_shared::{ChatEvent, Config, Stage, Topology};
 
@@ -142,16 +142,14 @@ async fn handle(delivery: Delivery, ctx: Arc<Context>, publisher: ConfirmedPubli
                     let created_at_ms = now_millis();
                     for m in &matches {
                         for (i, url) in m.integration.urls.iter().enumerate() {
-                            let job = DeliveryJob {
-                                v: MESSAGE_VERSION,
-                                delivery_id: DeliveryJob::delivery_id_for(&event, &m.integration.id, i),
-                                integration_id: m.integration.id.clone(),
-                                url: url.to_string(),
-                                trigger_word: m.trigger_word.clone(),
-                                event: event.clone(),
-                                retry: RetryState::new(created_at_ms),
-                            };
-                            let body = serde_json::to_vec(&job).expect("a job always serializes");
+                            let body = DeliveryJob::encode_new(
+                                &event,
+                                &m.integration.id,
+                                i,
+                                url.as_str(),
+                                &m.trigger_word,
+                                created_at_ms,
+                            );
                             let queue = ctx.topology.delivery_queue_for(&m.integration.id);
                             pending.push(publisher.send("", &queue, &body, broker::persistent_json()).await?);
                         }

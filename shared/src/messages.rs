@@ -27,7 +27,13 @@ fn version() -> u32 {
 }
 
 /// One POST to make: a matched event, for one integration, to one URL.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// On the wire the retry state's fields sit beside the others, where version
+/// 1 put them. They are written and read through [`wire`], whose structs
+/// spell them out: serde's `flatten` would do the same but buffers the whole
+/// job (event included) in an intermediate tree on every decode.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(from = "wire::DeliveryJobIn")]
 pub struct DeliveryJob {
     #[serde(default = "version")]
     pub v: u32,
@@ -39,13 +45,50 @@ pub struct DeliveryJob {
     /// The trigger word that matched; empty when the channel alone matched.
     pub trigger_word: String,
     pub event: ChatEvent,
-    /// Age, attempts and the wait on the ladder; flattened, so the JSON is
-    /// what version 1 always wrote.
-    #[serde(flatten)]
+    /// Age, attempts and the wait on the ladder; inline in the JSON.
     pub retry: RetryState,
 }
 
+impl Serialize for DeliveryJob {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        wire::DeliveryJobOut {
+            v: self.v,
+            delivery_id: &self.delivery_id,
+            integration_id: &self.integration_id,
+            url: &self.url,
+            trigger_word: &self.trigger_word,
+            event: &self.event,
+            retry: wire::RetryOut::from(&self.retry),
+        }
+        .serialize(serializer)
+    }
+}
+
 impl DeliveryJob {
+    /// The JSON of a new job (version [`MESSAGE_VERSION`], not yet attempted),
+    /// written from borrowed parts: the matcher makes one per matched URL and
+    /// need not copy the event into each.
+    pub fn encode_new(
+        event: &ChatEvent,
+        integration_id: &str,
+        url_index: usize,
+        url: &str,
+        trigger_word: &str,
+        created_at_ms: u64,
+    ) -> Vec<u8> {
+        let retry = RetryState::new(created_at_ms);
+        let job = wire::DeliveryJobOut {
+            v: MESSAGE_VERSION,
+            delivery_id: &Self::delivery_id_for(event, integration_id, url_index),
+            integration_id,
+            url,
+            trigger_word,
+            event,
+            retry: wire::RetryOut::from(&retry),
+        };
+        serde_json::to_vec(&job).expect("a job always serializes")
+    }
+
     /// The deterministic `webhook-id` of one (event, integration, URL).
     pub fn delivery_id_for(event: &ChatEvent, integration_id: &str, url_index: usize) -> String {
         let key = format!(
@@ -79,7 +122,9 @@ pub struct HandlerAnswer {
 }
 
 /// A reply to post into a channel, made by the deliverer for the responder.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Its retry state is inline on the wire, like [`DeliveryJob`]'s.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(from = "wire::ReplyJobIn")]
 pub struct ReplyJob {
     #[serde(default = "version")]
     pub v: u32,
@@ -93,9 +138,183 @@ pub struct ReplyJob {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_thread_ts: Option<String>,
     pub answer: HandlerAnswer,
-    /// Flattened like [`DeliveryJob::retry`].
-    #[serde(flatten)]
+    /// Inline in the JSON, like [`DeliveryJob::retry`].
     pub retry: RetryState,
+}
+
+impl Serialize for ReplyJob {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        wire::ReplyJobOut {
+            v: self.v,
+            delivery_id: &self.delivery_id,
+            integration_id: &self.integration_id,
+            team_id: &self.team_id,
+            channel_id: &self.channel_id,
+            in_reply_to: &self.in_reply_to,
+            event_thread_ts: self.event_thread_ts.as_deref(),
+            answer: &self.answer,
+            retry: wire::RetryOut::from(&self.retry),
+        }
+        .serialize(serializer)
+    }
+}
+
+/// The jobs as JSON: every field of version 1, in its order, the retry
+/// state's spelled out at the top level. Readers ignore fields they do not
+/// know (a newer minor version's), as before.
+mod wire {
+    use serde::{Deserialize, Serialize};
+
+    use super::{DeliveryJob, HandlerAnswer, ReplyJob, RetryState, version};
+    use crate::event::ChatEvent;
+
+    /// [`RetryState`]'s fields, borrowed, written inline by the two `*Out`s
+    /// (a struct of their own would nest them; these are laid out in place by
+    /// `#[serde(flatten)]` on a *serializer*, which costs nothing on decode).
+    #[derive(Serialize)]
+    pub(super) struct RetryOut<'a> {
+        created_at_ms: u64,
+        attempt: u32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        not_before_ms: Option<u64>,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        rate_reserved: bool,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        slot_missed: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        last_error: Option<&'a str>,
+    }
+
+    impl<'a> From<&'a RetryState> for RetryOut<'a> {
+        fn from(r: &'a RetryState) -> Self {
+            RetryOut {
+                created_at_ms: r.created_at_ms,
+                attempt: r.attempt,
+                not_before_ms: r.not_before_ms,
+                rate_reserved: r.rate_reserved,
+                slot_missed: r.slot_missed,
+                last_error: r.last_error.as_deref(),
+            }
+        }
+    }
+
+    #[derive(Serialize)]
+    pub(super) struct DeliveryJobOut<'a> {
+        pub v: u32,
+        pub delivery_id: &'a str,
+        pub integration_id: &'a str,
+        pub url: &'a str,
+        pub trigger_word: &'a str,
+        pub event: &'a ChatEvent,
+        #[serde(flatten)]
+        pub retry: RetryOut<'a>,
+    }
+
+    #[derive(Serialize)]
+    pub(super) struct ReplyJobOut<'a> {
+        pub v: u32,
+        pub delivery_id: &'a str,
+        pub integration_id: &'a str,
+        pub team_id: &'a str,
+        pub channel_id: &'a str,
+        pub in_reply_to: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub event_thread_ts: Option<&'a str>,
+        pub answer: &'a HandlerAnswer,
+        #[serde(flatten)]
+        pub retry: RetryOut<'a>,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct DeliveryJobIn {
+        #[serde(default = "version")]
+        v: u32,
+        delivery_id: String,
+        integration_id: String,
+        url: String,
+        trigger_word: String,
+        event: ChatEvent,
+        created_at_ms: u64,
+        #[serde(default)]
+        attempt: u32,
+        #[serde(default)]
+        not_before_ms: Option<u64>,
+        #[serde(default)]
+        rate_reserved: bool,
+        #[serde(default)]
+        slot_missed: bool,
+        #[serde(default)]
+        last_error: Option<String>,
+    }
+
+    impl From<DeliveryJobIn> for DeliveryJob {
+        fn from(j: DeliveryJobIn) -> Self {
+            DeliveryJob {
+                v: j.v,
+                delivery_id: j.delivery_id,
+                integration_id: j.integration_id,
+                url: j.url,
+                trigger_word: j.trigger_word,
+                event: j.event,
+                retry: RetryState {
+                    created_at_ms: j.created_at_ms,
+                    attempt: j.attempt,
+                    not_before_ms: j.not_before_ms,
+                    rate_reserved: j.rate_reserved,
+                    slot_missed: j.slot_missed,
+                    last_error: j.last_error,
+                },
+            }
+        }
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct ReplyJobIn {
+        #[serde(default = "version")]
+        v: u32,
+        delivery_id: String,
+        integration_id: String,
+        team_id: String,
+        channel_id: String,
+        in_reply_to: String,
+        #[serde(default)]
+        event_thread_ts: Option<String>,
+        answer: HandlerAnswer,
+        created_at_ms: u64,
+        #[serde(default)]
+        attempt: u32,
+        #[serde(default)]
+        not_before_ms: Option<u64>,
+        #[serde(default)]
+        rate_reserved: bool,
+        #[serde(default)]
+        slot_missed: bool,
+        #[serde(default)]
+        last_error: Option<String>,
+    }
+
+    impl From<ReplyJobIn> for ReplyJob {
+        fn from(j: ReplyJobIn) -> Self {
+            ReplyJob {
+                v: j.v,
+                delivery_id: j.delivery_id,
+                integration_id: j.integration_id,
+                team_id: j.team_id,
+                channel_id: j.channel_id,
+                in_reply_to: j.in_reply_to,
+                event_thread_ts: j.event_thread_ts,
+                answer: j.answer,
+                retry: RetryState {
+                    created_at_ms: j.created_at_ms,
+                    attempt: j.attempt,
+                    not_before_ms: j.not_before_ms,
+                    rate_reserved: j.rate_reserved,
+                    slot_missed: j.slot_missed,
+                    last_error: j.last_error,
+                },
+            }
+        }
+    }
 }
 
 /// Where a job stands in its life: how old it is, the attempts made, when it
@@ -172,6 +391,36 @@ mod tests {
         assert_ne!(a, DeliveryJob::delivery_id_for(&e, "g", 1));
         assert_ne!(a, DeliveryJob::delivery_id_for(&e, "h", 0));
         assert!(a.starts_with("msg_"));
+    }
+
+    #[test]
+    fn a_new_job_encodes_as_the_job_it_is() {
+        let e: ChatEvent = serde_json::from_str(
+            r#"{"team_id":"T","channel_id":"C","user_id":"U","ts":"1.2","text":"x","thread_ts":"1.1"}"#,
+        )
+        .unwrap();
+        let bytes = DeliveryJob::encode_new(&e, "g", 1, "http://127.0.0.1:9/h", "x", 42);
+        let job = DeliveryJob {
+            v: MESSAGE_VERSION,
+            delivery_id: DeliveryJob::delivery_id_for(&e, "g", 1),
+            integration_id: "g".into(),
+            url: "http://127.0.0.1:9/h".into(),
+            trigger_word: "x".into(),
+            event: e,
+            retry: RetryState::new(42),
+        };
+        assert_eq!(bytes, serde_json::to_vec(&job).unwrap());
+        assert_eq!(serde_json::from_slice::<DeliveryJob>(&bytes).unwrap(), job);
+    }
+
+    #[test]
+    fn a_job_missing_a_required_field_is_refused() {
+        let err = serde_json::from_str::<DeliveryJob>(
+            r#"{"delivery_id":"d","integration_id":"g","url":"http://x/","trigger_word":"",
+               "event":{"team_id":"T","channel_id":"C","user_id":"U","ts":"1","text":"x"}}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("created_at_ms"), "{err}");
     }
 
     #[test]
