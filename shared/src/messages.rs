@@ -225,6 +225,20 @@ mod wire {
         pub retry: RetryOut<'a>,
     }
 
+    /// The [`RetryState`] of a decoded `*In`, whose retry fields are its own.
+    macro_rules! retry_of {
+        ($j:ident) => {
+            RetryState {
+                created_at_ms: $j.created_at_ms,
+                attempt: $j.attempt,
+                not_before_ms: $j.not_before_ms,
+                rate_reserved: $j.rate_reserved,
+                slot_missed: $j.slot_missed,
+                last_error: $j.last_error,
+            }
+        };
+    }
+
     #[derive(Deserialize)]
     pub(super) struct DeliveryJobIn {
         #[serde(default = "version")]
@@ -256,14 +270,7 @@ mod wire {
                 url: j.url,
                 trigger_word: j.trigger_word,
                 event: j.event,
-                retry: RetryState {
-                    created_at_ms: j.created_at_ms,
-                    attempt: j.attempt,
-                    not_before_ms: j.not_before_ms,
-                    rate_reserved: j.rate_reserved,
-                    slot_missed: j.slot_missed,
-                    last_error: j.last_error,
-                },
+                retry: retry_of!(j),
             }
         }
     }
@@ -304,14 +311,7 @@ mod wire {
                 in_reply_to: j.in_reply_to,
                 event_thread_ts: j.event_thread_ts,
                 answer: j.answer,
-                retry: RetryState {
-                    created_at_ms: j.created_at_ms,
-                    attempt: j.attempt,
-                    not_before_ms: j.not_before_ms,
-                    rate_reserved: j.rate_reserved,
-                    slot_missed: j.slot_missed,
-                    last_error: j.last_error,
-                },
+                retry: retry_of!(j),
             }
         }
     }
