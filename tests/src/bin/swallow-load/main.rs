@@ -24,7 +24,10 @@
 //!    and a reply's size on the wire) and the broker's CPU per message at
 //!    its ceiling for several sizes;
 //! 10. with `--ladder-only` only: what the delay ladder costs the broker
-//!     (parking, holding, a whole trip) beside a plain queue hop.
+//!     (parking, holding, a whole trip) beside a plain queue hop;
+//! 11. with `--latency-only --latency-rate R` only: step 4 in alternating
+//!     rounds (the stages, then the broker alone, at R events/s), reported
+//!     per round and as medians.
 //!
 //! `cargo build --release --workspace --bins && target/release/swallow-load`
 //! Every loop is bounded in count and time; all traffic is on loopback.
@@ -44,6 +47,7 @@ use swallow_shared::Topology;
 mod bytes;
 mod failing;
 mod ladder;
+mod latency;
 mod plot;
 mod scale;
 
@@ -124,6 +128,22 @@ struct Args {
     /// (step 5), e.g. to compare two builds' deliverers with `--bin-dir`.
     #[arg(long)]
     memory_only: bool,
+    /// Only measure latency, in rounds: p99 event → POST at
+    /// `--latency-rate`, then the broker alone on the same two hops at the
+    /// same rate, `--latency-rounds` times; prints each round's ratio and
+    /// the medians.
+    #[arg(long, requires = "latency_rate")]
+    latency_only: bool,
+    /// Events per second offered in the latency rounds (the full run uses
+    /// half of the pipeline's measured throughput).
+    #[arg(long, value_name = "MSGS_PER_S")]
+    latency_rate: Option<f64>,
+    /// Rounds of the latency comparison.
+    #[arg(long, default_value_t = 3)]
+    latency_rounds: usize,
+    /// Seconds of load per side in each latency round.
+    #[arg(long, default_value_t = 20)]
+    latency_seconds: u64,
 }
 
 /// The sweep's steps, as fractions of the measured pipeline throughput.
@@ -791,6 +811,15 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         println!("realistic scale at {} events/s…", args.scale_rate);
         let figures = scale::measure(&url, &args.scale_sizes, args.scale_rate, args.scale_seconds).await?;
         results.insert("scale".into(), figures);
+        return write_results(&args.out, results);
+    }
+    if let (true, Some(rate)) = (args.latency_only, args.latency_rate) {
+        println!(
+            "latency at {rate:.0} msg/s: {} rounds of {} s (the stages), then {} s (the broker alone)…",
+            args.latency_rounds, args.latency_seconds, args.latency_seconds
+        );
+        let figures = latency::measure(&url, rate, args.latency_seconds.min(60), args.latency_rounds.min(10)).await?;
+        results.insert("latency_rounds".into(), figures);
         return write_results(&args.out, results);
     }
     if args.memory_only {
