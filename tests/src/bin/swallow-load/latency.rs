@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use lapin::{Connection, ConnectionProperties};
 use swallow_shared::Topology;
 
-use crate::{Floor, Stack, drive, handler, listen_replies, percentiles, post_latencies};
+use crate::{ALL_STAGES, Floor, Stack, drive, handler, listen_replies, percentiles, post_latencies};
 
 /// The median of `v` (the mean of the middle two for an even count).
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -28,9 +28,17 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 
 /// `rounds` rounds at `rate` events/s, `seconds` of load for the stages and
 /// as many for the broker alone in each.
-pub async fn measure(url: &str, rate: f64, seconds: u64, rounds: usize) -> anyhow::Result<serde_json::Value> {
+/// `log_off` runs the stages without the delivery log.
+pub async fn measure(
+    url: &str,
+    rate: f64,
+    seconds: u64,
+    rounds: usize,
+    log_off: bool,
+) -> anyhow::Result<serde_json::Value> {
     let (addr, seen) = handler(Duration::ZERO).await;
-    let stack = Stack::start(url, addr, "latr", Some(512)).await?;
+    let tables = if log_off { "[log]\nenabled = false\n" } else { "" };
+    let stack = Stack::start_configured(url, addr, "latr", Some(512), ALL_STAGES, tables).await?;
     let topology = Topology::new(&stack.prefix);
     let conn = Connection::connect(url, ConnectionProperties::default()).await?;
     let (replies, _) = listen_replies(url, &topology).await?;
@@ -84,6 +92,7 @@ pub async fn measure(url: &str, rate: f64, seconds: u64, rounds: usize) -> anyho
     );
     Ok(serde_json::json!({
         "rate_msgs_per_s": rate,
+        "delivery_log": !log_off,
         "seconds": seconds,
         "rounds": out,
         "median_p99_event_to_post_ms": p99,

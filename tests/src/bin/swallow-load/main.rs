@@ -144,6 +144,10 @@ struct Args {
     /// Seconds of load per side in each latency round.
     #[arg(long, default_value_t = 20)]
     latency_seconds: u64,
+    /// Run the latency rounds' stages with the delivery log off
+    /// (`[log] enabled = false`), to see what the log adds.
+    #[arg(long)]
+    latency_log_off: bool,
 }
 
 /// The sweep's steps, as fractions of the measured pipeline throughput.
@@ -818,7 +822,14 @@ async fn bench(args: Args) -> anyhow::Result<()> {
             "latency at {rate:.0} msg/s: {} rounds of {} s (the stages), then {} s (the broker alone)…",
             args.latency_rounds, args.latency_seconds, args.latency_seconds
         );
-        let figures = latency::measure(&url, rate, args.latency_seconds.min(60), args.latency_rounds.min(10)).await?;
+        let figures = latency::measure(
+            &url,
+            rate,
+            args.latency_seconds.min(60),
+            args.latency_rounds.min(10),
+            args.latency_log_off,
+        )
+        .await?;
         results.insert("latency_rounds".into(), figures);
         return write_results(&args.out, results);
     }
