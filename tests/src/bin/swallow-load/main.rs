@@ -319,10 +319,15 @@ static BIN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
 const ALL_STAGES: &[&str] = &["swallow-matcher", "swallow-deliverer", "swallow-responder"];
 
+/// The three stages on a prefix of their own. `stop` kills them and deletes
+/// what they declared; a stack dropped without it (a step ended early by an
+/// error) does the same in `Drop`, so no run leaves queues on the broker.
 struct Stack {
     prefix: String,
     children: Vec<(String, tokio::process::Child, u16)>,
     dir: PathBuf,
+    url: String,
+    stopped: bool,
 }
 
 impl Stack {
@@ -351,6 +356,8 @@ impl Stack {
             prefix,
             children: Vec::new(),
             dir,
+            url: url.to_owned(),
+            stopped: false,
         };
         for stage in ["swallow-matcher", "swallow-deliverer", "swallow-responder"] {
             stack.add(stage).await?;
@@ -398,6 +405,8 @@ impl Stack {
             prefix,
             children: Vec::new(),
             dir,
+            url: url.to_owned(),
+            stopped: false,
         };
         for stage in stages {
             stack.add(stage).await?;
@@ -478,19 +487,55 @@ impl Stack {
         for (_, child, _) in &mut self.children {
             let _ = child.kill().await;
         }
-        if let Ok(conn) = Connection::connect(url, ConnectionProperties::default()).await
-            && let Ok(ch) = conn.create_channel().await
-        {
-            let t = Topology::new(&self.prefix);
-            for q in t.queues() {
-                let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
-            }
-            for e in t.exchanges() {
-                let _ = ch.exchange_delete(e.as_str().into(), Default::default()).await;
-            }
+        let t = Topology::new(&self.prefix);
+        delete_declared(url, &t.queues(), &t.exchanges()).await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        self.stopped = true;
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if self.stopped {
+            return;
         }
+        // The children go with `kill_on_drop`; what they declared, here.
+        for (_, child, _) in &mut self.children {
+            let _ = child.start_kill();
+        }
+        let t = Topology::new(&self.prefix);
+        delete_declared_blocking(&self.url, t.queues(), t.exchanges());
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Deletes these queues and exchanges (each one that exists), on a
+/// connection of its own.
+async fn delete_declared(url: &str, queues: &[String], exchanges: &[String]) {
+    if let Ok(conn) = Connection::connect(url, ConnectionProperties::default()).await
+        && let Ok(ch) = conn.create_channel().await
+    {
+        for q in queues {
+            let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+        }
+        for e in exchanges {
+            let _ = ch.exchange_delete(e.as_str().into(), Default::default()).await;
+        }
+        let _ = conn.close(200, "".into()).await;
+    }
+}
+
+/// [`delete_declared`] from `Drop`, which cannot await: on a thread of its
+/// own with a runtime of its own (a runtime cannot be blocked on from
+/// inside another), waited for.
+fn delete_declared_blocking(url: &str, queues: Vec<String>, exchanges: Vec<String>) {
+    let url = url.to_owned();
+    let _ = std::thread::spawn(move || {
+        if let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            runtime.block_on(delete_declared(&url, &queues, &exchanges));
+        }
+    })
+    .join();
 }
 
 /// Publishes events to `(exchange, routing key)`, keeping at most `window`
@@ -557,6 +602,8 @@ struct Floor {
     b: String,
     seen: Arc<Mutex<HashMap<String, u128>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    url: String,
+    stopped: bool,
 }
 
 impl Floor {
@@ -617,6 +664,8 @@ impl Floor {
             b,
             seen,
             tasks: vec![relay, sink],
+            url: url.to_owned(),
+            stopped: false,
         })
     }
 
@@ -636,16 +685,25 @@ impl Floor {
         Ok(percentiles(post_latencies(&sent, &self.seen)))
     }
 
-    async fn stop(self) {
+    async fn stop(mut self) {
         for task in &self.tasks {
             task.abort();
         }
-        if let Ok(ch) = self.conn.create_channel().await {
-            for q in [&self.a, &self.b] {
-                let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
-            }
-        }
+        delete_declared(&self.url, &[self.a.clone(), self.b.clone()], &[]).await;
         let _ = self.conn.close(200, "".into()).await;
+        self.stopped = true;
+    }
+}
+
+impl Drop for Floor {
+    /// Like [`Stack`]'s: a floor dropped without `stop` deletes its queues.
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        if !self.stopped {
+            delete_declared_blocking(&self.url, vec![self.a.clone(), self.b.clone()], Vec::new());
+        }
     }
 }
 
@@ -1200,4 +1258,60 @@ async fn log_cost(url: &str, seconds: u64, window: usize, rounds: usize) -> anyh
         "seconds_per_round": seconds, "off_msgs_per_s": off, "on_msgs_per_s": on,
         "median_off": m_off, "median_on": m_on, "ratio_on_to_off": ratio,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether `queue` exists (a passive declare, on a channel of its own:
+    /// a missing queue closes the channel).
+    async fn exists(conn: &Connection, queue: &str) -> bool {
+        let ch = conn.create_channel().await.unwrap();
+        let options = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        ch.queue_declare(queue.into(), options, Default::default())
+            .await
+            .is_ok()
+    }
+
+    /// A step that ends early (an error, `?`) drops its stack and floor
+    /// without `stop`: they still delete what was declared for them.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_stack_or_floor_dropped_without_stop_deletes_its_queues() {
+        let url = swallow_tests::broker_url().await;
+        let conn = Connection::connect(&url, ConnectionProperties::default())
+            .await
+            .unwrap();
+
+        let floor = Floor::start(&url).await.unwrap();
+        let (a, b) = (floor.a.clone(), floor.b.clone());
+        assert!(
+            exists(&conn, &a).await && exists(&conn, &b).await,
+            "the floor declared its queues"
+        );
+        drop(floor);
+        assert!(!exists(&conn, &a).await, "{a} left behind by a dropped floor");
+        assert!(!exists(&conn, &b).await, "{b} left behind by a dropped floor");
+
+        let prefix = format!("load-droptest-{}", std::process::id());
+        let topology = Topology::new(&prefix);
+        topology.declare(&conn.create_channel().await.unwrap()).await.unwrap();
+        let queues = topology.queues();
+        assert!(exists(&conn, &queues[0]).await, "the topology was declared");
+        let stack = Stack {
+            prefix: prefix.clone(),
+            children: Vec::new(),
+            dir: std::env::temp_dir().join(&prefix),
+            url: url.clone(),
+            stopped: false,
+        };
+        drop(stack);
+        for q in &queues {
+            assert!(!exists(&conn, q).await, "{q} left behind by a dropped stack");
+        }
+        let _ = conn.close(200, "".into()).await;
+    }
 }
