@@ -8,6 +8,34 @@ use tokio::sync::OnceCell;
 
 static BROKER: OnceCell<String> = OnceCell::const_new();
 
+/// Deletes these queues and exchanges (each one that exists) on a
+/// connection of its own, for a `Drop` (which cannot await): on a thread
+/// with a runtime of its own (one runtime cannot be blocked on from inside
+/// another), waited for.
+pub fn delete_declared_blocking(url: &str, queues: Vec<String>, exchanges: Vec<String>) {
+    use lapin::{Connection, ConnectionProperties};
+    let url = url.to_owned();
+    let _ = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        runtime.block_on(async move {
+            let conn = Connection::connect(&url, ConnectionProperties::default()).await.ok()?;
+            let ch = conn.create_channel().await.ok()?;
+            for q in queues {
+                let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+            }
+            for e in exchanges {
+                let _ = ch.exchange_delete(e.as_str().into(), Default::default()).await;
+            }
+            let _ = conn.close(200, "".into()).await;
+            Some(())
+        })
+    })
+    .join();
+}
+
 /// The broker tests use: `AMQP_URL`, else `127.0.0.1:5672` when it answers,
 /// else a RabbitMQ container started with testcontainers (needs Docker).
 pub async fn broker_url() -> String {

@@ -3,10 +3,7 @@
 
 use anyhow::Context as _;
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ExchangeDeleteOptions,
-    QueueDeleteOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
@@ -154,30 +151,8 @@ impl TestStack {
 
 impl Drop for TestStack {
     fn drop(&mut self) {
-        let url = self.url.clone();
-        let topology = self.topology.clone();
-        // Delete on a thread of its own: Drop cannot await.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            rt.block_on(async move {
-                let conn = Connection::connect(&url, ConnectionProperties::default()).await.ok()?;
-                let ch = conn.create_channel().await.ok()?;
-                let own = format!("{}.test-outbound", topology.prefix());
-                for q in topology.queues().into_iter().chain([own]) {
-                    let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
-                }
-                for e in topology.exchanges() {
-                    let _ = ch
-                        .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
-                        .await;
-                }
-                let _ = conn.close(200, "".into()).await;
-                Some(())
-            })
-        })
-        .join();
+        let own = format!("{}.test-outbound", self.topology.prefix());
+        let queues = self.topology.queues().into_iter().chain([own]).collect();
+        crate::delete_declared_blocking(&self.url, queues, self.topology.exchanges());
     }
 }

@@ -80,7 +80,7 @@ pub async fn measure(url: &str, seconds: u64, window: usize) -> anyhow::Result<s
     stack.add("swallow-deliverer").await?;
     publish_one(&conn, &topology).await?;
     let (reply, reply_headers) = first_message(&conn, &topology.replies_queue()).await?;
-    stack.stop(url).await;
+    stack.stop().await;
     println!(
         "    on the wire (body bytes, +header bytes): event {event}, delivery job {job} (+{job_headers}), reply {reply} (+{reply_headers})"
     );

@@ -110,7 +110,7 @@ async fn run(
         - seen.lock().unwrap().len() as u64;
     let latencies = post_latencies(&sent, &seen);
     let _ = conn.close(200, "".into()).await;
-    stack.stop(url).await;
+    stack.stop().await;
     Ok((percentiles(latencies), attempts_hanging))
 }
 

@@ -80,7 +80,7 @@ pub async fn measure(
         floors.push(f);
         out.push(serde_json::json!({"event_to_post_ms": post, "broker_floor_ms": alone}));
     }
-    stack.stop(url).await;
+    stack.stop().await;
     floor.stop().await;
     let _ = conn.close(200, "".into()).await;
     let (ratio, p99, alone) = (median(ratios), median(p99s), median(floors));

@@ -319,15 +319,14 @@ static BIN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
 const ALL_STAGES: &[&str] = &["swallow-matcher", "swallow-deliverer", "swallow-responder"];
 
-/// The three stages on a prefix of their own. `stop` kills them and deletes
-/// what they declared; a stack dropped without it (a step ended early by an
-/// error) does the same in `Drop`, so no run leaves queues on the broker.
+/// The three stages on a prefix of their own. Dropped (after `stop`, or
+/// when a step ends early on an error), it deletes what they declared, so
+/// no run leaves queues on the broker.
 struct Stack {
     prefix: String,
     children: Vec<(String, tokio::process::Child, u16)>,
     dir: PathBuf,
     url: String,
-    stopped: bool,
 }
 
 impl Stack {
@@ -357,7 +356,6 @@ impl Stack {
             children: Vec::new(),
             dir,
             url: url.to_owned(),
-            stopped: false,
         };
         for stage in ["swallow-matcher", "swallow-deliverer", "swallow-responder"] {
             stack.add(stage).await?;
@@ -406,7 +404,6 @@ impl Stack {
             children: Vec::new(),
             dir,
             url: url.to_owned(),
-            stopped: false,
         };
         for stage in stages {
             stack.add(stage).await?;
@@ -483,59 +480,22 @@ impl Stack {
             .unwrap_or(0.0)
     }
 
-    async fn stop(mut self, url: &str) {
+    /// Kills the stages and waits for them to be gone; dropping `self`
+    /// then deletes what they declared.
+    async fn stop(mut self) {
         for (_, child, _) in &mut self.children {
             let _ = child.kill().await;
         }
-        let t = Topology::new(&self.prefix);
-        delete_declared(url, &t.queues(), &t.exchanges()).await;
-        let _ = std::fs::remove_dir_all(&self.dir);
-        self.stopped = true;
     }
 }
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        if self.stopped {
-            return;
-        }
-        // The children go with `kill_on_drop`; what they declared, here.
-        for (_, child, _) in &mut self.children {
-            let _ = child.start_kill();
-        }
+        // Children not yet killed go with `kill_on_drop`.
         let t = Topology::new(&self.prefix);
-        delete_declared_blocking(&self.url, t.queues(), t.exchanges());
+        swallow_tests::delete_declared_blocking(&self.url, t.queues(), t.exchanges());
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// Deletes these queues and exchanges (each one that exists), on a
-/// connection of its own.
-async fn delete_declared(url: &str, queues: &[String], exchanges: &[String]) {
-    if let Ok(conn) = Connection::connect(url, ConnectionProperties::default()).await
-        && let Ok(ch) = conn.create_channel().await
-    {
-        for q in queues {
-            let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
-        }
-        for e in exchanges {
-            let _ = ch.exchange_delete(e.as_str().into(), Default::default()).await;
-        }
-        let _ = conn.close(200, "".into()).await;
-    }
-}
-
-/// [`delete_declared`] from `Drop`, which cannot await: on a thread of its
-/// own with a runtime of its own (a runtime cannot be blocked on from
-/// inside another), waited for.
-fn delete_declared_blocking(url: &str, queues: Vec<String>, exchanges: Vec<String>) {
-    let url = url.to_owned();
-    let _ = std::thread::spawn(move || {
-        if let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            runtime.block_on(delete_declared(&url, &queues, &exchanges));
-        }
-    })
-    .join();
 }
 
 /// Publishes events to `(exchange, routing key)`, keeping at most `window`
@@ -603,7 +563,6 @@ struct Floor {
     seen: Arc<Mutex<HashMap<String, u128>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     url: String,
-    stopped: bool,
 }
 
 impl Floor {
@@ -665,7 +624,6 @@ impl Floor {
             seen,
             tasks: vec![relay, sink],
             url: url.to_owned(),
-            stopped: false,
         })
     }
 
@@ -685,25 +643,21 @@ impl Floor {
         Ok(percentiles(post_latencies(&sent, &self.seen)))
     }
 
-    async fn stop(mut self) {
+    /// Closes the floor's connection; dropping `self` then deletes its queues.
+    async fn stop(self) {
         for task in &self.tasks {
             task.abort();
         }
-        delete_declared(&self.url, &[self.a.clone(), self.b.clone()], &[]).await;
         let _ = self.conn.close(200, "".into()).await;
-        self.stopped = true;
     }
 }
 
 impl Drop for Floor {
-    /// Like [`Stack`]'s: a floor dropped without `stop` deletes its queues.
     fn drop(&mut self) {
         for task in &self.tasks {
             task.abort();
         }
-        if !self.stopped {
-            delete_declared_blocking(&self.url, vec![self.a.clone(), self.b.clone()], Vec::new());
-        }
+        swallow_tests::delete_declared_blocking(&self.url, vec![self.a.clone(), self.b.clone()], Vec::new());
     }
 }
 
@@ -777,7 +731,7 @@ async fn memory(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let hwm = stack.rss();
-    stack.stop(url).await;
+    stack.stop().await;
     Ok((hwm, in_flight_max, sent.len()))
 }
 
@@ -984,7 +938,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     }
     results.insert("pipeline_cpu".into(), cpu.into());
     if args.pipeline_only {
-        stack.stop(&url).await;
+        stack.stop().await;
         return write_results(&args.out, results);
     }
     let rss_after_load = stack.rss();
@@ -1033,7 +987,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let half = (throughput / 2.0).max(1.0);
     println!("4/6 latency at {half:.0} msg/s for 20 s, then the offered-load sweep…");
     let (addr2, seen2) = handler(Duration::ZERO).await;
-    stack.stop(&url).await;
+    stack.stop().await;
     let stack = Stack::start(&url, addr2, "lat", Some(512)).await?;
     let topology = Topology::new(&stack.prefix);
     let (lat_replies, lat_times) = listen_replies(&url, &topology).await?;
@@ -1142,7 +1096,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     }
     results.insert("overload_ratio_to_full".into(), overload.into());
     results.insert("sweep".into(), sweep.into());
-    stack.stop(&url).await;
+    stack.stop().await;
 
     // 5. Memory with 10,000 deliveries in flight (the handler answers after
     // 1 s): with the default limits, where the deliverer holds at most
@@ -1242,7 +1196,7 @@ async fn log_cost(url: &str, seconds: u64, window: usize, rounds: usize) -> anyh
                 if enabled { "on " } else { "off" },
                 cpu.join(", ")
             );
-            stack.stop(url).await;
+            stack.stop().await;
             if enabled { &mut on } else { &mut off }.push(rate);
         }
     }
@@ -1306,7 +1260,6 @@ mod tests {
             children: Vec::new(),
             dir: std::env::temp_dir().join(&prefix),
             url: url.clone(),
-            stopped: false,
         };
         drop(stack);
         for q in &queues {

@@ -185,7 +185,7 @@ pub async fn measure_one(url: &str, n: usize, rate: f64, seconds: u64) -> anyhow
             .join(", ")
     );
     let _ = conn.close(200, "".into()).await;
-    stack.stop(url).await;
+    stack.stop().await;
     Ok(serde_json::json!({
         "integrations": n, "offered_msgs_per_s": sent.len() as f64 / window,
         "posts_per_s": posts as f64 / window, "replies_per_s": replies as f64 / window,
