@@ -139,42 +139,42 @@ async fn session(connection: Arc<Connection>, ctx: Arc<Context>) -> Result<(), S
 }
 
 /// Applies the integration's identity, the answer's overrides and the thread.
-pub fn outbound(reply: &ReplyJob, integration: Option<&Integration>) -> OutboundReply {
+pub fn outbound<'a>(reply: &'a ReplyJob, integration: Option<&'a Integration>) -> OutboundReply<'a> {
     let a = &reply.answer;
     let username = a
         .username
-        .clone()
-        .or_else(|| integration.map(|i| i.bot_name.clone()))
-        .unwrap_or_else(|| reply.integration_id.clone());
+        .as_deref()
+        .or_else(|| integration.map(|i| i.bot_name.as_str()))
+        .unwrap_or(&reply.integration_id);
     // An icon in the answer replaces the integration's, whichever kind it is.
     let (icon_url, icon_emoji) = if a.icon_url.is_some() || a.icon_emoji.is_some() {
-        (a.icon_url.clone(), a.icon_emoji.clone())
+        (a.icon_url.as_deref(), a.icon_emoji.as_deref())
     } else {
         (
-            integration.and_then(|i| i.icon_url.clone()),
-            integration.and_then(|i| i.icon_emoji.clone()),
+            integration.and_then(|i| i.icon_url.as_deref()),
+            integration.and_then(|i| i.icon_emoji.as_deref()),
         )
     };
     // An explicit thread wins; "comment" threads under the triggering
     // message; a message that was already in a thread is answered there.
     let thread_ts = a
         .thread_ts
-        .clone()
-        .or_else(|| reply.event_thread_ts.clone())
-        .or_else(|| (a.response_type.as_deref() == Some("comment")).then(|| reply.in_reply_to.clone()));
+        .as_deref()
+        .or(reply.event_thread_ts.as_deref())
+        .or_else(|| (a.response_type.as_deref() == Some("comment")).then_some(reply.in_reply_to.as_str()));
     OutboundReply {
-        team_id: reply.team_id.clone(),
-        channel_id: reply.channel_id.clone(),
+        team_id: &reply.team_id,
+        channel_id: &reply.channel_id,
         thread_ts,
-        text: a.text.clone(),
+        text: &a.text,
         username,
         icon_url,
         icon_emoji,
-        attachments: a.attachments.clone(),
-        integration_id: reply.integration_id.clone(),
-        delivery_id: reply.delivery_id.clone(),
-        in_reply_to: reply.in_reply_to.clone(),
-        bot_id: BOT_ID.to_owned(),
+        attachments: a.attachments.as_ref(),
+        integration_id: &reply.integration_id,
+        delivery_id: &reply.delivery_id,
+        in_reply_to: &reply.in_reply_to,
+        bot_id: BOT_ID,
         subtype: "bot_message",
     }
 }
@@ -312,9 +312,10 @@ mod tests {
             text: t.into(),
             ..Default::default()
         };
-        let plain = outbound(&reply(text("hi"), None), Some(&i));
+        let job = reply(text("hi"), None);
+        let plain = outbound(&job, Some(&i));
         assert_eq!(plain.username, "Google Bot");
-        assert_eq!(plain.icon_emoji.as_deref(), Some(":bird:"));
+        assert_eq!(plain.icon_emoji, Some(":bird:"));
         assert_eq!(plain.thread_ts, None);
         assert_eq!(plain.bot_id, BOT_ID);
         assert_eq!(plain.subtype, "bot_message");
@@ -325,26 +326,24 @@ mod tests {
             response_type: Some("comment".into()),
             ..text("hi")
         };
-        let o = outbound(&reply(custom, None), Some(&i));
+        let job = reply(custom, None);
+        let o = outbound(&job, Some(&i));
         assert_eq!(o.username, "Tim");
+        assert_eq!((o.icon_url, o.icon_emoji), (Some("http://x/i.png"), None));
         assert_eq!(
-            (o.icon_url.as_deref(), o.icon_emoji.as_deref()),
-            (Some("http://x/i.png"), None)
-        );
-        assert_eq!(
-            o.thread_ts.as_deref(),
+            o.thread_ts,
             Some("100.000001"),
             "comment threads under the trigger"
         );
 
-        let in_thread = outbound(&reply(text("hi"), Some("90.0")), Some(&i));
-        assert_eq!(in_thread.thread_ts.as_deref(), Some("90.0"));
+        let job = reply(text("hi"), Some("90.0"));
+        assert_eq!(outbound(&job, Some(&i)).thread_ts, Some("90.0"));
         let explicit = HandlerAnswer {
             thread_ts: Some("80.0".into()),
             ..text("hi")
         };
         assert_eq!(
-            outbound(&reply(explicit, Some("90.0")), Some(&i)).thread_ts.as_deref(),
+            outbound(&reply(explicit, Some("90.0")), Some(&i)).thread_ts,
             Some("80.0")
         );
         assert_eq!(outbound(&reply(text("hi"), None), None).username, "googlebot");

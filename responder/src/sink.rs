@@ -11,22 +11,24 @@ use swallow_shared::broker::{self, MatchedReturns};
 
 /// A reply as it is posted: the integration's identity applied, the thread
 /// chosen, and marked as a bot's message so it can never trigger anything.
+/// It borrows from the reply job and the integration: it lives only to be
+/// serialized.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct OutboundReply {
-    pub team_id: String,
-    pub channel_id: String,
-    pub thread_ts: Option<String>,
-    pub text: String,
-    pub username: String,
-    pub icon_url: Option<String>,
-    pub icon_emoji: Option<String>,
-    pub attachments: Option<serde_json::Value>,
-    pub integration_id: String,
-    pub delivery_id: String,
-    pub in_reply_to: String,
+pub struct OutboundReply<'a> {
+    pub team_id: &'a str,
+    pub channel_id: &'a str,
+    pub thread_ts: Option<&'a str>,
+    pub text: &'a str,
+    pub username: &'a str,
+    pub icon_url: Option<&'a str>,
+    pub icon_emoji: Option<&'a str>,
+    pub attachments: Option<&'a serde_json::Value>,
+    pub integration_id: &'a str,
+    pub delivery_id: &'a str,
+    pub in_reply_to: &'a str,
     /// The loop guard: the matcher ignores messages with a `bot_id` or
     /// `subtype = "bot_message"`.
-    pub bot_id: String,
+    pub bot_id: &'static str,
     pub subtype: &'static str,
 }
 
@@ -65,16 +67,16 @@ struct ChatMessage<'a> {
     attachments: Option<&'a serde_json::Value>,
 }
 
-impl OutboundReply {
+impl OutboundReply<'_> {
     fn chat_message(&self) -> ChatMessage<'_> {
         ChatMessage {
-            channel: &self.channel_id,
-            text: &self.text,
-            username: &self.username,
-            icon_url: self.icon_url.as_deref(),
-            icon_emoji: self.icon_emoji.as_deref(),
-            thread_ts: self.thread_ts.as_deref(),
-            attachments: self.attachments.as_ref(),
+            channel: self.channel_id,
+            text: self.text,
+            username: self.username,
+            icon_url: self.icon_url,
+            icon_emoji: self.icon_emoji,
+            thread_ts: self.thread_ts,
+            attachments: self.attachments,
         }
     }
 }
@@ -122,11 +124,11 @@ impl ReplySink {
         }
     }
 
-    pub async fn post(&self, reply: &OutboundReply, outbound: &MatchedReturns, timeout: Duration) -> Posted {
+    pub async fn post(&self, reply: &OutboundReply<'_>, outbound: &MatchedReturns, timeout: Duration) -> Posted {
         match self {
             ReplySink::Amqp { exchange } => {
                 let body = serde_json::to_vec(reply).expect("a reply always serializes");
-                let key = format!("{}.{}", reply.team_id, reply.channel_id);
+                let key = [reply.team_id, ".", reply.channel_id].concat();
                 match outbound.publish(exchange, &key, body, broker::persistent_json()).await {
                     Ok(()) => Posted::Ok,
                     Err(e) => Posted::Retry {

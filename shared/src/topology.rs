@@ -62,7 +62,8 @@ impl Topology {
     /// Delivery shard `k`'s work queue. Each shard is consumed by one
     /// deliverer at a time (see `deliverer::shards`).
     pub fn delivery_shard_queue(&self, k: u32) -> String {
-        format!("{}.deliveries.{k}", self.prefix)
+        // Joined, not `format!`ted: the matcher names one per job.
+        [self.prefix.as_str(), ".deliveries.", &k.to_string()].concat()
     }
 
     /// The work queue of an integration's jobs.
