@@ -330,11 +330,7 @@ mod tests {
         let o = outbound(&job, Some(&i));
         assert_eq!(o.username, "Tim");
         assert_eq!((o.icon_url, o.icon_emoji), (Some("http://x/i.png"), None));
-        assert_eq!(
-            o.thread_ts,
-            Some("100.000001"),
-            "comment threads under the trigger"
-        );
+        assert_eq!(o.thread_ts, Some("100.000001"), "comment threads under the trigger");
 
         let job = reply(text("hi"), Some("90.0"));
         assert_eq!(outbound(&job, Some(&i)).thread_ts, Some("90.0"));

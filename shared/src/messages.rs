@@ -399,7 +399,10 @@ mod tests {
         // The ids of every version so far: a handler deduplicates on them,
         // across a deploy too.
         assert_eq!(a, "msg_403c7f13e0e858c18f56de38e5f5bd2c");
-        assert_eq!(DeliveryJob::delivery_id_for(&e, "googlebot", 12), "msg_4808d83855a55928bb2a5e521a38c6d2");
+        assert_eq!(
+            DeliveryJob::delivery_id_for(&e, "googlebot", 12),
+            "msg_4808d83855a55928bb2a5e521a38c6d2"
+        );
     }
 
     #[test]
