@@ -578,21 +578,22 @@ async fn publish_batch(
         .iter()
         .zip(acked)
         .map(|(r, ack)| {
-            let target = || target(&r.exchange, &r.routing_key);
+            // Named only for an error.
+            let named = || target(&r.exchange, &r.routing_key);
             if let Some(i) = returned
                 .iter()
                 .position(|m: &lapin::message::BasicReturnMessage| m.delivery.data == r.body)
             {
                 let back = returned.swap_remove(i);
                 return Err(PublishError::Unroutable {
-                    target: target(),
+                    target: named(),
                     reply: back.reply_text.to_string(),
                 });
             }
             if ack {
                 Ok(())
             } else {
-                Err(PublishError::Nacked { target: target() })
+                Err(PublishError::Nacked { target: named() })
             }
         })
         .collect()
