@@ -128,7 +128,7 @@ impl ReplySink {
         match self {
             ReplySink::Amqp { exchange } => {
                 let body = serde_json::to_vec(reply).expect("a reply always serializes");
-                let key = [reply.team_id, ".", reply.channel_id].concat();
+                let key = swallow_shared::messages::channel_key(reply.team_id, reply.channel_id);
                 match outbound.publish(exchange, &key, body, broker::persistent_json()).await {
                     Ok(()) => Posted::Ok,
                     Err(e) => Posted::Retry {

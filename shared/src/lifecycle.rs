@@ -94,7 +94,7 @@ impl Job for ReplyJob {
         topology.replies_dead_queue()
     }
     fn destination(&self) -> (&'static str, String) {
-        ("channel", format!("{}.{}", self.team_id, self.channel_id))
+        ("channel", crate::messages::channel_key(&self.team_id, &self.channel_id))
     }
 }
 

@@ -107,6 +107,14 @@ impl DeliveryJob {
     }
 }
 
+/// `<team_id>.<channel_id>`: the routing key of a reply published to
+/// `<prefix>.chat.outbound` (docs/contract.md §6), how a reply's channel
+/// is named in its dead letter, and the key `swallow-chat` publishes
+/// events under.
+pub fn channel_key(team_id: &str, channel_id: &str) -> String {
+    [team_id, ".", channel_id].concat()
+}
+
 /// What a handler answered, as far as replies go (docs/contract.md §5).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct HandlerAnswer {

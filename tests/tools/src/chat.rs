@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use futures_util::StreamExt;
 use lapin::{BasicProperties, Connection};
 
+use swallow_shared::messages::channel_key;
 use swallow_shared::{Topology, broker};
 
 /// A Slack-style `ts` for now: seconds and microseconds.
@@ -39,7 +40,7 @@ pub async fn say(connection: &Connection, topology: &Topology, say: &Say<'_>) ->
     let confirm = channel
         .basic_publish(
             topology.events_exchange().as_str().into(),
-            format!("{}.{}", say.team_id, say.channel_id).as_str().into(),
+            channel_key(say.team_id, say.channel_id).as_str().into(),
             Default::default(),
             &serde_json::to_vec(&event)?,
             BasicProperties::default()

@@ -643,11 +643,9 @@ impl Floor {
         Ok(percentiles(post_latencies(&sent, &self.seen)))
     }
 
-    /// Closes the floor's connection; dropping `self` then deletes its queues.
+    /// Closes the floor's connection; dropping `self` then stops its tasks
+    /// and deletes its queues.
     async fn stop(self) {
-        for task in &self.tasks {
-            task.abort();
-        }
         let _ = self.conn.close(200, "".into()).await;
     }
 }
