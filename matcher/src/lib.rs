@@ -138,22 +138,30 @@ async fn handle(delivery: Delivery, ctx: Arc<Context>, publisher: ConfirmedPubli
                     ctx.metrics.events_matched.inc();
                     // Stamped now, before any job exists, so it reads first.
                     let step = LogRecord::matched(&event, matches.iter().map(|m| m.integration.id.as_str()));
-                    let mut pending = Vec::new();
                     let created_at_ms = now_millis();
-                    for m in &matches {
-                        for (i, url) in m.integration.urls.iter().enumerate() {
-                            let body = DeliveryJob::encode_new(
-                                &event,
-                                &m.integration.id,
-                                i,
-                                url.as_str(),
-                                &m.trigger_word,
-                                created_at_ms,
-                            );
-                            let queue = ctx.topology.delivery_queue_for(&m.integration.id);
-                            pending.push(publisher.send("", &queue, &body, broker::persistent_json()).await?);
-                        }
-                    }
+                    let jobs: Vec<(String, Vec<u8>)> = matches
+                        .iter()
+                        .flat_map(|m| {
+                            m.integration.urls.iter().enumerate().map(|(i, url)| {
+                                let body = DeliveryJob::encode_new(
+                                    &event,
+                                    &m.integration.id,
+                                    i,
+                                    url.as_str(),
+                                    &m.trigger_word,
+                                    created_at_ms,
+                                );
+                                (ctx.topology.delivery_queue_for(&m.integration.id), body)
+                            })
+                        })
+                        .collect();
+                    // Sent at once, not each awaited in turn (see
+                    // `ConfirmedPublisher::send`).
+                    let pending = futures_util::future::try_join_all(
+                        jobs.iter()
+                            .map(|(queue, body)| publisher.send("", queue, body, broker::persistent_json())),
+                    )
+                    .await?;
                     let count = pending.len() as u64;
                     for confirm in pending {
                         confirm.confirmed().await?;

@@ -378,6 +378,12 @@ impl ConfirmedPublisher {
 
     /// Sends a message; the returned value resolves when it is confirmed.
     /// Sending many and then awaiting all pipelines the confirms.
+    ///
+    /// The call itself returns once the connection's I/O thread has written
+    /// the message, a round trip to that thread and a socket write of its
+    /// own. To send several, poll the calls together (`try_join_all`): in
+    /// one task, each takes its delivery tag and queues its frames in one
+    /// step, in the order given, and one write carries them all.
     pub async fn send(
         &self,
         exchange: &str,
@@ -535,14 +541,13 @@ async fn publish_batch(
                 )
                 .clone(),
         };
-        let mut sent = Vec::with_capacity(batch.len());
-        for r in batch {
-            sent.push(
-                channel
-                    .send(&r.exchange, &r.routing_key, &r.body, r.properties.clone())
-                    .await?,
-            );
-        }
+        // All sent at once, not each awaited in turn (see `send`).
+        let sent = futures_util::future::try_join_all(
+            batch
+                .iter()
+                .map(|r| channel.send(&r.exchange, &r.routing_key, &r.body, r.properties.clone())),
+        )
+        .await?;
         let mut acked = Vec::with_capacity(batch.len());
         let mut returned = Vec::new();
         for pending in sent {
