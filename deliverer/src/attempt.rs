@@ -285,7 +285,7 @@ mod tests {
         .unwrap();
         let integration = config.integrations.list[0].clone();
         let policy = AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]);
-        let client = crate::http_client(&policy).unwrap();
+        let client = crate::http_client(&policy, 4).unwrap();
         let event: swallow_shared::ChatEvent = serde_json::from_str(
             r#"{"team_id":"T1","channel_id":"C1","user_id":"U1","user_name":"u","ts":"1.000001","text":"g hi"}"#,
         )

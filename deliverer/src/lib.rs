@@ -75,9 +75,15 @@ pub type HttpClient = hyper_util::client::legacy::Client<HttpsConnector<HttpConn
 /// offers it; a keep-alive pool, no redirects, no proxy, the SSRF guard in
 /// its resolver, the platform's trusted roots for TLS.
 ///
+/// The pool keeps up to `max_idle_per_host` idle connections to a host:
+/// the deliverer passes its `concurrency`, as many as can be busy at once,
+/// so that a burst's connections are there for the next burst instead of
+/// being closed and opened again (BENCHMARKS.md, "Connections kept for the
+/// next burst").
+///
 /// hyper-util's client rather than reqwest (built on it): less CPU and
 /// memory per attempt (BENCHMARKS.md, "The HTTP client").
-pub fn http_client(policy: &AddressPolicy) -> Result<HttpClient, rustls::Error> {
+pub fn http_client(policy: &AddressPolicy, max_idle_per_host: usize) -> Result<HttpClient, rustls::Error> {
     use rustls_platform_verifier::BuilderVerifierExt as _;
     let mut http = HttpConnector::new_with_resolver(GuardedResolver::new(policy.clone()));
     http.enforce_http(false);
@@ -96,14 +102,14 @@ pub fn http_client(policy: &AddressPolicy) -> Result<HttpClient, rustls::Error> 
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(64)
+        .pool_max_idle_per_host(max_idle_per_host)
         .build(https))
 }
 
 /// Starts the deliverer and returns once its listener is bound.
 pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Deliverer, DelivererError> {
     let policy = AddressPolicy::new(config.deliverer.allow_networks.clone());
-    let client = http_client(&policy).map_err(StartError::client)?;
+    let client = http_client(&policy, config.deliverer.concurrency).map_err(StartError::client)?;
     let parts = StageParts::new(Stage::Deliverer, &config, &shutdown).await?;
     let metrics = DelivererMetrics::new(&parts.registry);
     let topology = config.broker.topology();
@@ -170,7 +176,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let allow_loopback = AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]);
-        let client = http_client(&allow_loopback).unwrap();
+        let client = http_client(&allow_loopback, 4).unwrap();
         let request = http::Request::post(format!("https://127.0.0.1:{port}/"))
             .body(Full::new(Bytes::from_static(b"x")))
             .unwrap();
@@ -199,5 +205,79 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(failed.is_err(), "no TLS server answered, so the request fails");
+    }
+
+    /// A burst of requests to one host, held by the handler until all have
+    /// arrived (so each needs a connection of its own), then a second burst:
+    /// with room for them all, the second goes over the first's connections.
+    #[tokio::test]
+    async fn the_pool_keeps_a_bursts_connections_for_the_next() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::AsyncWriteExt as _;
+        const BURST: usize = 40;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let all_arrived = Arc::new(tokio::sync::Barrier::new(BURST));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                counted.fetch_add(1, Ordering::SeqCst);
+                let all_arrived = all_arrived.clone();
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    loop {
+                        let n = stream.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        request.extend_from_slice(&buf[..n]);
+                        // Bodies are empty: a request ends with its headers.
+                        if request.ends_with(b"\r\n\r\n") {
+                            request.clear();
+                            all_arrived.wait().await;
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                            if stream.write_all(ok).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let allow_loopback = AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]);
+        let client = http_client(&allow_loopback, BURST).unwrap();
+        let burst = || {
+            futures_util::future::join_all((0..BURST).map(|_| {
+                let request = http::Request::post(format!("http://127.0.0.1:{port}/"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                client.request(request)
+            }))
+        };
+        let first = tokio::time::timeout(Duration::from_secs(20), burst())
+            .await
+            .expect("the first burst is answered within 20 s");
+        assert!(first.iter().all(|r| r.as_ref().is_ok_and(|r| r.status() == 200)));
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            BURST,
+            "one connection per request held"
+        );
+        // The connections go back to the pool from tasks of their own.
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        let second = tokio::time::timeout(Duration::from_secs(20), burst())
+            .await
+            .expect("the second burst is answered within 20 s");
+        assert!(second.iter().all(|r| r.as_ref().is_ok_and(|r| r.status() == 200)));
+        let opened = accepted.load(Ordering::SeqCst) - BURST;
+        assert!(
+            opened < BURST / 4,
+            "the second burst opened {opened} connections of {BURST}, where the first burst's were idle in the pool"
+        );
     }
 }
