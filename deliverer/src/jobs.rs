@@ -13,6 +13,7 @@ use lapin::message::Delivery;
 
 use swallow_shared::broker::{ConfirmedPublisher, SessionError};
 use swallow_shared::config::{Integration, OnLimit};
+use swallow_shared::consume::Settler;
 use swallow_shared::delivery_log::{LogRecord, Outcome as Step};
 use swallow_shared::lifecycle::{
     self, DeadLetter, DeadReason, Disposition, Failure, ParkReason, Step as Next, take_turn, within_max_age,
@@ -32,10 +33,12 @@ pub(crate) async fn handle(
     delivery: Delivery,
     ctx: Arc<Context>,
     publisher: ConfirmedPublisher,
+    settler: Settler,
 ) -> Result<(), SessionError> {
     let noticed = AtomicBool::new(false);
     let settled = lifecycle::handle(
         &delivery,
+        &settler,
         &publisher,
         &ctx.topology,
         |job: &DeliveryJob| {

@@ -236,7 +236,7 @@ async fn serve_shard(
         &publisher,
         options,
         || {},
-        |delivery, publisher| jobs::handle(delivery, handler_ctx.clone(), publisher),
+        |delivery, publisher, settler| jobs::handle(delivery, handler_ctx.clone(), publisher, settler),
     )
     .await;
     if result.is_ok() {

@@ -16,13 +16,12 @@ use std::time::Duration;
 
 use lapin::Connection;
 use lapin::message::Delivery;
-use lapin::options::BasicAckOptions;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use swallow_shared::broker::{self, ConfirmedPublisher, Health, SessionError};
-use swallow_shared::consume::{ConsumeOptions, consume};
+use swallow_shared::consume::{ConsumeOptions, Settler, consume};
 use swallow_shared::delivery_log::{DeliveryLog, LogRecord};
 use swallow_shared::messages::{DeliveryJob, now_millis};
 use swallow_shared::stage::{ListenError, Running, StageParts};
@@ -111,14 +110,19 @@ async fn session(connection: Arc<Connection>, ctx: Arc<Context>) -> Result<(), S
         shutdown: &ctx.shutdown,
         grace: SHUTDOWN_GRACE,
     };
-    consume(connection, options, |delivery, publisher| {
-        handle(delivery, ctx.clone(), publisher)
+    consume(connection, options, |delivery, publisher, settler| {
+        handle(delivery, ctx.clone(), publisher, settler)
     })
     .await
 }
 
 /// Turns one event into confirmed jobs (or a confirmed invalid copy), then acks it.
-async fn handle(delivery: Delivery, ctx: Arc<Context>, publisher: ConfirmedPublisher) -> Result<(), SessionError> {
+async fn handle(
+    delivery: Delivery,
+    ctx: Arc<Context>,
+    publisher: ConfirmedPublisher,
+    settler: Settler,
+) -> Result<(), SessionError> {
     ctx.metrics.events_received.inc();
     match ChatEvent::parse(&delivery.data) {
         Err(invalid) => {
@@ -172,6 +176,6 @@ async fn handle(delivery: Delivery, ctx: Arc<Context>, publisher: ConfirmedPubli
             }
         }
     }
-    delivery.ack(BasicAckOptions::default()).await?;
+    settler.ack(&delivery).await?;
     Ok(())
 }

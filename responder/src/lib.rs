@@ -22,7 +22,7 @@ use tracing::info;
 
 use swallow_shared::broker::{ConfirmedPublisher, Health, MatchedReturns, SessionError};
 use swallow_shared::config::{RateLimit, Sink};
-use swallow_shared::consume::{ConsumeOptions, consume};
+use swallow_shared::consume::{ConsumeOptions, Settler, consume};
 use swallow_shared::delivery_log::{DeliveryLog, LogRecord, Outcome as Step};
 use swallow_shared::lifecycle::{
     self, DeadLetter, DeadReason, Disposition, Failure, ParkReason, RetryLimits, Step as Next, take_turn,
@@ -132,8 +132,8 @@ async fn session(connection: Arc<Connection>, ctx: Arc<Context>) -> Result<(), S
     // batches whose returns are matched to their publishes, so that a
     // return is never taken for another publish.
     let chat = Arc::new(MatchedReturns::start(connection.clone(), usize::from(ctx.prefetch)));
-    consume(connection, options, |delivery, publisher| {
-        handle(delivery, ctx.clone(), publisher, chat.clone())
+    consume(connection, options, |delivery, publisher, settler| {
+        handle(delivery, ctx.clone(), publisher, settler, chat.clone())
     })
     .await
 }
@@ -183,10 +183,12 @@ async fn handle(
     delivery: Delivery,
     ctx: Arc<Context>,
     publisher: ConfirmedPublisher,
+    settler: Settler,
     chat: Arc<MatchedReturns>,
 ) -> Result<(), SessionError> {
     let settled = lifecycle::handle(
         &delivery,
+        &settler,
         &publisher,
         &ctx.topology,
         |reply| lifecycle::slot_leeway(reply, Some(&ctx.pace)),

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tokio::task::JoinSet;
@@ -24,6 +24,23 @@ use tracing::{error, info, warn};
 
 use crate::Topology;
 use crate::broker::{ConfirmedPublisher, Health, SessionError};
+
+/// Where a handler acknowledges its delivery: the channel it came on.
+#[derive(Clone)]
+pub struct Settler(Channel);
+
+impl Settler {
+    /// Acknowledges `delivery` on its own channel, directly. lapin's
+    /// `Delivery::ack` sends the ack through its internal task, which
+    /// spawns a task of its own to send it: two more tasks woken, often on
+    /// the other thread, for every message (BENCHMARKS.md, "Acks sent on
+    /// the channel").
+    pub async fn ack(&self, delivery: &Delivery) -> Result<(), lapin::Error> {
+        self.0
+            .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+            .await
+    }
+}
 
 /// What [`consume`] needs besides the handler.
 pub struct ConsumeOptions<'a> {
@@ -58,7 +75,7 @@ pub async fn consume<H, Fut>(
     handle: H,
 ) -> Result<(), SessionError>
 where
-    H: Fn(Delivery, ConfirmedPublisher) -> Fut,
+    H: Fn(Delivery, ConfirmedPublisher, Settler) -> Fut,
     Fut: Future<Output = Result<(), SessionError>> + Send + 'static,
 {
     let ConsumeOptions {
@@ -101,7 +118,7 @@ pub async fn consume_queue<H, Fut>(
     handle: H,
 ) -> Result<(), SessionError>
 where
-    H: Fn(Delivery, ConfirmedPublisher) -> Fut,
+    H: Fn(Delivery, ConfirmedPublisher, Settler) -> Fut,
     Fut: Future<Output = Result<(), SessionError>> + Send + 'static,
 {
     let QueueOptions {
@@ -136,7 +153,8 @@ where
                 None => break Err(SessionError::ConsumerEnded(queue.to_owned())),
                 Some(Err(error)) => break Err(error.into()),
                 Some(Ok(delivery)) => {
-                    tasks.spawn(guarded(stage, delivery, publisher.clone(), &handle));
+                    let settler = Settler(channel.clone());
+                    tasks.spawn(guarded(stage, delivery, publisher.clone(), settler, &handle));
                 }
             },
         }
@@ -178,17 +196,18 @@ fn guarded<H, Fut>(
     stage: &'static str,
     delivery: Delivery,
     publisher: ConfirmedPublisher,
+    settler: Settler,
     handle: &H,
 ) -> impl Future<Output = Result<(), SessionError>> + Send + 'static
 where
-    H: Fn(Delivery, ConfirmedPublisher) -> Fut,
+    H: Fn(Delivery, ConfirmedPublisher, Settler) -> Fut,
     Fut: Future<Output = Result<(), SessionError>> + Send + 'static,
 {
     let acker = delivery.acker.clone();
     let tag = delivery.delivery_tag;
     // Boxed: the task then holds a pointer, not the handler's whole state
     // machine (kilobytes), which would otherwise be copied on every spawn.
-    let work = Box::pin(AssertUnwindSafe(handle(delivery, publisher)).catch_unwind());
+    let work = Box::pin(AssertUnwindSafe(handle(delivery, publisher, settler)).catch_unwind());
     async move {
         let panic = match work.await {
             Ok(result) => return result,

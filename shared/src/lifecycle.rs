@@ -15,7 +15,6 @@ use std::ops::ControlFlow;
 use std::time::Duration;
 
 use lapin::message::Delivery;
-use lapin::options::BasicAckOptions;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::warn;
@@ -23,6 +22,7 @@ use tracing::warn;
 use crate::Topology;
 use crate::broker::{self, ConfirmedPublisher, SessionError};
 use crate::config::{Integration, RateLimit};
+use crate::consume::Settler;
 use crate::delay;
 use crate::messages::{DeliveryJob, MESSAGE_VERSION, ReplyJob, RetryState, now_millis};
 use crate::pacing::{RateLimiter, Turn};
@@ -391,6 +391,7 @@ pub fn retry_or_dead<J: Job>(
 /// stage's job is acknowledged.
 pub async fn carry_out<J: Job>(
     delivery: &Delivery,
+    settler: &Settler,
     disposition: Disposition<J>,
     publisher: &ConfirmedPublisher,
     topology: &Topology,
@@ -408,7 +409,7 @@ pub async fn carry_out<J: Job>(
         }
         Disposition::Dead(letter) => dead_letter(letter, publisher, topology).await?,
     }
-    delivery.ack(BasicAckOptions::default()).await?;
+    settler.ack(delivery).await?;
     Ok(settled)
 }
 
@@ -454,6 +455,7 @@ async fn dead_letter<J: Job>(
 /// so that the stage can record it as it records its own decisions.
 pub async fn handle<J, F, Fut>(
     delivery: &Delivery,
+    settler: &Settler,
     publisher: &ConfirmedPublisher,
     topology: &Topology,
     leeway: impl FnOnce(&J) -> Duration,
@@ -475,7 +477,7 @@ where
             settled
         }
     };
-    Box::pin(carry_out(delivery, disposition, publisher, topology)).await
+    Box::pin(carry_out(delivery, settler, disposition, publisher, topology)).await
 }
 
 #[cfg(test)]

@@ -396,7 +396,7 @@ async fn a_stage_whose_broker_stops_answering_still_exits_after_its_grace_period
 #[tokio::test]
 async fn a_panicking_handler_hands_its_delivery_back() {
     use swallow_shared::broker::ConfirmedPublisher;
-    use swallow_shared::consume::{QueueOptions, consume_queue};
+    use swallow_shared::consume::{QueueOptions, Settler, consume_queue};
 
     let stack = TestStack::new("panic").await.unwrap();
     let queue = stack.topology.replies_queue();
@@ -410,14 +410,14 @@ async fn a_panicking_handler_hands_its_delivery_back() {
             .unwrap();
     }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let handle = move |delivery: lapin::message::Delivery, _: ConfirmedPublisher| {
+    let handle = move |delivery: lapin::message::Delivery, _: ConfirmedPublisher, settler: Settler| {
         let tx = tx.clone();
         async move {
             let body = String::from_utf8_lossy(&delivery.data).into_owned();
             if body == "boom" && !delivery.redelivered {
                 panic!("the handler panicked on purpose");
             }
-            delivery.ack(Default::default()).await?;
+            settler.ack(&delivery).await?;
             let _ = tx.send((body, delivery.redelivered));
             Ok(())
         }
