@@ -18,7 +18,7 @@ use swallow_shared::delivery_log::{LogRecord, Outcome as Step};
 use swallow_shared::lifecycle::{
     self, DeadLetter, DeadReason, Disposition, Failure, ParkReason, Step as Next, take_turn, within_max_age,
 };
-use swallow_shared::messages::{DeliveryJob, MESSAGE_VERSION, ReplyJob, RetryState, now_millis};
+use swallow_shared::messages::{self, DeliveryJob, MESSAGE_VERSION, ReplyJob, RetryState, now_millis};
 use swallow_shared::metrics::GaugeHold;
 
 use crate::attempt::{self, Attempted, Outcome};
@@ -183,7 +183,7 @@ fn after_attempt(
             };
             Disposition::Forward {
                 queue: ctx.replies_queue.clone(),
-                body: serde_json::to_vec(&reply).expect("a reply always serializes"),
+                body: messages::to_json(&reply, reply.answer.text.len()),
             }
         }
         Outcome::Gone => Disposition::dead_after(

@@ -127,7 +127,7 @@ impl ReplySink {
     pub async fn post(&self, reply: &OutboundReply<'_>, outbound: &MatchedReturns, timeout: Duration) -> Posted {
         match self {
             ReplySink::Amqp { exchange } => {
-                let body = serde_json::to_vec(reply).expect("a reply always serializes");
+                let body = swallow_shared::messages::to_json(reply, reply.text.len());
                 let key = swallow_shared::messages::channel_key(reply.team_id, reply.channel_id);
                 match outbound.publish(exchange, &key, body, broker::persistent_json()).await {
                     Ok(()) => Posted::Ok,

@@ -441,9 +441,12 @@ async fn append(mut rx: mpsc::Receiver<LogRecord>, target: AppenderTarget, dropp
     };
     let mut retry_at = tokio::time::Instant::now();
     let mut backoff = Duration::from_millis(500);
+    // One buffer for every batch, so that each does not grow its own.
+    let mut batch = Batch::default();
     loop {
         let Some(first) = rx.recv().await else { break };
-        let mut batch = Batch::default();
+        batch.body.clear();
+        batch.records = 0;
         batch.push(&first);
         let flush = tokio::time::sleep(FLUSH_INTERVAL);
         tokio::pin!(flush);
