@@ -11,6 +11,7 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
@@ -26,8 +27,12 @@ use crate::Topology;
 use crate::broker::{ConfirmedPublisher, Health, SessionError};
 
 /// Where a handler acknowledges its delivery: the channel it came on.
-#[derive(Clone)]
-pub struct Settler(Channel);
+pub struct Settler {
+    channel: Channel,
+    /// Set once the ack is sent, so that a panic after it hands nothing
+    /// back: a second settlement of one delivery tag closes the channel.
+    acked: Arc<AtomicBool>,
+}
 
 impl Settler {
     /// Acknowledges `delivery` on its own channel, directly. lapin's
@@ -36,7 +41,8 @@ impl Settler {
     /// the other thread, for every message (BENCHMARKS.md, "Acks sent on
     /// the channel").
     pub async fn ack(&self, delivery: &Delivery) -> Result<(), lapin::Error> {
-        self.0
+        self.acked.store(true, Ordering::Relaxed);
+        self.channel
             .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
             .await
     }
@@ -153,7 +159,10 @@ where
                 None => break Err(SessionError::ConsumerEnded(queue.to_owned())),
                 Some(Err(error)) => break Err(error.into()),
                 Some(Ok(delivery)) => {
-                    let settler = Settler(channel.clone());
+                    let settler = Settler {
+                        channel: channel.clone(),
+                        acked: Arc::new(AtomicBool::new(false)),
+                    };
                     tasks.spawn(guarded(stage, delivery, publisher.clone(), settler, &handle));
                 }
             },
@@ -204,6 +213,7 @@ where
     Fut: Future<Output = Result<(), SessionError>> + Send + 'static,
 {
     let acker = delivery.acker.clone();
+    let acked = settler.acked.clone();
     let tag = delivery.delivery_tag;
     // Boxed: the task then holds a pointer, not the handler's whole state
     // machine (kilobytes), which would otherwise be copied on every spawn.
@@ -218,6 +228,10 @@ where
             .map(|s| s.to_string())
             .or_else(|| panic.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "a panic without a message".into());
+        if acked.load(Ordering::Relaxed) {
+            error!(stage, delivery_tag = tag, panic = %message, "handler panicked after acknowledging its delivery");
+            return Ok(());
+        }
         error!(stage, delivery_tag = tag, panic = %message, "handler panicked; handing its delivery back");
         let requeue = BasicNackOptions {
             requeue: true,

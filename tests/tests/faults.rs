@@ -392,7 +392,9 @@ async fn a_stage_whose_broker_stops_answering_still_exits_after_its_grace_period
 
 /// A handler task that panics does not lose or strand its delivery: the
 /// consumer loop hands it back to the broker (requeued, so it comes again,
-/// marked redelivered) at once, and goes on with the others.
+/// marked redelivered) at once, and goes on with the others. One that
+/// panics after its ack hands nothing back (a second settlement of the same
+/// delivery would close the channel).
 #[tokio::test]
 async fn a_panicking_handler_hands_its_delivery_back() {
     use swallow_shared::broker::ConfirmedPublisher;
@@ -403,7 +405,7 @@ async fn a_panicking_handler_hands_its_delivery_back() {
     let channel = stack.connection.create_channel().await.unwrap();
     stack.topology.declare(&channel).await.unwrap();
     let publisher = ConfirmedPublisher::open(&stack.connection).await.unwrap();
-    for body in ["first", "boom", "last"] {
+    for body in ["first", "boom", "boom-after-ack", "last"] {
         publisher
             .publish("", &queue, body.as_bytes(), Default::default())
             .await
@@ -418,7 +420,10 @@ async fn a_panicking_handler_hands_its_delivery_back() {
                 panic!("the handler panicked on purpose");
             }
             settler.ack(&delivery).await?;
-            let _ = tx.send((body, delivery.redelivered));
+            let _ = tx.send((body.clone(), delivery.redelivered));
+            if body == "boom-after-ack" {
+                panic!("the handler panicked after its ack, on purpose");
+            }
             Ok(())
         }
     };
@@ -433,10 +438,10 @@ async fn a_panicking_handler_hands_its_delivery_back() {
     let consuming = consume_queue(&channel, &publisher, options, || {}, handle);
     let watch = async {
         let mut got = HashMap::new();
-        while got.len() < 3 {
+        while got.len() < 4 {
             let next = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
             let (body, redelivered) = next
-                .expect("all three handled within 10 s: the panicked one was not handed back")
+                .expect("all four handled within 10 s: the panicked one was not handed back")
                 .expect("the handler is alive");
             got.insert(body, redelivered);
         }
@@ -446,6 +451,11 @@ async fn a_panicking_handler_hands_its_delivery_back() {
     let (consumed, got) = tokio::join!(consuming, watch);
     consumed.expect("the loop went on after the panic and stopped cleanly");
     assert_eq!(got.get("boom"), Some(&true), "the panicked delivery came back: {got:?}");
-    assert_eq!(got.len(), 3, "{got:?}");
+    assert_eq!(
+        got.get("boom-after-ack"),
+        Some(&false),
+        "a delivery acknowledged before its panic is not handed back: {got:?}"
+    );
+    assert_eq!(got.len(), 4, "{got:?}");
     assert_eq!(stack.queue_len(&queue).await.unwrap(), 0, "nothing left unacknowledged");
 }
