@@ -176,6 +176,6 @@ async fn handle(
             }
         }
     }
-    settler.ack(&delivery).await?;
+    settler.ack().await?;
     Ok(())
 }

@@ -17,7 +17,7 @@ use std::time::Duration;
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::types::{DeliveryTag, FieldTable};
 use lapin::{Channel, Connection};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -26,25 +26,57 @@ use tracing::{error, info, warn};
 use crate::Topology;
 use crate::broker::{ConfirmedPublisher, Health, SessionError};
 
-/// Where a handler acknowledges its delivery: the channel it came on.
+/// Where a handler settles its delivery: the channel it came on, and its
+/// delivery tag. lapin's `Delivery::ack` sends through its internal task,
+/// which spawns a task of its own to send it: two more tasks woken, often
+/// on the other thread, for every message (BENCHMARKS.md, "Acks sent on the
+/// channel"). A `Settler` sends on the channel directly, and settles a
+/// delivery once: the panic guard hands back only what was not acked (a
+/// second settlement of one delivery tag closes the channel).
 pub struct Settler {
     channel: Channel,
-    /// Set once the ack is sent, so that a panic after it hands nothing
-    /// back: a second settlement of one delivery tag closes the channel.
-    acked: Arc<AtomicBool>,
+    tag: DeliveryTag,
+    /// Set once the delivery is settled, by either side.
+    settled: Arc<AtomicBool>,
 }
 
 impl Settler {
-    /// Acknowledges `delivery` on its own channel, directly. lapin's
-    /// `Delivery::ack` sends the ack through its internal task, which
-    /// spawns a task of its own to send it: two more tasks woken, often on
-    /// the other thread, for every message (BENCHMARKS.md, "Acks sent on
-    /// the channel").
-    pub async fn ack(&self, delivery: &Delivery) -> Result<(), lapin::Error> {
-        self.acked.store(true, Ordering::Relaxed);
-        self.channel
-            .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
-            .await
+    fn new(channel: &Channel, delivery: &Delivery) -> Settler {
+        Settler {
+            channel: channel.clone(),
+            tag: delivery.delivery_tag,
+            settled: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// The same delivery's settler, for the panic guard.
+    fn share(&self) -> Settler {
+        Settler {
+            channel: self.channel.clone(),
+            tag: self.tag,
+            settled: self.settled.clone(),
+        }
+    }
+
+    /// Acknowledges the delivery (once; a second call does nothing).
+    pub async fn ack(&self) -> Result<(), lapin::Error> {
+        if self.settled.swap(true, Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.channel.basic_ack(self.tag, BasicAckOptions::default()).await
+    }
+
+    /// Hands the delivery back to the broker (requeued), unless it was
+    /// already settled.
+    async fn hand_back(&self) -> Result<(), lapin::Error> {
+        if self.settled.swap(true, Ordering::Relaxed) {
+            return Ok(());
+        }
+        let requeue = BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        };
+        self.channel.basic_nack(self.tag, requeue).await
     }
 }
 
@@ -159,10 +191,7 @@ where
                 None => break Err(SessionError::ConsumerEnded(queue.to_owned())),
                 Some(Err(error)) => break Err(error.into()),
                 Some(Ok(delivery)) => {
-                    let settler = Settler {
-                        channel: channel.clone(),
-                        acked: Arc::new(AtomicBool::new(false)),
-                    };
+                    let settler = Settler::new(channel, &delivery);
                     tasks.spawn(guarded(stage, delivery, publisher.clone(), settler, &handle));
                 }
             },
@@ -212,8 +241,7 @@ where
     H: Fn(Delivery, ConfirmedPublisher, Settler) -> Fut,
     Fut: Future<Output = Result<(), SessionError>> + Send + 'static,
 {
-    let acker = delivery.acker.clone();
-    let acked = settler.acked.clone();
+    let guard = settler.share();
     let tag = delivery.delivery_tag;
     // Boxed: the task then holds a pointer, not the handler's whole state
     // machine (kilobytes), which would otherwise be copied on every spawn.
@@ -228,16 +256,8 @@ where
             .map(|s| s.to_string())
             .or_else(|| panic.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "a panic without a message".into());
-        if acked.load(Ordering::Relaxed) {
-            error!(stage, delivery_tag = tag, panic = %message, "handler panicked after acknowledging its delivery");
-            return Ok(());
-        }
-        error!(stage, delivery_tag = tag, panic = %message, "handler panicked; handing its delivery back");
-        let requeue = BasicNackOptions {
-            requeue: true,
-            ..Default::default()
-        };
-        acker.nack(requeue).await?;
+        error!(stage, delivery_tag = tag, panic = %message, "handler panicked; handing its delivery back unless it was acknowledged");
+        guard.hand_back().await?;
         Ok(())
     }
 }

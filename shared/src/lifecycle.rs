@@ -386,11 +386,10 @@ pub fn retry_or_dead<J: Job>(
     }
 }
 
-/// Carries `disposition` out for `delivery`: what it publishes is confirmed
-/// by the broker first, the delivery acknowledged after. The one place a
-/// stage's job is acknowledged.
+/// Carries `disposition` out for the delivery `settler` settles: what it
+/// publishes is confirmed by the broker first, the delivery acknowledged
+/// after. The one place a stage's job is acknowledged.
 pub async fn carry_out<J: Job>(
-    delivery: &Delivery,
     settler: &Settler,
     disposition: Disposition<J>,
     publisher: &ConfirmedPublisher,
@@ -409,7 +408,7 @@ pub async fn carry_out<J: Job>(
         }
         Disposition::Dead(letter) => dead_letter(letter, publisher, topology).await?,
     }
-    settler.ack(delivery).await?;
+    settler.ack().await?;
     Ok(settled)
 }
 
@@ -477,7 +476,7 @@ where
             settled
         }
     };
-    Box::pin(carry_out(delivery, settler, disposition, publisher, topology)).await
+    Box::pin(carry_out(settler, disposition, publisher, topology)).await
 }
 
 #[cfg(test)]

@@ -419,7 +419,7 @@ async fn a_panicking_handler_hands_its_delivery_back() {
             if body == "boom" && !delivery.redelivered {
                 panic!("the handler panicked on purpose");
             }
-            settler.ack(&delivery).await?;
+            settler.ack().await?;
             let _ = tx.send((body.clone(), delivery.redelivered));
             if body == "boom-after-ack" {
                 panic!("the handler panicked after its ack, on purpose");
