@@ -328,6 +328,8 @@ pub struct ConfirmedPublisher(Arc<PublisherChannel>);
 struct PublisherChannel {
     channel: Channel,
     bound: Duration,
+    /// Held while a publish is numbered and queued (see `send`).
+    numbering: std::sync::Mutex<()>,
 }
 
 /// A publish sent and waiting for the broker's confirm.
@@ -373,7 +375,11 @@ impl ConfirmedPublisher {
         let channel = connection.create_channel().await?;
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
         let bound = silence_bound(connection.configuration().heartbeat());
-        Ok(ConfirmedPublisher(Arc::new(PublisherChannel { channel, bound })))
+        Ok(ConfirmedPublisher(Arc::new(PublisherChannel {
+            channel,
+            bound,
+            numbering: std::sync::Mutex::new(()),
+        })))
     }
 
     /// Sends a message; the returned value resolves when it is confirmed.
@@ -381,9 +387,10 @@ impl ConfirmedPublisher {
     ///
     /// The call itself returns once the connection's I/O thread has written
     /// the message, a round trip to that thread and a socket write of its
-    /// own. To send several, poll the calls together (`try_join_all`): in
-    /// one task, each takes its delivery tag and queues its frames in one
-    /// step, in the order given, and one write carries them all.
+    /// own. To send several, poll the calls together (`try_join_all`): each
+    /// takes its delivery tag and queues its frames in one step (under the
+    /// channel's lock, so publishes from other threads cannot come between),
+    /// in the order given, and one write carries them all.
     pub async fn send(
         &self,
         exchange: &str,
@@ -396,12 +403,32 @@ impl ConfirmedPublisher {
             mandatory: true,
             ..Default::default()
         };
-        match self
+        let publish = self
             .0
             .channel
-            .basic_publish(exchange.into(), routing_key.into(), options, body, properties)
-            .await
-        {
+            .basic_publish(exchange.into(), routing_key.into(), options, body, properties);
+        let mut publish = std::pin::pin!(publish);
+        // lapin numbers a publish (the delivery tag its confirm will carry)
+        // and queues its frames in two steps, both in the first poll. Two
+        // threads publishing on this channel at once could be numbered in
+        // one order and sent in the other, and the broker numbers them as
+        // sent: each would get the other's confirm, and a nacked message
+        // would be taken as confirmed (its source acked: lost). Polled
+        // under this lock, no other publish comes between the two steps.
+        let first = std::future::poll_fn(|cx| {
+            let _numbering = self
+                .0
+                .numbering
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            std::task::Poll::Ready(publish.as_mut().poll(cx))
+        })
+        .await;
+        let sent = match first {
+            std::task::Poll::Ready(sent) => sent,
+            std::task::Poll::Pending => publish.await,
+        };
+        match sent {
             Ok(confirm) => Ok(PendingConfirm {
                 target,
                 confirm,

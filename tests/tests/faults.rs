@@ -459,3 +459,90 @@ async fn a_panicking_handler_hands_its_delivery_back() {
     assert_eq!(got.len(), 4, "{got:?}");
     assert_eq!(stack.queue_len(&queue).await.unwrap(), 0, "nothing left unacknowledged");
 }
+
+/// Publishes from many tasks on one confirmed channel are confirmed each as
+/// the broker answered it. lapin numbers a publish (its delivery tag) and
+/// queues its frames in two steps; two threads publishing at once could be
+/// numbered in one order and sent in the other, and then a nack would be
+/// credited to the other publish: the stage would ack a message the broker
+/// refused (lost), and retry one it took. Half of the publishes here go to a
+/// queue that refuses every message (`x-max-length = 0`, `reject-publish`),
+/// half to one that takes them; large bodies widen the window between the
+/// two steps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_publish_gets_its_own_confirm_when_many_tasks_share_a_channel() {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+    use swallow_shared::broker::{ConfirmedPublisher, PublishError};
+
+    let stack = TestStack::new("confirm-order").await.unwrap();
+    let takes = stack.topology.events_invalid_queue();
+    // Deleted with the stack (its test-outbound name).
+    let refuses = format!("{}.test-outbound", stack.prefix);
+    stack.topology.declare(&stack.channel).await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+    let options = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    stack
+        .channel
+        .queue_declare(refuses.as_str().into(), options, args)
+        .await
+        .unwrap();
+
+    let publisher = ConfirmedPublisher::open(&stack.connection).await.unwrap();
+    const TASKS: usize = 8;
+    const EACH: usize = 150;
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..TASKS {
+        let publisher = publisher.clone();
+        let (takes, refuses) = (takes.clone(), refuses.clone());
+        tasks.spawn(async move {
+            let mut wrong = Vec::new();
+            for i in 0..EACH {
+                // Alternate per task and per message, so that refused and
+                // taken publishes are under way together on both threads.
+                let refused = (t + i) % 2 == 0;
+                let (queue, body) = if refused {
+                    (&refuses, vec![b'r'; 300 * 1024])
+                } else {
+                    (&takes, format!("{t}-{i}").into_bytes())
+                };
+                let outcome = publisher
+                    .send("", queue, &body, Default::default())
+                    .await
+                    .expect("sent")
+                    .confirmed()
+                    .await;
+                match (refused, outcome) {
+                    (true, Err(PublishError::Nacked { .. })) | (false, Ok(())) => {}
+                    (refused, other) => wrong.push(format!("task {t} message {i}, refused={refused}: {other:?}")),
+                }
+            }
+            wrong
+        });
+    }
+    let mut wrong = Vec::new();
+    while let Some(done) = tokio::time::timeout(Duration::from_secs(120), tasks.join_next())
+        .await
+        .expect("every publish confirmed within 120 s")
+    {
+        wrong.extend(done.unwrap());
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {} publishes were credited another publish's confirm, e.g. {:?}",
+        wrong.len(),
+        TASKS * EACH,
+        &wrong[..wrong.len().min(3)]
+    );
+    let taken = stack.queue_len(&takes).await.unwrap() as usize;
+    assert_eq!(
+        taken,
+        TASKS * EACH / 2,
+        "every publish confirmed as taken is in its queue"
+    );
+}
