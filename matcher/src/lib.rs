@@ -159,13 +159,12 @@ async fn handle(
                             })
                         })
                         .collect();
-                    // Sent at once, not each awaited in turn (see
-                    // `ConfirmedPublisher::send`).
-                    let pending = futures_util::future::try_join_all(
-                        jobs.iter()
-                            .map(|(queue, body)| publisher.send("", queue, body, broker::persistent_json())),
-                    )
-                    .await?;
+                    let pending = publisher
+                        .send_all(
+                            jobs.iter()
+                                .map(|(queue, body)| ("", queue.as_str(), body.as_slice(), broker::persistent_json())),
+                        )
+                        .await?;
                     let count = pending.len() as u64;
                     for confirm in pending {
                         confirm.confirmed().await?;

@@ -387,10 +387,7 @@ impl ConfirmedPublisher {
     ///
     /// The call itself returns once the connection's I/O thread has written
     /// the message, a round trip to that thread and a socket write of its
-    /// own. To send several, poll the calls together (`try_join_all`): each
-    /// takes its delivery tag and queues its frames in one step (under the
-    /// channel's lock, so publishes from other threads cannot come between),
-    /// in the order given, and one write carries them all.
+    /// own. To send several, use [`ConfirmedPublisher::send_all`].
     pub async fn send(
         &self,
         exchange: &str,
@@ -436,6 +433,24 @@ impl ConfirmedPublisher {
             }),
             Err(source) => Err(PublishError::Broker { target, source }),
         }
+    }
+
+    /// Sends several messages, `(exchange, routing key, body, properties)`,
+    /// together rather than each awaited in turn: each takes its delivery
+    /// tag and queues its frames in one step (under the channel's lock, so
+    /// publishes from other threads cannot come between), in the order
+    /// given, and one write carries them all. The confirms come back in
+    /// the same order.
+    pub async fn send_all<'a>(
+        &self,
+        messages: impl IntoIterator<Item = (&'a str, &'a str, &'a [u8], BasicProperties)>,
+    ) -> Result<Vec<PendingConfirm>, PublishError> {
+        futures_util::future::try_join_all(
+            messages
+                .into_iter()
+                .map(|(exchange, routing_key, body, properties)| self.send(exchange, routing_key, body, properties)),
+        )
+        .await
     }
 
     /// Sends a message and waits for its confirm.
@@ -568,13 +583,16 @@ async fn publish_batch(
                 )
                 .clone(),
         };
-        // All sent at once, not each awaited in turn (see `send`).
-        let sent = futures_util::future::try_join_all(
-            batch
-                .iter()
-                .map(|r| channel.send(&r.exchange, &r.routing_key, &r.body, r.properties.clone())),
-        )
-        .await?;
+        let sent = channel
+            .send_all(batch.iter().map(|r| {
+                (
+                    r.exchange.as_str(),
+                    r.routing_key.as_str(),
+                    r.body.as_slice(),
+                    r.properties.clone(),
+                )
+            }))
+            .await?;
         let mut acked = Vec::with_capacity(batch.len());
         let mut returned = Vec::new();
         for pending in sent {

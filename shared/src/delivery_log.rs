@@ -373,6 +373,11 @@ impl Batch {
     fn full(&self) -> bool {
         self.records as usize >= BATCH_RECORDS || self.body.len() >= BATCH_BYTES
     }
+    /// Empty again, keeping the buffer's room.
+    fn clear(&mut self) {
+        self.body.clear();
+        self.records = 0;
+    }
 }
 
 /// A stage's way into the log: cheap to clone, and [`DeliveryLog::record`]
@@ -445,8 +450,7 @@ async fn append(mut rx: mpsc::Receiver<LogRecord>, target: AppenderTarget, dropp
     let mut batch = Batch::default();
     loop {
         let Some(first) = rx.recv().await else { break };
-        batch.body.clear();
-        batch.records = 0;
+        batch.clear();
         batch.push(&first);
         let flush = tokio::time::sleep(FLUSH_INTERVAL);
         tokio::pin!(flush);

@@ -541,17 +541,10 @@ async fn each_publish_gets_its_own_confirm_when_many_tasks_share_a_channel() {
     );
     // The queue's count follows its log: awaited, bounded.
     let want = TASKS * EACH / 2;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let mut taken = 0;
-    while tokio::time::Instant::now() < deadline {
-        taken = stack.queue_len(&takes).await.unwrap() as usize;
-        if taken >= want {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(
-        taken, want,
-        "every publish confirmed as taken is in its queue (within 10 s)"
-    );
+    let taken = wait_for(Duration::from_secs(10), "the taken messages in their queue", || async {
+        let taken = stack.queue_len(&takes).await.unwrap() as usize;
+        (taken >= want).then_some(taken)
+    })
+    .await;
+    assert_eq!(taken, want, "every publish confirmed as taken is in its queue");
 }
