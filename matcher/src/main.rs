@@ -19,12 +19,7 @@ struct Args {
     config: ConfigArgs,
 }
 
-/// jemalloc instead of glibc's malloc: 7 to 17% less CPU per message in
-/// the stages, the same peak memory under load (BENCHMARKS.md, "The
-/// allocator").
-#[cfg(not(target_env = "msvc"))]
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+swallow_shared::stage_allocator!();
 
 #[tokio::main]
 async fn main() -> ExitCode {

@@ -16,16 +16,7 @@ url=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 prefix="idle-$$"
-python3 - "$dir/swallow.toml" "$n" "$url" "$prefix" <<'PY'
-import sys
-path, n, url, prefix = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-with open(path, "w") as f:
-    f.write(f'[broker]\nurl = "{url}"\nprefix = "{prefix}"\n\n')
-    for k in range(n):
-        channel = f"CS{k // 25}" if k % 5 == 0 else f"C{k}"
-        f.write(f'[[integrations]]\nid = "i{k}"\nteam_id = "T0001"\nchannel = "{channel}"\n'
-                f'trigger_words = ["b{k}:"]\nurls = ["http://127.0.0.1:9/i{k}"]\ntoken = "t"\n\n')
-PY
+python3 "$(dirname "$0")/many-integrations.py" "$dir/swallow.toml" "$n" "$url" "$prefix"
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 for round in $(seq "$rounds"); do
   for bin in "$@"; do
@@ -42,4 +33,5 @@ for round in $(seq "$rounds"); do
     echo "round $round $bin: $(( after - before )) CPU ticks (1/100 s) in ${seconds} s idle with $n integrations; peak RSS $(( rss / 1024 )) MiB"
   done
 done
-for q in $(rabbitmqctl -q list_queues name | grep "^$prefix\."); do rabbitmqctl -q delete_queue "$q" >/dev/null; done
+source "$(dirname "$0")/broker-cleanup.sh"
+delete_prefix "$prefix"

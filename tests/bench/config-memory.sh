@@ -1,0 +1,43 @@
+#!/bin/bash
+# A stage's memory with many integrations, at start and across reloads:
+# each binary given is started with N integrations (default 10,000, the
+# configuration of idle.sh), read 5 s after it is ready, then its file is
+# changed RELOADS times, 5 s apart (each change is reloaded), and read
+# again. Prints the peak RSS (VmHWM) and the RSS (VmRSS) at both reads.
+# Usage: cargo build --release --bins &&
+#        bash tests/bench/config-memory.sh target/release/swallow-matcher [OTHER-BINARY…]
+# Environment: N (integrations), RELOADS (3), AMQP_URL.
+set -euo pipefail
+[ $# -ge 1 ] || { echo "usage: $0 BINARY [OTHER-BINARY…]"; exit 2; }
+n=${N:-10000}
+reloads=${RELOADS:-3}
+url=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
+dir=$(mktemp -d)
+prefix="cfgmem-$$"
+source "$(dirname "$0")/broker-cleanup.sh"
+cleanup() {
+  delete_prefix "$prefix"
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+python3 "$(dirname "$0")/many-integrations.py" "$dir/base.toml" "$n" "$url" "$prefix"
+mib() { awk -v f="$1" '$1 == f":" {printf "%.1f", $2 / 1024}' "/proc/$2/status"; }
+reloaded() {
+  curl -sf "http://127.0.0.1:$1/metrics" | awk '/^swallow_config_reloads_total\{result="ok"\}/ {print $2}'
+}
+for bin in "$@"; do
+  cp "$dir/base.toml" "$dir/swallow.toml"
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  SWALLOW_HTTP_ADDR=127.0.0.1:$port RUST_LOG=error "$bin" --config "$dir/swallow.toml" &
+  pid=$!
+  for _ in $(seq 300); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
+  sleep 5
+  start="peak $(mib VmHWM "$pid") MiB, RSS $(mib VmRSS "$pid") MiB"
+  for k in $(seq "$reloads"); do
+    echo "# change $k" >> "$dir/swallow.toml"
+    sleep 5
+  done
+  after="peak $(mib VmHWM "$pid") MiB, RSS $(mib VmRSS "$pid") MiB, $(reloaded "$port") reloads"
+  kill -TERM "$pid"; wait "$pid" || true
+  echo "$bin, $n integrations: 5 s after ready: $start; after $reloads changes: $after"
+done
