@@ -112,6 +112,8 @@ macro_rules! stage_allocator {
         #[global_allocator]
         static ALLOCATOR: ::tikv_jemallocator::Jemalloc = ::tikv_jemallocator::Jemalloc;
 
+        // jemalloc reads `const char *malloc_conf` (prefixed `_rjem_` by
+        // tikv-jemalloc-sys): a NUL-terminated string.
         #[cfg(not(target_env = "msvc"))]
         #[unsafe(export_name = "_rjem_malloc_conf")]
         static MALLOC_CONF: &[u8; 43] = b"background_thread:true,dirty_decay_ms:1000\0";

@@ -2,8 +2,9 @@
 # A stage's memory with many integrations, at start and across reloads:
 # each binary given is started with N integrations (default 10,000, the
 # configuration of idle.sh), read 5 s after it is ready, then its file is
-# changed RELOADS times, 5 s apart (each change is reloaded), and read
-# again. Prints the peak RSS (VmHWM) and the RSS (VmRSS) at both reads.
+# changed RELOADS times (each waited for until it is reloaded, then 5 s),
+# and read again. Prints the peak RSS (VmHWM) and the RSS (VmRSS) at
+# both reads.
 # Usage: cargo build --release --bins &&
 #        bash tests/bench/config-memory.sh target/release/swallow-matcher [OTHER-BINARY…]
 # Environment: N (integrations), RELOADS (3), AMQP_URL.
@@ -35,9 +36,11 @@ for bin in "$@"; do
   start="peak $(mib VmHWM "$pid") MiB, RSS $(mib VmRSS "$pid") MiB"
   for k in $(seq "$reloads"); do
     echo "# change $k" >> "$dir/swallow.toml"
-    sleep 5
+    for _ in $(seq 300); do [ "$(reloaded "$port")" = "$k" ] && break; sleep 0.1; done
+    [ "$(reloaded "$port")" = "$k" ] || { echo "$bin: change $k was not reloaded within 30 s" >&2; exit 1; }
+    sleep 5 # what the reload freed is returned (or not) meanwhile
   done
-  after="peak $(mib VmHWM "$pid") MiB, RSS $(mib VmRSS "$pid") MiB, $(reloaded "$port") reloads"
+  after="peak $(mib VmHWM "$pid") MiB, RSS $(mib VmRSS "$pid") MiB"
   kill -TERM "$pid"; wait "$pid" || true
   echo "$bin, $n integrations: 5 s after ready: $start; after $reloads changes: $after"
 done
