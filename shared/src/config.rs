@@ -249,6 +249,9 @@ pub struct Config {
     /// `slack_token_file`) and a hash of each one's content, so that a reload
     /// check can tell whether any changed without parsing the file again.
     pub secret_files: Vec<(PathBuf, u64)>,
+    /// A hash of the text this was parsed from, so that the reload watcher
+    /// does not parse the same file again at its first check.
+    pub text_hash: u64,
 }
 
 /// A hash of a file's content, to see whether it changed.
@@ -676,6 +679,7 @@ impl Config {
             log,
             integrations: Arc::new(integrations),
             secret_files: files.read.into_inner(),
+            text_hash: content_hash(text.as_bytes()),
         })
     }
 

@@ -15,7 +15,7 @@ reloads=${RELOADS:-3}
 url=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 dir=$(mktemp -d)
 prefix="cfgmem-$$"
-source "$(dirname "$0")/broker-cleanup.sh"
+source "$(dirname "$0")/stages.sh"
 cleanup() {
   delete_prefix "$prefix"
   rm -rf "$dir"
@@ -28,10 +28,7 @@ reloaded() {
 }
 for bin in "$@"; do
   cp "$dir/base.toml" "$dir/swallow.toml"
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  SWALLOW_HTTP_ADDR=127.0.0.1:$port RUST_LOG=error "$bin" --config "$dir/swallow.toml" &
-  pid=$!
-  for _ in $(seq 300); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
+  start_stage "$bin" "$dir/swallow.toml"
   sleep 5
   start="peak $(mib VmHWM "$pid") MiB, RSS $(mib VmRSS "$pid") MiB"
   for k in $(seq "$reloads"); do

@@ -16,14 +16,12 @@ url=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 prefix="idle-$$"
+source "$(dirname "$0")/stages.sh"
 python3 "$(dirname "$0")/many-integrations.py" "$dir/swallow.toml" "$n" "$url" "$prefix"
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 for round in $(seq "$rounds"); do
   for bin in "$@"; do
-    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-    SWALLOW_HTTP_ADDR=127.0.0.1:$port RUST_LOG=error "$bin" --config "$dir/swallow.toml" &
-    pid=$!
-    for _ in $(seq 300); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
+    start_stage "$bin" "$dir/swallow.toml"
     sleep 3 # past the start's own work
     before=$(cpu "$pid")
     sleep "$seconds"
@@ -33,5 +31,4 @@ for round in $(seq "$rounds"); do
     echo "round $round $bin: $(( after - before )) CPU ticks (1/100 s) in ${seconds} s idle with $n integrations; peak RSS $(( rss / 1024 )) MiB"
   done
 done
-source "$(dirname "$0")/broker-cleanup.sh"
 delete_prefix "$prefix"
