@@ -19,9 +19,14 @@ Usage (root, for tcpdump; standard library only):
   until grep -q 5/5 load.log; do sleep 0.2; done; kill %2
   python3 tests/bench/hops.py cap.pcap
 
+Or a capture of `swallow-load --latency-only --latency-rate R` (texts
+`load rK N`, counted as "half load": the rate given).
+
 Prints p50/p90/p99 per hop for the half-load window (texts `load N`) and
 for each sweep step (`load sK N`), and the same per half-second window of
-the half-load run where any event took over 60 ms (`--windows`).
+the half-load run where any event took over 60 ms (`--windows`, or
+`--windows=MS` for another bound). `--slow=MS`: of the half-load events
+that took over MS, which hop was the slowest, and the mean of each hop.
 """
 import collections
 import re
@@ -31,7 +36,7 @@ import sys
 AMQP = 5672
 HOPS = ["broker: event -> matcher", "matcher: event -> job", "broker: job -> deliverer", "deliverer: job -> POST"]
 SHORT = dict(zip(HOPS, ["broker(event)", "matcher", "broker(job)", "deliverer"]))
-TEXT = re.compile(rb"load[ +](?:s(\d)[ +])?(\d+)\b")
+TEXT = re.compile(rb"load[ +](?:([sr])(\d)[ +])?(\d+)\b")
 
 
 def packets(path):
@@ -76,7 +81,10 @@ def main():
     events = {}  # (step, n) -> [(hop, time)]
     for at, src, dst, payload in packets(path):
         for m in TEXT.finditer(payload):
-            key = (m.group(1), m.group(2))
+            # A sweep step's number, or None at half load (a round of
+            # `--latency-only` is at the rate it was given: "half load").
+            kind, number, n = m.groups()
+            key = (number if kind == b"s" else None, number if kind == b"r" else None, n)
             seen = events.setdefault(key, [])
             if seen and seen[-1][1] == at:
                 continue
@@ -85,9 +93,9 @@ def main():
                 seen.append((hop, at))
     groups = collections.defaultdict(lambda: collections.defaultdict(list))
     windows = collections.defaultdict(list)
-    starts = [s[0][1] for (step, _), s in events.items() if step is None and s]
+    starts = [s[0][1] for (step, _, _), s in events.items() if step is None and s]
     t0 = min(starts) if starts else 0
-    for (step, _), seen in events.items():
+    for (step, _, _), seen in events.items():
         if len(seen) < 5:
             continue
         name = "half load" if step is None else f"sweep step {int(step) + 1}"
@@ -107,11 +115,25 @@ def main():
         for hop in HOPS + ["total: publish -> POST"]:
             if groups[name][hop]:
                 print(f"  {hop:<26} {pct(groups[name][hop])}")
-    if "--windows" in sys.argv:
-        print("half-second windows of the half-load run with an event over 60 ms (p50 per hop, ms):")
+    slow_bound = next((float(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--slow=")), None)
+    if slow_bound is not None:
+        slow = [s for (step, _, _), s in events.items() if step is None and len(s) >= 5 and (s[-1][1] - s[0][1]) * 1000 > slow_bound]
+        slowest = collections.Counter()
+        spent = collections.defaultdict(float)
+        for s in slow:
+            hops = [((b - a) * 1000, hop) for (_, a), (hop, b) in zip(s, s[1:])]
+            slowest[max(hops)[1]] += 1
+            for took, hop in hops:
+                spent[hop] += took
+        print(f"half-load events over {slow_bound:g} ms: {len(slow)}; the slowest hop of each, and the mean per hop (ms):")
+        for hop in HOPS:
+            print(f"  {hop:<26} slowest in {slowest[hop]:6}  mean {spent[hop] / max(1, len(slow)):6.2f}")
+    if any(a.startswith("--windows") for a in sys.argv):
+        bound = next((float(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--windows=")), 60.0)
+        print(f"half-second windows of the half-load run with an event over {bound:g} ms (p50 per hop, ms):")
         for w in sorted(windows):
             seens = windows[w]
-            if max((s[-1][1] - s[0][1]) * 1000 for s in seens) <= 60:
+            if max((s[-1][1] - s[0][1]) * 1000 for s in seens) <= bound:
                 continue
             per = collections.defaultdict(list)
             for s in seens:
