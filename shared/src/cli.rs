@@ -105,16 +105,20 @@ pub fn fail(program: &str, error: impl Display) -> ExitCode {
 /// system within about a second, from a background thread, so that what
 /// parsing the configuration took at start and at each reload does not
 /// stay resident (BENCHMARKS.md, "Where a stage's memory goes").
+///
+/// A stage built with its `system-allocator` feature keeps glibc's malloc
+/// instead, for heap profilers that hook malloc (heaptrack:
+/// `tests/bench/heap.sh`); releases do not use it.
 #[macro_export]
 macro_rules! stage_allocator {
     () => {
-        #[cfg(not(target_env = "msvc"))]
+        #[cfg(not(any(target_env = "msvc", feature = "system-allocator")))]
         #[global_allocator]
         static ALLOCATOR: ::tikv_jemallocator::Jemalloc = ::tikv_jemallocator::Jemalloc;
 
         // jemalloc reads `const char *malloc_conf` (prefixed `_rjem_` by
         // tikv-jemalloc-sys): a NUL-terminated string.
-        #[cfg(not(target_env = "msvc"))]
+        #[cfg(not(any(target_env = "msvc", feature = "system-allocator")))]
         #[unsafe(export_name = "_rjem_malloc_conf")]
         static MALLOC_CONF: &[u8; 43] = b"background_thread:true,dirty_decay_ms:1000\0";
     };

@@ -7,7 +7,7 @@
 //! it, forcing connections closed), `stack` (`TestStack`), `collector`,
 //! `processes` (the real binaries, configs, metrics), `own_broker` (a private
 //! node), `relay` (a freezable relay), `timing` (waits and rate assertions),
-//! and the handler, chat and googlebot helpers.
+//! `tls` (a test CA), and the handler, chat and googlebot helpers.
 
 mod broker;
 pub mod cluster;
@@ -19,6 +19,7 @@ pub mod prometheus;
 mod relay;
 mod stack;
 mod timing;
+pub mod tls;
 
 pub use broker::*;
 pub use collector::*;

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use swallow_tests::cluster::*;
 use swallow_tests::handler::{Answer, HandlerServer};
+use swallow_tests::tls::TestCa;
 use swallow_tests::*;
 
 /// One channel-only integration that matches every event; limits out of
@@ -175,43 +176,6 @@ async fn a_publish_whose_confirm_never_comes_fails_after_two_heartbeats() {
         "given up after two heartbeats (6 s), took {took:?}"
     );
     let _ = tokio::time::timeout(Duration::from_secs(2), connection.close(200, "".into())).await;
-}
-
-/// A CA, and a certificate it signed for `names`, as PEM files in `dir`
-/// (`<stem>.pem`, `<stem>.key`); returns the CA's issuer to sign more.
-struct TestCa {
-    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
-}
-
-impl TestCa {
-    fn new(name: &str) -> TestCa {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
-        let key = rcgen::KeyPair::generate().unwrap();
-        TestCa {
-            issuer: rcgen::CertifiedIssuer::self_signed(params, key).unwrap(),
-        }
-    }
-
-    fn write(&self, dir: &std::path::Path, stem: &str) -> std::path::PathBuf {
-        let path = dir.join(format!("{stem}.pem"));
-        std::fs::write(&path, self.issuer.pem()).unwrap();
-        path
-    }
-
-    /// Signs a certificate for `names`; writes `<stem>.pem` and `<stem>.key`.
-    fn sign(&self, dir: &std::path::Path, stem: &str, names: &[&str]) -> (std::path::PathBuf, std::path::PathBuf) {
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let mut params = rcgen::CertificateParams::new(names).unwrap();
-        params.distinguished_name.push(rcgen::DnType::CommonName, stem);
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let (pem, key_path) = (dir.join(format!("{stem}.pem")), dir.join(format!("{stem}.key")));
-        std::fs::write(&pem, cert.pem()).unwrap();
-        std::fs::write(&key_path, key.serialize_pem()).unwrap();
-        (pem, key_path)
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -283,13 +283,15 @@ async fn ceiling(url: &str, seconds: u64, window: usize, size: usize) -> anyhow:
     Ok((rate, total))
 }
 
-/// A keep-alive handler that answers `{"text":"ok"}` (after `delay`) and
-/// records when each event (by its text) arrived.
-async fn handler(delay: Duration) -> (std::net::SocketAddr, Arc<Mutex<HashMap<String, u128>>>) {
+/// When each POST's text reached the handler (µs since the epoch).
+type Seen = Arc<Mutex<HashMap<String, u128>>>;
+
+/// The handler's routes: each POST's text noted in the returned map with
+/// when it arrived, answered `{"text":"ok"}` after `delay`.
+fn handler_app(delay: Duration) -> (axum::Router, Seen) {
     use axum::Router;
     use axum::body::Bytes;
     use axum::extract::State;
-    type Seen = Arc<Mutex<HashMap<String, u128>>>;
     let seen: Seen = Arc::new(Mutex::new(HashMap::new()));
     async fn handle(State((seen, delay)): State<(Seen, Duration)>, body: Bytes) -> impl axum::response::IntoResponse {
         let at = micros_now();
@@ -305,13 +307,61 @@ async fn handler(delay: Duration) -> (std::net::SocketAddr, Arc<Mutex<HashMap<St
             "{\"text\":\"ok\"}",
         )
     }
+    let app = Router::new().fallback(handle).with_state((seen.clone(), delay));
+    (app, seen)
+}
+
+/// A keep-alive handler on loopback (HTTP/1.1): its address, and when
+/// each POST's text arrived.
+async fn handler(delay: Duration) -> (std::net::SocketAddr, Seen) {
+    let (app, seen) = handler_app(delay);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = Router::new().fallback(handle).with_state((seen.clone(), delay));
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
     (addr, seen)
+}
+
+/// The same handler over TLS, speaking HTTP/2 only (ALPN `h2`, up to
+/// 20,000 streams at once on a connection), with a certificate for
+/// 127.0.0.1 signed by a test CA whose certificate is written to
+/// `dir/ca.pem` and returned, for the deliverer to trust (`SSL_CERT_FILE`).
+async fn handler_h2(delay: Duration, dir: &Path) -> anyhow::Result<(std::net::SocketAddr, Seen, PathBuf)> {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let ca = swallow_tests::tls::TestCa::new("swallow-load CA");
+    let ca_file = ca.write(dir, "ca");
+    let (cert, key) = ca.sign(dir, "handler", &["127.0.0.1"]);
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from_pem_file(&cert)?],
+            PrivateKeyDer::from_pem_file(&key)?,
+        )?;
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let (app, seen) = handler_app(delay);
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, service) = (acceptor.clone(), service.clone());
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .max_concurrent_streams(20_000)
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                }
+            });
+        }
+    });
+    Ok((addr, seen, ca_file))
 }
 
 /// `--bin-dir`, when given.
@@ -327,6 +377,8 @@ struct Stack {
     children: Vec<(String, tokio::process::Child, u16)>,
     dir: PathBuf,
     url: String,
+    /// Environment for the stages started from now on.
+    env: Vec<(String, String)>,
 }
 
 impl Stack {
@@ -356,6 +408,7 @@ impl Stack {
             children: Vec::new(),
             dir,
             url: url.to_owned(),
+            env: Vec::new(),
         };
         for stage in ["swallow-matcher", "swallow-deliverer", "swallow-responder"] {
             stack.add(stage).await?;
@@ -382,6 +435,19 @@ impl Stack {
         stages: &[&str],
         tables: &str,
     ) -> anyhow::Result<Stack> {
+        Self::start_at(url, &format!("http://{handler}"), name, concurrency, stages, tables).await
+    }
+
+    /// Like `start_configured`, with the handler at `handler_url` (a
+    /// scheme and an address, no path).
+    async fn start_at(
+        url: &str,
+        handler_url: &str,
+        name: &str,
+        concurrency: Option<usize>,
+        stages: &[&str],
+        tables: &str,
+    ) -> anyhow::Result<Stack> {
         let prefix = format!("load-{name}-{}", std::process::id());
         let dir = std::env::temp_dir().join(&prefix);
         std::fs::create_dir_all(&dir)?;
@@ -396,7 +462,7 @@ impl Stack {
                 "[broker]\nurl = \"{url}\"\nprefix = \"{prefix}\"\n[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n{limits}\
                  [responder]\nper_channel_per_second = 1000000.0\nper_channel_burst = 1000000\n{tables}\n\
                  [[integrations]]\nid = \"load\"\nteam_id = \"T0001\"\ntrigger_words = [\"load\"]\ntrigger_match = \"word\"\n\
-                 urls = [\"http://{handler}/load\"]\ntoken = \"t\"\nrate_limit = {{ per_second = 1000000.0, burst = 1000000 }}\n"
+                 urls = [\"{handler_url}/load\"]\ntoken = \"t\"\nrate_limit = {{ per_second = 1000000.0, burst = 1000000 }}\n"
             ),
         )?;
         let mut stack = Stack {
@@ -404,6 +470,7 @@ impl Stack {
             children: Vec::new(),
             dir,
             url: url.to_owned(),
+            env: Vec::new(),
         };
         for stage in stages {
             stack.add(stage).await?;
@@ -426,6 +493,7 @@ impl Stack {
             .arg(self.dir.join("swallow.toml"))
             .env("SWALLOW_HTTP_ADDR", format!("127.0.0.1:{port}"))
             .env("RUST_LOG", "error")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .kill_on_drop(true)
             .spawn()?;
         anyhow::ensure!(
@@ -667,8 +735,13 @@ async fn memory_step(
     rss: &mut serde_json::Map<String, serde_json::Value>,
     results: &mut serde_json::Map<String, serde_json::Value>,
 ) -> anyhow::Result<()> {
-    for (label, concurrency) in [("default_limits", None), ("all_at_once", Some(12_000))] {
-        let (hwm, in_flight_max, events) = memory(url, conn, concurrency).await?;
+    let cases = [
+        ("default_limits", None, Http::One),
+        ("all_at_once", Some(12_000), Http::One),
+        ("all_at_once_http2", Some(12_000), Http::Two),
+    ];
+    for (label, concurrency, http) in cases {
+        let (hwm, in_flight_max, events) = memory(url, conn, concurrency, http).await?;
         println!("    {label}: {events} events, at most {in_flight_max} HTTP attempts under way; peak RSS (MiB):");
         for (stage, peak, _) in &hwm {
             println!("      {stage}: {peak:.1}");
@@ -681,6 +754,15 @@ async fn memory_step(
     Ok(())
 }
 
+/// How the memory step's handler speaks.
+#[derive(Clone, Copy, PartialEq)]
+enum Http {
+    /// HTTP/1.1 without TLS: a connection per request under way.
+    One,
+    /// HTTP/2 over TLS (ALPN): the requests share a connection.
+    Two,
+}
+
 /// Queues 10,000 jobs (matcher only), then starts a deliverer on the
 /// backlog against a handler that answers after 1 s; returns each stage's
 /// peak RSS, the most attempts seen under way, and the events sent.
@@ -688,15 +770,33 @@ async fn memory(
     url: &str,
     conn: &Connection,
     concurrency: Option<usize>,
+    http: Http,
 ) -> anyhow::Result<(Vec<(String, f64, f64)>, f64, usize)> {
-    let (addr, seen) = handler(Duration::from_secs(1)).await;
-    let name = if concurrency.is_some() {
-        "mem-all"
-    } else {
-        "mem-default"
+    let delay = Duration::from_secs(1);
+    let certs = std::env::temp_dir().join(format!("swallow-load-tls-{}", std::process::id()));
+    let (handler_url, seen, ca_file) = match http {
+        Http::One => {
+            let (addr, seen) = handler(delay).await;
+            (format!("http://{addr}"), seen, None)
+        }
+        Http::Two => {
+            std::fs::create_dir_all(&certs)?;
+            let (addr, seen, ca_file) = handler_h2(delay, &certs).await?;
+            (format!("https://{addr}"), seen, Some(ca_file))
+        }
     };
-    let mut stack =
-        Stack::start_stages(url, addr, name, concurrency, &["swallow-matcher", "swallow-responder"]).await?;
+    let name = match (concurrency, http) {
+        (None, _) => "mem-default",
+        (Some(_), Http::One) => "mem-all",
+        (Some(_), Http::Two) => "mem-h2",
+    };
+    let stages = ["swallow-matcher", "swallow-responder"];
+    let mut stack = Stack::start_at(url, &handler_url, name, concurrency, &stages, "").await?;
+    if let Some(ca_file) = ca_file {
+        // The deliverer trusts the platform's roots, and these (rustls reads
+        // `SSL_CERT_FILE` on Linux).
+        stack.env.push(("SSL_CERT_FILE".into(), ca_file.display().to_string()));
+    }
     let topology = Topology::new(&stack.prefix);
     // A chat platform takes the replies.
     let _replies = listen_replies(url, &topology).await?;
@@ -730,6 +830,7 @@ async fn memory(
     }
     let hwm = stack.rss();
     stack.stop().await;
+    let _ = std::fs::remove_dir_all(&certs);
     Ok((hwm, in_flight_max, sent.len()))
 }
 
@@ -1216,6 +1317,31 @@ async fn log_cost(url: &str, seconds: u64, window: usize, rounds: usize) -> anyh
 mod tests {
     use super::*;
 
+    /// The memory step's HTTP/2 handler speaks HTTP/2 over TLS to a client
+    /// that trusts the CA it wrote, and notes each POST's text.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_http2_handler_answers_over_tls_in_http2() {
+        let dir = std::env::temp_dir().join(format!("swallow-load-h2-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (addr, seen, ca_file) = handler_h2(Duration::ZERO, &dir).await.unwrap();
+        let ca = reqwest::Certificate::from_pem(&std::fs::read(&ca_file).unwrap()).unwrap();
+        let client = reqwest::Client::builder().add_root_certificate(ca).build().unwrap();
+        let answer = client
+            .post(format!("https://{addr}/load"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body("text=load+h2+1")
+            .send()
+            .await
+            .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(answer.version(), reqwest::Version::HTTP_2, "negotiated by ALPN");
+        assert_eq!(answer.text().await.unwrap(), "{\"text\":\"ok\"}");
+        assert!(
+            seen.lock().unwrap().contains_key("load h2 1"),
+            "the POST's text was noted"
+        );
+    }
+
     /// Whether `queue` exists (a passive declare, on a channel of its own:
     /// a missing queue closes the channel).
     async fn exists(conn: &Connection, queue: &str) -> bool {
@@ -1258,6 +1384,7 @@ mod tests {
             children: Vec::new(),
             dir: std::env::temp_dir().join(&prefix),
             url: url.clone(),
+            env: Vec::new(),
         };
         drop(stack);
         for q in &queues {
