@@ -12,6 +12,7 @@
 # Usage: cargo build --release --workspace --bins && bash tests/bench/heap.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. tests/bench/stages.sh
 command -v heaptrack >/dev/null || { echo "heaptrack is not installed (apt-get install heaptrack)"; exit 1; }
 cargo build --release -p swallow-deliverer --features system-allocator --target-dir target/heap
 dir=$(mktemp -d)
@@ -22,11 +23,16 @@ printf '#!/bin/bash\nstack=$(basename "$(dirname "$2")")\nexec heaptrack -o %s/h
   "$dir" "$dir" "$dir" > "$dir/swallow-deliverer"
 chmod +x "$dir/swallow-deliverer"
 # (Into a file: the deliverers under heaptrack outlive swallow-load, holding its stdout.)
-"$dir/swallow-load" --memory-only --out "$dir/load.json" --plot "$dir/load.png" > "$dir/load.log"
+"$dir/swallow-load" --memory-only --out "$dir/load.json" --plot "$dir/load.png" > "$dir/load.log" &
+load=$!
+wait $load
 grep -A4 all_at_once "$dir/load.log"
-# swallow-load stops the wrappers; the deliverers under heaptrack stop on SIGTERM.
+# swallow-load stops the wrappers; the deliverers under heaptrack stop on
+# SIGTERM. Until then they may declare their queues again after swallow-load
+# deleted them: delete them once they are gone.
 pkill -TERM -f "$dir/swallow-deliverer.real" || true
 while pgrep -f "$dir/swallow-deliverer.real" >/dev/null; do sleep 1; done
+for stack in default all h2; do delete_prefix "load-mem-$stack-$load"; done
 sleep 2
 for case in all:all_at_once h2:all_at_once_http2; do
   stack=${case%%:*} label=${case#*:}

@@ -27,6 +27,9 @@ for each sweep step (`load sK N`), and the same per half-second window of
 the half-load run where any event took over 60 ms (`--windows`, or
 `--windows=MS` for another bound). `--slow=MS`: of the half-load events
 that took over MS, which hop was the slowest, and the mean of each hop.
+`--text=WORD`: events whose text starts with WORD instead of `load` (the
+failing-handlers step's healthy events are `ok N`; capture one of its
+runs only, their numbers start again in each).
 """
 import collections
 import re
@@ -36,7 +39,12 @@ import sys
 AMQP = 5672
 HOPS = ["broker: event -> matcher", "matcher: event -> job", "broker: job -> deliverer", "deliverer: job -> POST"]
 SHORT = dict(zip(HOPS, ["broker(event)", "matcher", "broker(job)", "deliverer"]))
-TEXT = re.compile(rb"load[ +](?:([sr])(\d)[ +])?(\d+)\b")
+
+
+def text_pattern(word):
+    """An event's text as the load generator writes it: `WORD N`, `WORD sK N`
+    (a sweep step) or `WORD rK N` (a round); `+` for spaces in a form body."""
+    return re.compile(rb"%s[ +](?:([sr])(\d)[ +])?(\d+)\b" % re.escape(word.encode()))
 
 
 def packets(path):
@@ -78,9 +86,10 @@ def hop_of(seen, src, dst, payload):
 
 def main():
     path = sys.argv[1]
-    events = {}  # (step, n) -> [(hop, time)]
+    text = text_pattern(next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--text=")), "load"))
+    events = {}  # (step, round, n) -> [(hop, time)]
     for at, src, dst, payload in packets(path):
-        for m in TEXT.finditer(payload):
+        for m in text.finditer(payload):
             # A sweep step's number, or None at half load (a round of
             # `--latency-only` is at the rate it was given: "half load").
             kind, number, n = m.groups()
