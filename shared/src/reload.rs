@@ -63,7 +63,7 @@ pub fn watch_config(config: &Config, metrics: CommonMetrics, shutdown: Cancellat
     let Some(path) = config.path.clone() else {
         return watched;
     };
-    let parsed = (config.text_hash, config.secret_files.clone());
+    let (parsed_hash, parsed_secrets) = (config.text_hash, config.secret_files.clone());
     tokio::spawn(async move {
         let mut last_bytes = tokio::fs::read(&path).await.ok();
         let mut last_error: Option<String> = None;
@@ -75,8 +75,8 @@ pub fn watch_config(config: &Config, metrics: CommonMetrics, shutdown: Cancellat
         // first check parses whatever it finds.
         let mut last_secrets: Option<Vec<(PathBuf, u64)>> = last_bytes
             .as_deref()
-            .is_some_and(|bytes| content_hash(bytes) == parsed.0)
-            .then_some(parsed.1);
+            .is_some_and(|bytes| content_hash(bytes) == parsed_hash)
+            .then_some(parsed_secrets);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,

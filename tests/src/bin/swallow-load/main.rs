@@ -325,15 +325,17 @@ async fn handler(delay: Duration) -> (std::net::SocketAddr, Seen) {
 
 /// The same handler over TLS, speaking HTTP/2 only (ALPN `h2`, up to
 /// 20,000 streams at once on a connection), with a certificate for
-/// 127.0.0.1 signed by a test CA whose certificate is written to
-/// `dir/ca.pem` and returned, for the deliverer to trust (`SSL_CERT_FILE`).
-async fn handler_h2(delay: Duration, dir: &Path) -> anyhow::Result<(std::net::SocketAddr, Seen, PathBuf)> {
+/// 127.0.0.1 signed by a test CA. The CA's certificate is written to a
+/// temporary directory of its own and its path returned, for the deliverer
+/// to trust (`SSL_CERT_FILE`); the caller removes the directory.
+async fn handler_h2(delay: Duration) -> anyhow::Result<(std::net::SocketAddr, Seen, PathBuf)> {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let dir = swallow_tests::tempdir("load-tls");
     let ca = swallow_tests::tls::TestCa::new("swallow-load CA");
-    let ca_file = ca.write(dir, "ca");
-    let (cert, key) = ca.sign(dir, "handler", &["127.0.0.1"]);
+    let ca_file = ca.write(&dir, "ca");
+    let (cert, key) = ca.sign(&dir, "handler", &["127.0.0.1"]);
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -773,15 +775,13 @@ async fn memory(
     http: Http,
 ) -> anyhow::Result<(Vec<(String, f64, f64)>, f64, usize)> {
     let delay = Duration::from_secs(1);
-    let certs = std::env::temp_dir().join(format!("swallow-load-tls-{}", std::process::id()));
     let (handler_url, seen, ca_file) = match http {
         Http::One => {
             let (addr, seen) = handler(delay).await;
             (format!("http://{addr}"), seen, None)
         }
         Http::Two => {
-            std::fs::create_dir_all(&certs)?;
-            let (addr, seen, ca_file) = handler_h2(delay, &certs).await?;
+            let (addr, seen, ca_file) = handler_h2(delay).await?;
             (format!("https://{addr}"), seen, Some(ca_file))
         }
     };
@@ -792,7 +792,7 @@ async fn memory(
     };
     let stages = ["swallow-matcher", "swallow-responder"];
     let mut stack = Stack::start_at(url, &handler_url, name, concurrency, &stages, "").await?;
-    if let Some(ca_file) = ca_file {
+    if let Some(ca_file) = &ca_file {
         // The deliverer trusts the platform's roots, and these (rustls reads
         // `SSL_CERT_FILE` on Linux).
         stack.env.push(("SSL_CERT_FILE".into(), ca_file.display().to_string()));
@@ -830,7 +830,9 @@ async fn memory(
     }
     let hwm = stack.rss();
     stack.stop().await;
-    let _ = std::fs::remove_dir_all(&certs);
+    if let Some(certs) = ca_file.as_deref().and_then(Path::parent) {
+        let _ = std::fs::remove_dir_all(certs);
+    }
     Ok((hwm, in_flight_max, sent.len()))
 }
 
@@ -1321,10 +1323,9 @@ mod tests {
     /// that trusts the CA it wrote, and notes each POST's text.
     #[tokio::test(flavor = "multi_thread")]
     async fn the_http2_handler_answers_over_tls_in_http2() {
-        let dir = std::env::temp_dir().join(format!("swallow-load-h2-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (addr, seen, ca_file) = handler_h2(Duration::ZERO, &dir).await.unwrap();
+        let (addr, seen, ca_file) = handler_h2(Duration::ZERO).await.unwrap();
         let ca = reqwest::Certificate::from_pem(&std::fs::read(&ca_file).unwrap()).unwrap();
+        let _ = std::fs::remove_dir_all(ca_file.parent().unwrap());
         let client = reqwest::Client::builder().add_root_certificate(ca).build().unwrap();
         let answer = client
             .post(format!("https://{addr}/load"))
@@ -1333,7 +1334,6 @@ mod tests {
             .send()
             .await
             .unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(answer.version(), reqwest::Version::HTTP_2, "negotiated by ALPN");
         assert_eq!(answer.text().await.unwrap(), "{\"text\":\"ok\"}");
         assert!(
