@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER, USER_AGENT};
-use http::{Request, Response, Uri};
+use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 
@@ -47,52 +47,21 @@ pub async fn attempt(
     job: &DeliveryJob,
     integration: &Integration,
 ) -> Attempted {
-    let invalid = |e: &dyn std::fmt::Display| Attempted {
-        outcome: Outcome::Blocked(format!("invalid URL {:?}: {e}", job.url)),
-        class: "blocked",
-        status: None,
+    // The request is built, and handed to the client, before the first
+    // await: what an attempt holds while it waits is the client's future,
+    // not the request's parts besides (see `exchange`).
+    let exchange = match prepare(policy, job, integration) {
+        Ok(request) => exchange(client, request),
+        Err(refused) => {
+            return Attempted {
+                outcome: Outcome::Blocked(refused),
+                class: "blocked",
+                status: None,
+            };
+        }
     };
-    // The integration's URLs were parsed with its configuration, and a job's
-    // URL is one of them as the matcher wrote it (`Url::as_str`, which parses
-    // back to the same URL), unless the configuration changed since: only
-    // then is it parsed here (about 6,000 instructions an attempt saved).
-    let parsed;
-    let url = match integration.urls.iter().find(|u| u.as_str() == job.url) {
-        Some(known) => known,
-        None => match url::Url::parse(&job.url) {
-            Ok(u) => {
-                parsed = u;
-                &parsed
-            }
-            Err(e) => return invalid(&e),
-        },
-    };
-    if let Err(blocked) = policy.check_url(url) {
-        return Attempted {
-            outcome: Outcome::Blocked(blocked.to_string()),
-            class: "blocked",
-            status: None,
-        };
-    }
-    // The parsed URL's normal form (IDNA, percent-encoding) is what is sent.
-    let uri = match url.as_str().parse::<Uri>() {
-        Ok(u) => u,
-        Err(e) => return invalid(&e),
-    };
-    let now_secs = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let post = request::build(job, integration, now_secs);
-    let mut request = Request::post(uri)
-        .header(USER_AGENT, HeaderValue::from_static(swallow_shared::USER_AGENT))
-        .header(ACCEPT, HeaderValue::from_static("*/*"))
-        .header(CONTENT_TYPE, HeaderValue::from_static(post.content_type))
-        .body(Full::new(Bytes::from(post.body)))
-        .expect("a parsed URI and static headers make a request");
-    request.headers_mut().extend(post.headers);
     // The timeout covers the whole exchange: connecting, sending, the answer's body.
-    match tokio::time::timeout(integration.timeout, exchange(client, request)).await {
+    match tokio::time::timeout(integration.timeout, exchange).await {
         Ok(Ok(attempted)) => attempted,
         Ok(Err(e)) => transport_error(&*e),
         Err(_) => Attempted {
@@ -106,41 +75,108 @@ pub async fn attempt(
     }
 }
 
+/// The job's POST, or why it may not be sent (its destination refused).
+fn prepare(
+    policy: &AddressPolicy,
+    job: &DeliveryJob,
+    integration: &Integration,
+) -> Result<Request<Full<Bytes>>, String> {
+    let invalid = |e: &dyn std::fmt::Display| format!("invalid URL {:?}: {e}", job.url);
+    // The integration's URLs were parsed with its configuration, and a job's
+    // URL is one of them as the matcher wrote it (`Url::as_str`, which parses
+    // back to the same URL), unless the configuration changed since: only
+    // then is it parsed here (about 6,000 instructions an attempt saved).
+    let parsed;
+    let url = match integration.urls.iter().find(|u| u.as_str() == job.url) {
+        Some(known) => known,
+        None => match url::Url::parse(&job.url) {
+            Ok(u) => {
+                parsed = u;
+                &parsed
+            }
+            Err(e) => return Err(invalid(&e)),
+        },
+    };
+    policy.check_url(url).map_err(|blocked| blocked.to_string())?;
+    // The parsed URL's normal form (IDNA, percent-encoding) is what is sent.
+    let uri = url.as_str().parse::<Uri>().map_err(|e| invalid(&e))?;
+    let now_secs = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let post = request::build(job, integration, now_secs);
+    let mut request = Request::post(uri)
+        .header(USER_AGENT, HeaderValue::from_static(swallow_shared::USER_AGENT))
+        .header(ACCEPT, HeaderValue::from_static("*/*"))
+        .header(CONTENT_TYPE, HeaderValue::from_static(post.content_type))
+        .body(Full::new(Bytes::from(post.body)))
+        .expect("a parsed URI and static headers make a request");
+    request.headers_mut().extend(post.headers);
+    Ok(request)
+}
+
 type ExchangeError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Sends the request and reads what the handler answered.
-async fn exchange(client: &HttpClient, request: Request<Full<Bytes>>) -> Result<Attempted, ExchangeError> {
-    let response = client.request(request).await?;
-    let status = response.status();
-    let retry_after = retry_after(response.headers());
-    let code = status.as_u16();
-    let class = match code {
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    };
-    if status.is_success() {
-        let answer = read_capped(response).await?.and_then(|bytes| parse_answer(&bytes));
-        return Ok(Attempted {
-            outcome: Outcome::Delivered { answer },
+///
+/// Not an `async fn`: one would keep the request (256 bytes) for as long
+/// as the exchange lasts, and an `async fn` keeps each argument twice
+/// (its own, and the local it is moved into). The request goes to the
+/// client at once; the future holds the client's (boxed) future, then the
+/// answer's status, headers it needs and body, each only while needed
+/// (BENCHMARKS.md, "A request under way: its futures' bytes").
+fn exchange(
+    client: &HttpClient,
+    request: Request<Full<Bytes>>,
+) -> impl Future<Output = Result<Attempted, ExchangeError>> + Send + use<> {
+    let sent = client.request(request);
+    async move {
+        let (status, retry_after, body) = head(sent.await?);
+        let code = status.as_u16();
+        let class = match code {
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        if status.is_success() {
+            let answer = match body {
+                Some(body) => read_capped(body).await?.and_then(|bytes| parse_answer(&bytes)),
+                None => None,
+            };
+            return Ok(Attempted {
+                outcome: Outcome::Delivered { answer },
+                class,
+                status: Some(code),
+            });
+        }
+        let outcome = if code == 410 {
+            Outcome::Gone
+        } else {
+            Outcome::Retry {
+                error: format!("HTTP {code}"),
+                retry_after: if code == 429 || code == 503 { retry_after } else { None },
+            }
+        };
+        Ok(Attempted {
+            outcome,
             class,
             status: Some(code),
-        });
+        })
     }
-    let outcome = if code == 410 {
-        Outcome::Gone
-    } else {
-        Outcome::Retry {
-            error: format!("HTTP {code}"),
-            retry_after: if code == 429 || code == 503 { retry_after } else { None },
-        }
-    };
-    Ok(Attempted {
-        outcome,
-        class,
-        status: Some(code),
-    })
+}
+
+/// What the exchange needs of an answer's head: its status, its
+/// `Retry-After`, and its body unless it declares more than
+/// [`MAX_ANSWER_BYTES`] (`None`, read as no answer).
+fn head(response: Response<Incoming>) -> (StatusCode, Option<Duration>, Option<Incoming>) {
+    let (parts, body) = response.into_parts();
+    let declared = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let body = declared.is_none_or(|n| n <= MAX_ANSWER_BYTES as u64).then_some(body);
+    (parts.status, retry_after(&parts.headers), body)
 }
 
 fn transport_error(e: &(dyn std::error::Error + 'static)) -> Attempted {
@@ -174,15 +210,7 @@ fn transport_error(e: &(dyn std::error::Error + 'static)) -> Attempted {
 }
 
 /// The body, or `None` when it is larger than [`MAX_ANSWER_BYTES`].
-async fn read_capped(response: Response<Incoming>) -> Result<Option<Vec<u8>>, hyper::Error> {
-    let declared = response
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_ANSWER_BYTES as u64) {
-        return Ok(None);
-    }
-    let mut incoming = response.into_body();
+async fn read_capped(mut incoming: Incoming) -> Result<Option<Vec<u8>>, hyper::Error> {
     let mut body = Vec::new();
     while let Some(frame) = incoming.frame().await {
         if let Ok(chunk) = frame?.into_data() {

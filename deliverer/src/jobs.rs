@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt as _;
+use futures_util::future::Either;
 use lapin::message::Delivery;
 
 use swallow_shared::broker::{ConfirmedPublisher, SessionError};
@@ -29,68 +31,92 @@ use crate::{Context, guard, notice};
 const BUSY_WAIT: Duration = Duration::from_millis(800);
 
 /// Handles one delivery of a job, from its bytes to its ack.
-pub(crate) async fn handle(
+///
+/// An `async move` block, not an `async fn`, here and in `attempt_admitted`:
+/// an `async fn` keeps each argument twice for as long as it runs (its own,
+/// and the local it is moved into), and a delivery is 432 bytes, a job 448
+/// (BENCHMARKS.md, "A request under way: its futures' bytes").
+#[allow(clippy::manual_async_fn, reason = "an async fn keeps each argument twice")]
+pub(crate) fn handle(
     delivery: Delivery,
     ctx: Arc<Context>,
     publisher: ConfirmedPublisher,
     settler: Settler,
-) -> Result<(), SessionError> {
-    let noticed = AtomicBool::new(false);
-    let settled = lifecycle::handle(
-        &delivery,
-        &settler,
-        &publisher,
-        &ctx.topology,
-        |job: &DeliveryJob| {
-            let integrations = ctx.integrations.borrow();
-            lifecycle::slot_leeway(job, integrations.get(&job.integration_id).map(|i| &i.rate_limit))
-        },
-        |job| async {
-            let (disposition, with_notice) = notice::attach(&ctx, decide(job, &ctx).await);
-            noticed.store(with_notice, Ordering::Relaxed);
-            disposition
-        },
-        |opened| record_unattempted(&ctx, opened),
-    )
-    .await?;
-    ctx.metrics.count(settled);
-    if noticed.load(Ordering::Relaxed) {
-        ctx.metrics.notices.inc();
+) -> impl Future<Output = Result<(), SessionError>> + Send + 'static {
+    async move {
+        let noticed = AtomicBool::new(false);
+        let settled = lifecycle::handle(
+            &delivery,
+            &settler,
+            &publisher,
+            &ctx.topology,
+            |job: &DeliveryJob| {
+                let integrations = ctx.integrations.borrow();
+                lifecycle::slot_leeway(job, integrations.get(&job.integration_id).map(|i| &i.rate_limit))
+            },
+            |job| {
+                decide(job, &ctx).map(|decided| {
+                    let (disposition, with_notice) = notice::attach(&ctx, decided);
+                    noticed.store(with_notice, Ordering::Relaxed);
+                    disposition
+                })
+            },
+            |opened| record_unattempted(&ctx, opened),
+        )
+        .await?;
+        ctx.metrics.count(settled);
+        if noticed.load(Ordering::Relaxed) {
+            ctx.metrics.notices.inc();
+        }
+        Ok(())
     }
-    Ok(())
 }
 
-async fn decide(job: DeliveryJob, ctx: &Context) -> Disposition<DeliveryJob> {
-    let (mut job, integration) = match admit(job, ctx) {
-        ControlFlow::Continue(admitted) => admitted,
+/// The deliverer's decision on a job: settled by its checks at once, or
+/// after an attempt.
+fn decide(job: DeliveryJob, ctx: &Context) -> impl Future<Output = Disposition<DeliveryJob>> + Send + '_ {
+    match admit(job, ctx) {
+        ControlFlow::Continue((job, integration)) => Either::Left(attempt_admitted(job, integration, ctx)),
         ControlFlow::Break(settled) => {
             record_unattempted(ctx, &settled);
-            return settled;
+            Either::Right(std::future::ready(settled))
         }
-    };
-    // Isolation: an integration that has its share of the attempt permits
-    // under way waits its turn on the ladder (see `permits`).
-    let Ok(permit) = ctx.permits.acquire(&integration.id).await else {
-        job.retry.hold_token_for(BUSY_WAIT, now_millis()); // it already paid its token
-        return Disposition::park(job, BUSY_WAIT, ParkReason::Busy);
-    };
-    let attempted = {
-        let _permit = permit;
-        let _under_way = GaugeHold::new(&ctx.metrics.in_flight);
-        let started = Instant::now();
-        let attempted = attempt::attempt(&ctx.client, &ctx.policy, &job, &integration).await;
-        (attempted, started.elapsed())
-    };
-    let (attempted, took) = attempted;
-    ctx.metrics.duration.observe(took.as_secs_f64());
-    ctx.metrics.attempts.with_label_values(&[attempted.class]).inc();
-    guard::record(ctx, &job, &integration, &attempted);
-    // The record counts this attempt (the job's count goes up in `after_attempt`).
-    let mut step = LogRecord::job(Step::Delivered, &job).with_attempt(attempted.status, attempted.class, took);
-    step.attempt = Some(job.retry.attempt + 1);
-    let disposition = after_attempt(ctx, job, &integration, attempted);
-    record_attempt(ctx, step, &disposition);
-    disposition
+    }
+}
+
+/// An admitted job's attempt, once it has its share of the permits, and
+/// what the attempt means.
+#[allow(clippy::manual_async_fn, reason = "an async fn keeps each argument twice")]
+fn attempt_admitted(
+    mut job: DeliveryJob,
+    integration: Arc<Integration>,
+    ctx: &Context,
+) -> impl Future<Output = Disposition<DeliveryJob>> + Send + '_ {
+    async move {
+        // Isolation: an integration that has its share of the attempt permits
+        // under way waits its turn on the ladder (see `permits`).
+        let Ok(permit) = ctx.permits.acquire(&integration.id).await else {
+            job.retry.hold_token_for(BUSY_WAIT, now_millis()); // it already paid its token
+            return Disposition::park(job, BUSY_WAIT, ParkReason::Busy);
+        };
+        let attempted = {
+            let _permit = permit;
+            let _under_way = GaugeHold::new(&ctx.metrics.in_flight);
+            let started = Instant::now();
+            let attempted = attempt::attempt(&ctx.client, &ctx.policy, &job, &integration).await;
+            (attempted, started.elapsed())
+        };
+        let (attempted, took) = attempted;
+        ctx.metrics.duration.observe(took.as_secs_f64());
+        ctx.metrics.attempts.with_label_values(&[attempted.class]).inc();
+        guard::record(ctx, &job, &integration, &attempted);
+        // The record counts this attempt (the job's count goes up in `after_attempt`).
+        let mut step = LogRecord::job(Step::Delivered, &job).with_attempt(attempted.status, attempted.class, took);
+        step.attempt = Some(job.retry.attempt + 1);
+        let disposition = after_attempt(ctx, job, &integration, attempted);
+        record_attempt(ctx, step, &disposition);
+        disposition
+    }
 }
 
 /// The delivery log's record of an attempt: delivered, retried or dead.
@@ -201,5 +227,32 @@ fn after_attempt(
             };
             lifecycle::retry_or_dead(job, &ctx.schedule, integration.into(), failure)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future `f` returns, from its type alone.
+    fn future_size<F: Fn(A, B) -> R, A, B, R>(_: &F) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    fn future_size4<F: Fn(A, B, C, D) -> R, A, B, C, D, R>(_: &F) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// Every request under way holds these two futures (boxed): written as
+    /// `async fn`s they kept the delivery and the job twice or three times,
+    /// 2,496 and 2,384 bytes (BENCHMARKS.md, "A request under way: its
+    /// futures' bytes"). The bounds leave room for the libraries' types to
+    /// grow a little, not for a second copy of a job (448 bytes).
+    #[test]
+    fn a_request_under_way_holds_its_delivery_and_its_job_once() {
+        let task = future_size4(&handle);
+        let decision = future_size(&decide);
+        assert!(task <= 1_700, "the delivery's task is {task} bytes");
+        assert!(decision <= 1_150, "the decision is {decision} bytes");
     }
 }

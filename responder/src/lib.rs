@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use std::ops::ControlFlow;
 
+use futures_util::future::Either;
 use lapin::Connection;
 use lapin::message::Delivery;
 use tokio::sync::watch;
@@ -179,38 +180,49 @@ pub fn outbound<'a>(reply: &'a ReplyJob, integration: Option<&'a Integration>) -
     }
 }
 
-async fn handle(
+/// Handles one delivery of a reply, from its bytes to its ack.
+///
+/// An `async move` block, not an `async fn`, here and in `post`: an
+/// `async fn` keeps each argument twice for as long as it runs (its own,
+/// and the local it is moved into).
+#[allow(clippy::manual_async_fn, reason = "an async fn keeps each argument twice")]
+fn handle(
     delivery: Delivery,
     ctx: Arc<Context>,
     publisher: ConfirmedPublisher,
     settler: Settler,
     chat: Arc<MatchedReturns>,
-) -> Result<(), SessionError> {
-    let settled = lifecycle::handle(
-        &delivery,
-        &settler,
-        &publisher,
-        &ctx.topology,
-        |reply| lifecycle::slot_leeway(reply, Some(&ctx.pace)),
-        |reply| decide(reply, &ctx, &chat),
-        |opened| record_failure(&ctx, opened, None),
-    )
-    .await?;
-    ctx.metrics.count(settled);
-    Ok(())
+) -> impl Future<Output = Result<(), SessionError>> + Send + 'static {
+    async move {
+        let settled = lifecycle::handle(
+            &delivery,
+            &settler,
+            &publisher,
+            &ctx.topology,
+            |reply| lifecycle::slot_leeway(reply, Some(&ctx.pace)),
+            |reply| decide(reply, &ctx, &chat),
+            |opened| record_failure(&ctx, opened, None),
+        )
+        .await?;
+        ctx.metrics.count(settled);
+        Ok(())
+    }
 }
 
 /// The responder's own part of a reply's life: its channel's pace, then
 /// the post and what the sink's answer means.
-async fn decide(reply: ReplyJob, ctx: &Context, chat: &MatchedReturns) -> Disposition<ReplyJob> {
-    let reply = match admit(reply, ctx) {
-        ControlFlow::Continue(reply) => reply,
+fn decide<'a>(
+    reply: ReplyJob,
+    ctx: &'a Context,
+    chat: &'a MatchedReturns,
+) -> impl Future<Output = Disposition<ReplyJob>> + Send + 'a {
+    match admit(reply, ctx) {
+        ControlFlow::Continue(reply) => Either::Left(post(reply, ctx, chat)),
         ControlFlow::Break(settled) => {
             record_failure(ctx, &settled, None);
-            return settled;
+            Either::Right(std::future::ready(settled))
         }
-    };
-    post(reply, ctx, chat).await
+    }
 }
 
 /// The delivery log's record of a reply that failed for good or waits for
@@ -247,36 +259,43 @@ fn admit(reply: ReplyJob, ctx: &Context) -> Next<ReplyJob> {
     take_turn(reply, &ctx.limiter, &key, &ctx.pace, now, deadline)
 }
 
-async fn post(mut reply: ReplyJob, ctx: &Context, chat: &MatchedReturns) -> Disposition<ReplyJob> {
-    let integrations = ctx.integrations.borrow().clone();
-    let out = outbound(&reply, integrations.get(&reply.integration_id).map(|i| i.as_ref()));
-    let started = Instant::now();
-    let posted = ctx.sink.post(&out, chat, ctx.timeout).await;
-    let took = started.elapsed();
-    ctx.metrics.post_duration.observe(took.as_secs_f64());
-    reply.retry.attempt += 1;
-    let disposition = match posted {
-        Posted::Ok => {
-            if let Some(ts_ms) = swallow_shared::event::ts_to_millis(&reply.in_reply_to) {
-                let latency = now_millis().saturating_sub(ts_ms);
-                ctx.metrics.end_to_end.observe(latency as f64 / 1000.0);
+#[allow(clippy::manual_async_fn, reason = "an async fn keeps each argument twice")]
+fn post<'a>(
+    mut reply: ReplyJob,
+    ctx: &'a Context,
+    chat: &'a MatchedReturns,
+) -> impl Future<Output = Disposition<ReplyJob>> + Send + 'a {
+    async move {
+        let integrations = ctx.integrations.borrow().clone();
+        let out = outbound(&reply, integrations.get(&reply.integration_id).map(|i| i.as_ref()));
+        let started = Instant::now();
+        let posted = ctx.sink.post(&out, chat, ctx.timeout).await;
+        let took = started.elapsed();
+        ctx.metrics.post_duration.observe(took.as_secs_f64());
+        reply.retry.attempt += 1;
+        let disposition = match posted {
+            Posted::Ok => {
+                if let Some(ts_ms) = swallow_shared::event::ts_to_millis(&reply.in_reply_to) {
+                    let latency = now_millis().saturating_sub(ts_ms);
+                    ctx.metrics.end_to_end.observe(latency as f64 / 1000.0);
+                }
+                ctx.log
+                    .record(LogRecord::reply(Step::ReplyPosted, &reply).with_duration(took));
+                Disposition::Done
             }
-            ctx.log
-                .record(LogRecord::reply(Step::ReplyPosted, &reply).with_duration(took));
-            Disposition::Done
-        }
-        Posted::Rejected { error } => Disposition::dead(reply, DeadReason::Rejected, error),
-        Posted::Retry { error, retry_after } => {
-            let failure = Failure {
-                error,
-                retry_after,
-                status: None,
-            };
-            lifecycle::retry_or_dead(reply, &ctx.schedule, ctx.limits, failure)
-        }
-    };
-    record_failure(ctx, &disposition, Some(took));
-    disposition
+            Posted::Rejected { error } => Disposition::dead(reply, DeadReason::Rejected, error),
+            Posted::Retry { error, retry_after } => {
+                let failure = Failure {
+                    error,
+                    retry_after,
+                    status: None,
+                };
+                lifecycle::retry_or_dead(reply, &ctx.schedule, ctx.limits, failure)
+            }
+        };
+        record_failure(ctx, &disposition, Some(took));
+        disposition
+    }
 }
 
 #[cfg(test)]

@@ -469,12 +469,19 @@ where
     // The stage's decision and the carrying out are boxed, each only while
     // under way: a job then holds the state of the step it is in, not room
     // for the largest step (the attempt, the confirmed publish) throughout.
-    let disposition = match open::<J>(&delivery.data, leeway).await {
-        ControlFlow::Continue(job) => Box::pin(decide(job)).await,
+    // Nothing is awaited inside the match on the opened job: the `Step`
+    // it matches (528 bytes in the deliverer) would be kept through that
+    // await, and, being kept through two, in every state of this future.
+    let next = match open::<J>(&delivery.data, leeway).await {
+        ControlFlow::Continue(job) => Ok(Box::pin(decide(job))),
         ControlFlow::Break(settled) => {
             opened(&settled);
-            settled
+            Err(Box::pin(carry_out(settler, settled, publisher, topology)))
         }
+    };
+    let disposition = match next {
+        Ok(deciding) => deciding.await,
+        Err(carrying) => return carrying.await,
     };
     Box::pin(carry_out(settler, disposition, publisher, topology)).await
 }
