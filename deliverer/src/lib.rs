@@ -15,6 +15,7 @@
 
 mod attempt;
 pub mod circuit;
+pub mod connection;
 pub mod destination;
 mod guard;
 mod jobs;
@@ -48,6 +49,7 @@ use swallow_shared::{Config, Integrations, Stage, Topology};
 
 pub use attempt::{MAX_ANSWER_BYTES, Outcome, parse_answer};
 use circuit::Circuits;
+use connection::Boxed;
 use destination::{AddressPolicy, GuardedResolver};
 use metrics::DelivererMetrics;
 use permits::AttemptPermits;
@@ -69,7 +71,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Deli
 }
 
 /// The HTTP client for handlers.
-pub type HttpClient = hyper_util::client::legacy::Client<HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>>;
+pub type HttpClient =
+    hyper_util::client::legacy::Client<Boxed<HttpsConnector<HttpConnector<GuardedResolver>>>, Full<Bytes>>;
 
 /// The HTTP client for handlers: HTTP/1.1, or HTTP/2 where a TLS handler
 /// offers it; a keep-alive pool, no redirects, no proxy, the SSRF guard in
@@ -85,25 +88,32 @@ pub type HttpClient = hyper_util::client::legacy::Client<HttpsConnector<HttpConn
 /// memory per attempt (BENCHMARKS.md, "The HTTP client").
 pub fn http_client(policy: &AddressPolicy, max_idle_per_host: usize) -> Result<HttpClient, rustls::Error> {
     use rustls_platform_verifier::BuilderVerifierExt as _;
-    let mut http = HttpConnector::new_with_resolver(GuardedResolver::new(policy.clone()));
-    http.enforce_http(false);
-    http.set_nodelay(true);
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
         .with_safe_default_protocol_versions()?
         .with_platform_verifier()?
         .with_no_client_auth();
+    Ok(http_client_with(policy, max_idle_per_host, tls))
+}
+
+/// [`http_client`] with the TLS configuration given (its roots, say) in
+/// place of the platform's; it offers HTTP/2 and HTTP/1.1 by ALPN whatever
+/// `tls` says.
+pub fn http_client_with(policy: &AddressPolicy, max_idle_per_host: usize, tls: rustls::ClientConfig) -> HttpClient {
+    let mut http = HttpConnector::new_with_resolver(GuardedResolver::new(policy.clone()));
+    http.enforce_http(false);
+    http.set_nodelay(true);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .enable_http2()
         .wrap_connector(http);
-    Ok(hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(max_idle_per_host)
-        .build(https))
+        .build(Boxed(https))
 }
 
 /// Starts the deliverer and returns once its listener is bound.

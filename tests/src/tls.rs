@@ -41,3 +41,71 @@ impl TestCa {
         (pem, key_path)
     }
 }
+
+/// A server speaking HTTP/2 only, over TLS (ALPN `h2`), on 127.0.0.1: see
+/// [`serve_h2`].
+pub struct H2Server {
+    pub addr: std::net::SocketAddr,
+    /// The PEM file of the CA that signed the server's certificate.
+    pub ca_file: PathBuf,
+    /// How many TCP connections it has accepted.
+    pub connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Serves `service` over TLS in HTTP/2 only (ALPN `h2`, up to 20,000
+/// streams at once on a connection), with a certificate for 127.0.0.1
+/// signed by a CA of its own, whose certificate it writes to `dir` for the
+/// clients that must trust it (`SSL_CERT_FILE`, or a root store).
+pub async fn serve_h2<S, B>(service: S, dir: &Path) -> anyhow::Result<H2Server>
+where
+    S: hyper::service::Service<hyper::Request<hyper::body::Incoming>, Response = hyper::Response<B>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use std::sync::atomic::Ordering;
+    let ca = TestCa::new("swallow test h2 CA");
+    let ca_file = ca.write(dir, "h2-ca");
+    let (cert, key) = ca.sign(dir, "h2-server", &["127.0.0.1"]);
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from_pem_file(&cert)?],
+            PrivateKeyDer::from_pem_file(&key)?,
+        )?;
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let accepted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            accepted.fetch_add(1, Ordering::SeqCst);
+            let (acceptor, service) = (acceptor.clone(), service.clone());
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .max_concurrent_streams(20_000)
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                }
+            });
+        }
+    });
+    Ok(H2Server {
+        addr,
+        ca_file,
+        connections,
+    })
+}

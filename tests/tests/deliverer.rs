@@ -639,3 +639,69 @@ async fn a_waiting_retry_survives_sigkill_and_replay_brings_dead_jobs_back() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A handler that speaks HTTP/2 over TLS gets the deliverer's requests in
+/// HTTP/2, many at once over one connection: the client learns what the
+/// connection speaks (ALPN) through its connector's boxed stream, and the
+/// stream carries the whole exchange.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_handler_gets_its_requests_over_one_connection() {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    use std::sync::atomic::Ordering;
+    use std::sync::{Arc, Mutex};
+    const AT_ONCE: usize = 50;
+    let dir = tempdir("dlv-h2");
+    let versions = Arc::new(Mutex::new(Vec::new()));
+    let seen = versions.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |request: axum::extract::Request| async move {
+            seen.lock().unwrap().push(request.version());
+            "{\"text\":\"ok\"}"
+        }),
+    );
+    let server = swallow_tests::tls::serve_h2(hyper_util::service::TowerToHyperService::new(app), &dir)
+        .await
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(&server.ca_file).unwrap())
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let allow_loopback = swallow_deliverer::destination::AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]);
+    let client = swallow_deliverer::http_client_with(&allow_loopback, 4, tls);
+    let post = |i: usize| {
+        let request = hyper::Request::post(format!("https://{}/hook", server.addr))
+            .body(http_body_util::Full::new(bytes::Bytes::from(format!("text={i}"))))
+            .unwrap();
+        client.request(request)
+    };
+    // The first request opens the connection; the rest share it at once.
+    let first = tokio::time::timeout(T, post(0))
+        .await
+        .expect("the first request is answered within 30 s")
+        .expect("the first request is answered");
+    assert_eq!(first.version(), hyper::Version::HTTP_2, "ALPN chose HTTP/2");
+    let rest = tokio::time::timeout(T, futures_util::future::join_all((1..=AT_ONCE).map(post)))
+        .await
+        .expect("the requests are answered within 30 s");
+    for answer in rest {
+        let answer = answer.expect("each request is answered");
+        assert_eq!(answer.status(), 200);
+        assert_eq!(answer.version(), hyper::Version::HTTP_2);
+    }
+    let versions = versions.lock().unwrap().clone();
+    assert_eq!(versions.len(), AT_ONCE + 1, "the handler saw every request");
+    assert!(versions.iter().all(|v| *v == hyper::Version::HTTP_2), "{versions:?}");
+    assert_eq!(
+        server.connections.load(Ordering::SeqCst),
+        1,
+        "every request went over the first one's connection"
+    );
+}

@@ -323,47 +323,16 @@ async fn handler(delay: Duration) -> (std::net::SocketAddr, Seen) {
     (addr, seen)
 }
 
-/// The same handler over TLS, speaking HTTP/2 only (ALPN `h2`, up to
-/// 20,000 streams at once on a connection), with a certificate for
-/// 127.0.0.1 signed by a test CA. The CA's certificate is written to a
+/// The same handler over TLS, speaking HTTP/2 only
+/// (`swallow_tests::tls::serve_h2`). The CA's certificate is written to a
 /// temporary directory of its own and its path returned, for the deliverer
 /// to trust (`SSL_CERT_FILE`); the caller removes the directory.
 async fn handler_h2(delay: Duration) -> anyhow::Result<(std::net::SocketAddr, Seen, PathBuf)> {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let dir = swallow_tests::tempdir("load-tls");
-    let ca = swallow_tests::tls::TestCa::new("swallow-load CA");
-    let ca_file = ca.write(&dir, "ca");
-    let (cert, key) = ca.sign(&dir, "handler", &["127.0.0.1"]);
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![CertificateDer::from_pem_file(&cert)?],
-            PrivateKeyDer::from_pem_file(&key)?,
-        )?;
-    tls.alpn_protocols = vec![b"h2".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let (app, seen) = handler_app(delay);
     let service = hyper_util::service::TowerToHyperService::new(app);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, service) = (acceptor.clone(), service.clone());
-            tokio::spawn(async move {
-                if let Ok(tls) = acceptor.accept(tcp).await {
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .max_concurrent_streams(20_000)
-                        .serve_connection(TokioIo::new(tls), service)
-                        .await;
-                }
-            });
-        }
-    });
-    Ok((addr, seen, ca_file))
+    let server = swallow_tests::tls::serve_h2(service, &dir).await?;
+    Ok((server.addr, seen, server.ca_file))
 }
 
 /// `--bin-dir`, when given.
