@@ -131,8 +131,18 @@ pub fn silence_bound(heartbeat_s: u16) -> Duration {
     }
 }
 
+/// The largest frame a stage asks the broker for, unless the URL sets its
+/// own `?frame_max=`. lapin keeps room for 32 frames to read and 32 to
+/// write on every connection: 4 MiB each way at RabbitMQ's default of
+/// 128 KiB, touched as the messages stream through, where swallow's
+/// messages are a few KiB; a larger one (a reply of up to 1 MiB) goes in
+/// several frames. At 16 KiB the room is 512 KiB each way (BENCHMARKS.md,
+/// "Smaller AMQP frames").
+pub const FRAME_MAX: u32 = 16 * 1024;
+
 /// Opens a connection to one address, with the configured heartbeat (unless
-/// the URL sets its own `?heartbeat=`) and, for `amqps://`, the configured
+/// the URL sets its own `?heartbeat=`), frames of at most [`FRAME_MAX`]
+/// (unless it sets `?frame_max=`) and, for `amqps://`, the configured
 /// CA and client certificate. Its `connection_name` (shown by `rabbitmqctl
 /// list_connections name client_properties`) identifies the stage.
 pub async fn connect_to(url: &str, broker: &BrokerConfig, connection_name: &str) -> Result<Connection, ConnectError> {
@@ -142,6 +152,7 @@ pub async fn connect_to(url: &str, broker: &BrokerConfig, connection_name: &str)
         message,
     })?;
     uri.query.heartbeat.get_or_insert(broker.heartbeat_s);
+    uri.query.frame_max.get_or_insert(FRAME_MAX);
     let tls = match uri.scheme {
         AMQPScheme::AMQPS => tls_config(broker).map_err(|(what, path, source)| ConnectError::TlsFile {
             url: shown.clone(),

@@ -547,3 +547,59 @@ async fn a_three_node_cluster_loses_nothing_when_nodes_fail_under_load() {
     drop(cluster);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A stage's connection asks for frames of at most 16 KiB (lapin keeps room
+/// for 32 of them each way on every connection), unless the URL sets its
+/// own `frame_max`; a message many frames long still goes through whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_ask_for_small_frames_unless_the_url_sets_them() {
+    use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+    use swallow_shared::broker;
+    let url = broker_url().await;
+    let parse =
+        |url: &str| swallow_shared::config::Config::parse(&format!("[broker]\nurl = \"{url}\"\n"), None).unwrap();
+    let small = broker::connect(&parse(&url).broker, "swallow-test frames")
+        .await
+        .unwrap();
+    assert_eq!(small.configuration().frame_max(), broker::FRAME_MAX);
+    let set = format!("{url}{}frame_max=65536", if url.contains('?') { '&' } else { '?' });
+    let large = broker::connect(&parse(&set).broker, "swallow-test frames set")
+        .await
+        .unwrap();
+    assert_eq!(large.configuration().frame_max(), 65_536, "the URL's frame_max is kept");
+    drop(large);
+
+    // An exclusive queue: the broker deletes it with the connection.
+    let channel = small.create_channel().await.unwrap();
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let options = QueueDeclareOptions {
+        exclusive: true,
+        ..Default::default()
+    };
+    let queue = channel
+        .queue_declare("".into(), options, Default::default())
+        .await
+        .unwrap();
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    channel
+        .basic_publish(
+            "".into(),
+            queue.name().as_str().into(),
+            BasicPublishOptions::default(),
+            &body,
+            Default::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let got = channel
+        .basic_get(queue.name().as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the message is in the queue");
+    assert!(
+        got.delivery.data == body,
+        "a 300,000-byte message, 19 frames, comes back whole"
+    );
+}
