@@ -5,8 +5,9 @@
 //! large as the connection's own task, which holds the connection's stream
 //! by value: a TLS stream is 1,104 bytes. [`Boxed`] wraps the connector so
 //! that the stream lives in a box of its own, once per connection, and
-//! every such task and the client's request future are smaller by that
-//! much (BENCHMARKS.md, "A connection behind one pointer").
+//! every such task is smaller by that much (BENCHMARKS.md, "A connection
+//! behind one pointer"; hyper-util's request future does not hold the
+//! stream and is unchanged).
 
 use std::io;
 use std::pin::Pin;
