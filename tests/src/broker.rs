@@ -20,7 +20,8 @@ pub fn delete_declared_blocking(url: &str, queues: Vec<String>, exchanges: Vec<S
             .enable_all()
             .build()
             .ok()?;
-        runtime.block_on(async move {
+        // Bounded: a drop must not hang the test on a broker that is gone.
+        let delete = async move {
             let conn = Connection::connect(&url, ConnectionProperties::default()).await.ok()?;
             let ch = conn.create_channel().await.ok()?;
             for q in queues {
@@ -31,7 +32,10 @@ pub fn delete_declared_blocking(url: &str, queues: Vec<String>, exchanges: Vec<S
             }
             let _ = conn.close(200, "".into()).await;
             Some(())
-        })
+        };
+        runtime
+            .block_on(tokio::time::timeout(Duration::from_secs(30), delete))
+            .ok()?
     })
     .join();
 }

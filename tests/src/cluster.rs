@@ -75,6 +75,13 @@ impl LoggedStage {
     }
 }
 
+/// How long a `rabbitmqctl` query may take: one against a frozen node
+/// would never return.
+const CTL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a node may take to stop.
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// A private RabbitMQ node on free ports, with extra `rabbitmq.conf` lines.
 /// Stopped (and its directory deleted) on drop.
 pub struct Node {
@@ -87,11 +94,16 @@ pub struct Node {
 impl Node {
     /// Prepares a node named `<stem><n>@localhost` (not started).
     pub fn new(stem: &str, n: usize, extra_conf: &str) -> anyhow::Result<Node> {
+        Self::with_plugins(stem, n, &[], extra_conf)
+    }
+
+    /// As [`Node::new`], with `plugins` enabled.
+    pub fn with_plugins(stem: &str, n: usize, plugins: &[&str], extra_conf: &str) -> anyhow::Result<Node> {
         let port = free_addr().port();
         let dist_port = free_addr().port();
         let name = format!("{stem}{n}@localhost");
         let dir = tempdir(&format!("{stem}{n}"));
-        std::fs::write(dir.join("plugins"), "[].\n")?;
+        std::fs::write(dir.join("plugins"), format!("[{}].\n", plugins.join(",")))?;
         // The machine's rabbitmq.conf pins the shared broker's listener.
         std::fs::write(
             dir.join("rabbitmq.conf"),
@@ -129,9 +141,12 @@ impl Node {
             .envs(settings.map(|(name, value)| (format!("RABBITMQ_{name}"), value)))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .status()
+            .kill_on_drop(true)
+            .status();
+        let status = tokio::time::timeout(CTL_TIMEOUT, status)
             .await
-            .context("running rabbitmq-server (the cluster tests need a local RabbitMQ installation)")?;
+            .with_context(|| format!("rabbitmq-server -detached for {} did not return", self.name))?
+            .context("running rabbitmq-server (these tests need a local RabbitMQ installation)")?;
         anyhow::ensure!(status.success(), "rabbitmq-server -detached failed for {}", self.name);
         self.until_accepting(Duration::from_secs(90)).await
     }
@@ -156,13 +171,29 @@ impl Node {
         }
     }
 
-    /// Runs `rabbitmqctl -n <node> args…`; fails with its output.
+    /// Runs `rabbitmqctl -n <node> args…`; fails with its output, or when
+    /// it has not answered within 30 s (one against a frozen node never
+    /// would).
     pub async fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        self.ctl_within(CTL_TIMEOUT, args).await
+    }
+
+    /// As [`Node::ctl`], bounded by `timeout`.
+    pub async fn ctl_within(&self, timeout: Duration, args: &[&str]) -> anyhow::Result<String> {
         let out = tokio::process::Command::new("rabbitmqctl")
             .args(["-q", "-n", &self.name])
             .args(args)
-            .output()
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(timeout, out)
             .await
+            .with_context(|| {
+                format!(
+                    "rabbitmqctl -n {} {} did not answer within {timeout:?}",
+                    self.name,
+                    args.join(" ")
+                )
+            })?
             .context("running rabbitmqctl")?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         anyhow::ensure!(
@@ -205,9 +236,9 @@ impl Node {
         Ok(())
     }
 
-    /// A graceful stop of the whole node.
+    /// A graceful stop of the whole node, bounded.
     pub async fn stop(&self) -> anyhow::Result<()> {
-        self.ctl(&["stop"]).await.map(|_| ())
+        self.ctl_within(STOP_TIMEOUT, &["stop"]).await.map(|_| ())
     }
 }
 
@@ -216,7 +247,8 @@ impl Drop for Node {
         // A frozen node cannot stop: wake it first, kill it if stop fails.
         let _ = self.signal("CONT");
         let stopped = std::process::Command::new("timeout")
-            .args(["60", "rabbitmqctl", "-q", "-n", &self.name, "stop"])
+            .arg(STOP_TIMEOUT.as_secs().to_string())
+            .args(["rabbitmqctl", "-q", "-n", &self.name, "stop"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -347,10 +379,6 @@ impl Drop for ConfirmSwallowingRelay {
 pub struct Cluster {
     pub nodes: Vec<Node>,
 }
-
-/// How long a `rabbitmqctl` query may take: one against a frozen node
-/// would never return.
-const CTL_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Cluster {
     /// Starts three nodes, joins the second and third to the first, and

@@ -92,6 +92,7 @@ pub struct HandlerServer {
     pub addr: SocketAddr,
     shared: Shared,
     task: tokio::task::JoinHandle<()>,
+    _running: crate::watchdog::Running,
 }
 
 impl HandlerServer {
@@ -110,7 +111,12 @@ impl HandlerServer {
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        HandlerServer { addr, shared, task }
+        HandlerServer {
+            addr,
+            shared,
+            task,
+            _running: crate::watchdog::running(),
+        }
     }
 
     /// `http://127.0.0.1:PORT<path>`.

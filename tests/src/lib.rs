@@ -7,7 +7,8 @@
 //! it, forcing connections closed), `stack` (`TestStack`), `collector`,
 //! `processes` (the real binaries, configs, metrics), `own_broker` (a private
 //! node), `relay` (a freezable relay), `timing` (waits and rate assertions),
-//! `tls` (a test CA), and the handler, chat and googlebot helpers.
+//! `tls` (a test CA), `watchdog` (a test that hangs fails its binary), and
+//! the handler, chat and googlebot helpers.
 
 mod broker;
 pub mod cluster;
@@ -20,6 +21,7 @@ mod relay;
 mod stack;
 mod timing;
 pub mod tls;
+mod watchdog;
 
 pub use broker::*;
 pub use collector::*;

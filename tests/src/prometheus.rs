@@ -204,7 +204,8 @@ impl Prometheus {
             addr,
             child,
             dir,
-            http: reqwest::Client::new(),
+            // Bounded: a query that hangs fails the test instead.
+            http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?,
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {

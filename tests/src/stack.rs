@@ -1,6 +1,8 @@
 //! `TestStack`: one test's own corner of the broker, under a unique prefix
 //! deleted when the stack is dropped.
 
+use std::time::Duration;
+
 use anyhow::Context as _;
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
@@ -17,6 +19,7 @@ pub struct TestStack {
     pub topology: Topology,
     pub connection: Connection,
     pub channel: Channel,
+    _running: crate::watchdog::Running,
 }
 
 impl TestStack {
@@ -33,11 +36,14 @@ impl TestStack {
     /// A stack with a given prefix (e.g. to reconnect after a broker restart).
     pub async fn with_prefix(url: String, prefix: String) -> anyhow::Result<TestStack> {
         let topology = Topology::new(&prefix);
-        let connection = Connection::connect(
-            &url,
-            ConnectionProperties::default().with_connection_name(format!("swallow-test {prefix}").into()),
+        let connection = bounded(
+            "connecting",
+            Connection::connect(
+                &url,
+                ConnectionProperties::default().with_connection_name(format!("swallow-test {prefix}").into()),
+            ),
         )
-        .await
+        .await?
         .with_context(|| format!("connecting to {url}"))?;
         let channel = connection.create_channel().await?;
         channel.confirm_select(Default::default()).await?;
@@ -48,6 +54,7 @@ impl TestStack {
             topology,
             connection,
             channel,
+            _running: crate::watchdog::running(),
         })
     }
 
@@ -67,6 +74,10 @@ impl TestStack {
 
     /// Publishes many raw events, then waits for all confirms.
     pub async fn publish_events_bytes(&self, bodies: &[Vec<u8>]) -> anyhow::Result<()> {
+        bounded("publishing events", self.publish_all(bodies)).await?
+    }
+
+    async fn publish_all(&self, bodies: &[Vec<u8>]) -> anyhow::Result<()> {
         let mut confirms = Vec::with_capacity(bodies.len());
         for body in bodies {
             confirms.push(
@@ -90,18 +101,21 @@ impl TestStack {
     /// Publishes raw bytes straight to `queue` (through the default
     /// exchange), persistent, confirmed.
     pub async fn publish_to_queue(&self, queue: &str, body: &[u8]) -> anyhow::Result<()> {
-        let confirm = self
-            .channel
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                body,
-                BasicProperties::default().with_delivery_mode(2),
-            )
-            .await?;
-        anyhow::ensure!(confirm.await?.is_ack(), "publish to {queue} not confirmed");
-        Ok(())
+        bounded("publishing", async {
+            let confirm = self
+                .channel
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await?;
+            anyhow::ensure!(confirm.await?.is_ack(), "publish to {queue} not confirmed");
+            Ok(())
+        })
+        .await?
     }
 
     /// Starts draining `queue` into a collector (acking what it takes).
@@ -147,6 +161,17 @@ impl TestStack {
     pub async fn queue_len(&self, queue: &str) -> anyhow::Result<u32> {
         Ok(swallow_shared::broker::ready_count(&self.connection, queue).await?)
     }
+}
+
+/// How long the test's own broker operations may take: a broker that
+/// blocks publishers (a resource alarm) or never answers fails the test
+/// here, saying so, instead of hanging it.
+const BROKER_BOUND: Duration = Duration::from_secs(60);
+
+async fn bounded<T>(what: &str, f: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
+    tokio::time::timeout(BROKER_BOUND, f)
+        .await
+        .map_err(|_| anyhow::anyhow!("{what}: the broker did not answer within {BROKER_BOUND:?}"))
 }
 
 impl Drop for TestStack {

@@ -12,7 +12,9 @@ where
 {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        if let Some(v) = check().await {
+        // A check that never returns (a peer that accepts and never
+        // answers) ends at the deadline like one that keeps saying no.
+        if let Ok(Some(v)) = tokio::time::timeout_at(deadline, check()).await {
             return v;
         }
         if tokio::time::Instant::now() >= deadline {
