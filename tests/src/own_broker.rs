@@ -36,8 +36,17 @@ impl OwnBroker {
         self.node.start().await
     }
 
-    /// Stops the node (the whole Erlang VM), bounded.
+    /// Stops the node (the whole Erlang VM): gracefully, or, when that has
+    /// not ended it within a minute, by SIGKILL (said on stderr). Either way
+    /// the broker is gone, which is what the tests that call this need.
     pub async fn stop(&self) -> anyhow::Result<()> {
-        self.node.stop().await
+        let Err(error) = self.node.stop().await else {
+            return Ok(());
+        };
+        eprintln!(
+            "own broker: a graceful stop failed ({error:#}); killing {}",
+            self.node.name
+        );
+        self.node.kill().await
     }
 }
