@@ -33,8 +33,9 @@ pub fn delete_declared_blocking(url: &str, queues: Vec<String>, exchanges: Vec<S
             let _ = conn.close(200, "".into()).await;
             Some(())
         };
+        // The timer is made inside the runtime: it needs its time driver.
         runtime
-            .block_on(tokio::time::timeout(Duration::from_secs(30), delete))
+            .block_on(async { tokio::time::timeout(Duration::from_secs(30), delete).await })
             .ok()?
     })
     .join();
