@@ -417,17 +417,9 @@ impl Cluster {
         Ok(status["running_nodes"].as_array().map_or(0, Vec::len))
     }
 
-    /// `rabbitmqctl` on node `via`, bounded.
+    /// `rabbitmqctl` on node `via`, bounded ([`Node::ctl`]).
     pub async fn ctl(&self, via: usize, args: &[&str]) -> anyhow::Result<String> {
-        tokio::time::timeout(CTL_TIMEOUT, self.nodes[via].ctl(args))
-            .await
-            .with_context(|| {
-                format!(
-                    "rabbitmqctl {} on {} did not answer",
-                    args.join(" "),
-                    self.nodes[via].name
-                )
-            })?
+        self.nodes[via].ctl(args).await
     }
 
     /// Which node (index) an Erlang pid such as `<swc1a2b3c1@localhost.1.2.3>` lives on.
