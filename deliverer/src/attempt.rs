@@ -5,6 +5,7 @@
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use futures_util::TryFutureExt as _;
 use http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER, USER_AGENT};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt as _, Full};
@@ -13,6 +14,7 @@ use hyper::body::Incoming;
 use swallow_shared::config::Integration;
 use swallow_shared::messages::{DeliveryJob, HandlerAnswer};
 
+use crate::client::{ConnectError, ExchangeError};
 use crate::destination::{AddressPolicy, blocked_in};
 use crate::{HttpClient, request};
 
@@ -115,23 +117,21 @@ fn prepare(
     Ok(request)
 }
 
-type ExchangeError = Box<dyn std::error::Error + Send + Sync>;
-
 /// Sends the request and reads what the handler answered.
 ///
 /// Not an `async fn`: one would keep the request (256 bytes) for as long
 /// as the exchange lasts, and an `async fn` keeps each argument twice
 /// (its own, and the local it is moved into). The request goes to the
-/// client at once; the future holds the client's (boxed) future, then the
-/// answer's status, headers it needs and body, each only while needed
+/// client at once; the future holds the client's future, then in its place
+/// (`and_then`, where an `async` block awaiting it would keep it twice)
+/// the answer's status, headers it needs and body, each only while needed
 /// (BENCHMARKS.md, "A request under way: its futures' bytes").
 fn exchange(
     client: &HttpClient,
     request: Request<Full<Bytes>>,
 ) -> impl Future<Output = Result<Attempted, ExchangeError>> + Send + use<> {
-    let sent = client.request(request);
-    async move {
-        let (status, retry_after, body) = head(sent.await?);
+    client.request(request).and_then(|response| async move {
+        let (status, retry_after, body) = head(response);
         let code = status.as_u16();
         let class = match code {
             200..=299 => "2xx",
@@ -163,7 +163,7 @@ fn exchange(
             class,
             status: Some(code),
         })
-    }
+    })
 }
 
 /// What the exchange needs of an answer's head: its status, its
@@ -187,9 +187,9 @@ fn transport_error(e: &(dyn std::error::Error + 'static)) -> Attempted {
             status: None,
         };
     }
-    let connect = e
-        .downcast_ref::<hyper_util::client::legacy::Error>()
-        .is_some_and(|e| e.is_connect());
+    let connect = e.is::<ConnectError>()
+        || e.downcast_ref::<hyper_util::client::legacy::Error>()
+            .is_some_and(|e| e.is_connect());
     let class = if connect { "connect" } else { "error" };
     // The full chain says "connection refused" or "reset by peer".
     let mut message = e.to_string();
@@ -351,6 +351,58 @@ mod tests {
                 attempted.outcome
             );
         }
+    }
+
+    /// A TLS handler's first request connects through the client's own
+    /// HTTP/2 probe, whose failures read as the pooled client's do: a
+    /// refused connection is `connect`, a name resolving to an address not
+    /// allowed is `blocked`.
+    #[tokio::test]
+    async fn https_connect_failures_are_classed_as_over_http() {
+        let config = swallow_shared::Config::parse(
+            "[[integrations]]\nid = \"g\"\nteam_id = \"T1\"\ntrigger_words = [\"g\"]\n\
+             urls = [\"https://127.0.0.1:1/\"]\ntoken = \"t\"\n",
+            None,
+        )
+        .unwrap();
+        let integration = config.integrations.list[0].clone();
+        let event: swallow_shared::ChatEvent = serde_json::from_str(
+            r#"{"team_id":"T1","channel_id":"C1","user_id":"U1","user_name":"u","ts":"1.000001","text":"g hi"}"#,
+        )
+        .unwrap();
+        let job = |url: String| DeliveryJob {
+            v: 1,
+            delivery_id: "msg_1".into(),
+            integration_id: "g".into(),
+            url,
+            trigger_word: "g".into(),
+            event: event.clone(),
+            retry: swallow_shared::messages::RetryState::new(0),
+        };
+        let refused = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap()
+        };
+        let allow_loopback = AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]);
+        let client = crate::http_client(&allow_loopback, 4).unwrap();
+        let attempted = attempt(
+            &client,
+            &allow_loopback,
+            &job(format!("https://{refused}/")),
+            &integration,
+        )
+        .await;
+        assert_eq!(attempted.class, "connect", "{:?}", attempted.outcome);
+        assert!(
+            matches!(&attempted.outcome, Outcome::Retry { error, .. } if error.contains("refused")),
+            "{:?}",
+            attempted.outcome
+        );
+        let default_policy = AddressPolicy::new(Vec::new());
+        let client = crate::http_client(&default_policy, 4).unwrap();
+        let url = format!("https://localhost:{}/", refused.port());
+        let attempted = attempt(&client, &default_policy, &job(url), &integration).await;
+        assert_eq!(attempted.class, "blocked", "{:?}", attempted.outcome);
     }
 
     #[test]

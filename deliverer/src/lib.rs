@@ -15,6 +15,7 @@
 
 mod attempt;
 pub mod circuit;
+pub mod client;
 pub mod connection;
 pub mod destination;
 mod guard;
@@ -32,9 +33,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::watch;
@@ -70,13 +68,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Deli
     Ok(())
 }
 
-/// The HTTP client for handlers.
-pub type HttpClient =
-    hyper_util::client::legacy::Client<Boxed<HttpsConnector<HttpConnector<GuardedResolver>>>, Full<Bytes>>;
+pub use client::HttpClient;
 
 /// The HTTP client for handlers: HTTP/1.1, or HTTP/2 where a TLS handler
 /// offers it; a keep-alive pool, no redirects, no proxy, the SSRF guard in
-/// its resolver, the platform's trusted roots for TLS.
+/// its resolver, the platform's trusted roots for TLS. An HTTP/2 handler's
+/// requests go over a connection of the client's own (`client`).
 ///
 /// The pool keeps up to `max_idle_per_host` idle connections to a host:
 /// the deliverer passes its `concurrency`, as many as can be busy at once,
@@ -108,12 +105,14 @@ pub fn http_client_with(policy: &AddressPolicy, max_idle_per_host: usize, tls: r
         .enable_http1()
         .enable_http2()
         .wrap_connector(http);
-    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+    let connector = Boxed(https);
+    let pooled = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(max_idle_per_host)
-        .build(Boxed(https))
+        .build(connector.clone());
+    HttpClient::new(pooled, connector)
 }
 
 /// Starts the deliverer and returns once its listener is bound.
@@ -176,6 +175,8 @@ struct Context {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+    use http_body_util::Full;
     use tokio::io::AsyncReadExt as _;
 
     /// An `https` handler gets a TLS handshake that offers HTTP/2 and

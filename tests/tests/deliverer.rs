@@ -646,42 +646,10 @@ async fn a_waiting_retry_survives_sigkill_and_replay_brings_dead_jobs_back() {
 /// stream carries the whole exchange.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_handler_gets_its_requests_over_one_connection() {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject as _;
     use std::sync::atomic::Ordering;
-    use std::sync::{Arc, Mutex};
     const AT_ONCE: usize = 50;
-    let dir = tempdir("dlv-h2");
-    let versions = Arc::new(Mutex::new(Vec::new()));
-    let seen = versions.clone();
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(move |request: axum::extract::Request| async move {
-            seen.lock().unwrap().push(request.version());
-            "{\"text\":\"ok\"}"
-        }),
-    );
-    let server = swallow_tests::tls::serve_h2(hyper_util::service::TowerToHyperService::new(app), &dir)
-        .await
-        .unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_file(&server.ca_file).unwrap())
-        .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let allow_loopback = swallow_deliverer::destination::AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]);
-    let client = swallow_deliverer::http_client_with(&allow_loopback, 4, tls);
-    let post = |i: usize| {
-        let request = hyper::Request::post(format!("https://{}/hook", server.addr))
-            .body(http_body_util::Full::new(bytes::Bytes::from(format!("text={i}"))))
-            .unwrap();
-        client.request(request)
-    };
+    let (server, versions, client) = recording_tls_handler(hyper::Version::HTTP_2, "dlv-h2").await;
+    let post = |i: usize| client.request(hook_post(server.addr, i));
     // The first request opens the connection; the rest share it at once.
     let first = tokio::time::timeout(T, post(0))
         .await
@@ -704,4 +672,136 @@ async fn an_http2_handler_gets_its_requests_over_one_connection() {
         1,
         "every request went over the first one's connection"
     );
+    assert_eq!(
+        client.http2_connections(),
+        1,
+        "the connection is the client's own, not hyper-util's pool's"
+    );
+}
+
+/// The deliverer's HTTP client, trusting the test CA whose certificate is
+/// at `ca_file`, allowed to reach loopback.
+fn client_trusting(ca_file: &std::path::Path) -> swallow_deliverer::HttpClient {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(ca_file).unwrap()).unwrap();
+    let tls =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let allow_loopback = swallow_deliverer::destination::AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]);
+    swallow_deliverer::http_client_with(&allow_loopback, 4, tls)
+}
+
+/// A handler over TLS speaking `version` only, which records the version
+/// each request came in, and the deliverer's client trusting its CA.
+async fn recording_tls_handler(
+    version: hyper::Version,
+    name: &str,
+) -> (
+    swallow_tests::tls::TlsServer,
+    std::sync::Arc<std::sync::Mutex<Vec<hyper::Version>>>,
+    swallow_deliverer::HttpClient,
+) {
+    let versions = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = versions.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |request: axum::extract::Request| async move {
+            seen.lock().unwrap().push(request.version());
+            "{\"text\":\"ok\"}"
+        }),
+    );
+    let dir = tempdir(name);
+    let server = swallow_tests::tls::serve_tls(hyper_util::service::TowerToHyperService::new(app), &dir, version)
+        .await
+        .unwrap();
+    let client = client_trusting(&server.ca_file);
+    let _ = std::fs::remove_dir_all(&dir);
+    (server, versions, client)
+}
+
+fn hook_post(addr: std::net::SocketAddr, i: usize) -> hyper::Request<http_body_util::Full<bytes::Bytes>> {
+    hyper::Request::post(format!("https://{addr}/hook"))
+        .body(http_body_util::Full::new(bytes::Bytes::from(format!("text={i}"))))
+        .unwrap()
+}
+
+/// A TLS handler that speaks only HTTP/1.1 gets every request in HTTP/1.1:
+/// asked on the first request, its answer (ALPN) sends the origin's
+/// requests to the pooled client, which reuses its connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_tls_handler_gets_http1_and_pooled_connections() {
+    use std::sync::atomic::Ordering;
+    let (server, versions, client) = recording_tls_handler(hyper::Version::HTTP_11, "dlv-h1tls").await;
+    for i in 0..20 {
+        let answer = tokio::time::timeout(T, client.request(hook_post(server.addr, i)))
+            .await
+            .expect("each request is answered within 30 s")
+            .expect("each request is answered");
+        assert_eq!(answer.status(), 200);
+        assert_eq!(answer.version(), hyper::Version::HTTP_11);
+        // The answer is read, so that its connection goes back to the pool.
+        http_body_util::BodyExt::collect(answer.into_body()).await.unwrap();
+    }
+    let versions = versions.lock().unwrap().clone();
+    assert_eq!(versions.len(), 20, "the handler saw every request");
+    assert!(versions.iter().all(|v| *v == hyper::Version::HTTP_11), "{versions:?}");
+    // The first request's question (one connection, closed unused), then
+    // the pool's connections, reused by the requests one after another (a
+    // connection goes back to the pool from a task of its own, so a request
+    // may now and then find none idle and open one). Asked again each time,
+    // or not pooled, every request would open one or two.
+    let opened = server.connections.load(Ordering::SeqCst);
+    assert!(opened <= 10, "{opened} connections for 20 requests one after another");
+    assert_eq!(client.http2_connections(), 0);
+}
+
+/// When an HTTP/2 handler drops its connection (a restart), the next
+/// requests go over a new one: the closed connection is not kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_handlers_dropped_connection_is_replaced() {
+    use std::sync::atomic::Ordering;
+    let (server, versions, client) = recording_tls_handler(hyper::Version::HTTP_2, "dlv-h2drop").await;
+    let answer = tokio::time::timeout(T, client.request(hook_post(server.addr, 0)))
+        .await
+        .expect("the first request is answered within 30 s")
+        .expect("the first request is answered");
+    assert_eq!(answer.version(), hyper::Version::HTTP_2);
+    assert_eq!(server.connections.load(Ordering::SeqCst), 1);
+    server.close_connections();
+    // A request sent while the client has not yet seen the connection
+    // close may fail with it (as with any client); within a few seconds
+    // requests succeed again, over a new connection.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let sent = tokio::time::timeout(T, client.request(hook_post(server.addr, 1)))
+            .await
+            .expect("a request is answered or fails within 30 s");
+        if sent.is_ok() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no request succeeded within 10 s of the handler dropping its connection: {sent:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    for i in 2..22 {
+        let answer = tokio::time::timeout(T, client.request(hook_post(server.addr, i)))
+            .await
+            .expect("each request is answered within 30 s")
+            .expect("each request after the new connection is answered");
+        assert_eq!(answer.version(), hyper::Version::HTTP_2);
+    }
+    let opened = server.connections.load(Ordering::SeqCst);
+    assert!(
+        (2..=3).contains(&opened),
+        "{opened} connections: the first, then one new one (and perhaps the pooled client's, for a request that raced the close)"
+    );
+    assert!(versions.lock().unwrap().len() >= 21);
+    assert_eq!(client.http2_connections(), 1, "the new connection is the client's own");
 }

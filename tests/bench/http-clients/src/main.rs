@@ -80,6 +80,10 @@ const CLIENTS: &[(&str, &str)] = &[
     ),
     ("reqwest-h2c", "reqwest, HTTP/2 with prior knowledge"),
     ("hyper-h2c", "hyper-util's client, HTTP/2 with prior knowledge"),
+    (
+        "conn-h2c",
+        "hyper's HTTP/2 connection without hyper-util's pool (`client::conn::http2`), prior knowledge",
+    ),
 ];
 
 fn main() -> anyhow::Result<()> {
@@ -225,10 +229,12 @@ async fn server(port: u16, hold: usize) -> anyhow::Result<()> {
 enum Http {
     Reqwest(reqwest::Client),
     Hyper(Box<HyperClient<HttpConnector, Full<Bytes>>>),
+    /// One HTTP/2 connection's sender, shared: no pool, no boxed request future.
+    Conn(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
 }
 
 impl Http {
-    fn new(kind: &str) -> anyhow::Result<Http> {
+    async fn new(kind: &str, port: u16) -> anyhow::Result<Http> {
         let reqwest_builder = || {
             reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
@@ -255,6 +261,14 @@ impl Http {
                 hyper_builder().http1_read_buf_exact_size(4096).build(connector()),
             )),
             "hyper-h2c" => Http::Hyper(Box::new(hyper_builder().http2_only(true).build(connector()))),
+            "conn-h2c" => {
+                let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+                stream.set_nodelay(true)?;
+                let (sender, connection) =
+                    hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+                tokio::spawn(connection);
+                Http::Conn(sender)
+            }
             other => anyhow::bail!("unknown client {other}"),
         })
     }
@@ -278,6 +292,16 @@ impl Http {
                     .header("content-type", "application/x-www-form-urlencoded")
                     .body(Full::new(Bytes::from_static(body)))?;
                 let response = tokio::time::timeout(Duration::from_secs(60), c.request(request))
+                    .await
+                    .context("timed out")??;
+                anyhow::ensure!(response.status().is_success(), "HTTP {}", response.status());
+                Ok(response.into_body().collect().await?.to_bytes().len())
+            }
+            Http::Conn(sender) => {
+                let request = hyper::Request::post(url)
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .body(Full::new(Bytes::from_static(body)))?;
+                let response = tokio::time::timeout(Duration::from_secs(60), sender.clone().send_request(request))
                     .await
                     .context("timed out")??;
                 anyhow::ensure!(response.status().is_success(), "HTTP {}", response.status());
@@ -308,7 +332,7 @@ fn cpu_seconds() -> f64 {
 const BODY: &[u8] = &[b'x'; 400];
 
 async fn client(kind: &str, port: u16, requests: usize, cpu_requests: usize, concurrency: usize) -> anyhow::Result<()> {
-    let http = Arc::new(Http::new(kind)?);
+    let http = Arc::new(Http::new(kind, port).await?);
     let base = format!("http://127.0.0.1:{port}");
     http.post(&format!("{base}/"), BODY).await?;
     let before = status_kib("VmRSS:");
