@@ -49,8 +49,9 @@ type Pooled = hyper_util::client::legacy::Client<Connector, Full<Bytes>>;
 pub type ExchangeError = Box<dyn std::error::Error + Send + Sync>;
 
 /// An origin's HTTP/2 connection, or an HTTP/1.1 origin, is forgotten once
-/// unused this long: the connection closes (as the pooled client closes an
-/// idle one), and an origin that now offers HTTP/2 is asked again.
+/// unused this long (checked every half of it): the connection closes (as
+/// the pooled client closes an idle one), and an origin that now offers
+/// HTTP/2 is asked again.
 const IDLE: Duration = Duration::from_secs(60);
 
 /// Connecting to the handler failed (refused, unreachable, the TLS
@@ -67,12 +68,12 @@ struct Inner {
     pooled: Pooled,
     connector: Connector,
     origins: Origins,
+    sweeping: std::sync::Once,
 }
 
 #[derive(Default)]
 struct Origins {
     slots: Mutex<HashMap<Authority, Arc<Slot>>>,
-    swept: Mutex<Option<Instant>>,
 }
 
 /// What is known of one TLS origin. The lock is held while its connection
@@ -103,6 +104,7 @@ impl HttpClient {
             pooled,
             connector,
             origins: Origins::default(),
+            sweeping: std::sync::Once::new(),
         }))
     }
 
@@ -122,18 +124,21 @@ impl HttpClient {
 
     /// Sends `request` (an absolute URI) and waits for the answer's head.
     ///
-    /// The request is handed over before the future is first polled, and
-    /// connecting happens in a box of its own: what the future keeps while
-    /// the answer is awaited is the sending alone (hyper-util's boxed
-    /// future for the pooled client; hyper's channel for an HTTP/2
-    /// connection of ours).
+    /// Finding the way (and connecting, if need be) happens in a box of its
+    /// own, freed once the request is handed over: what the future keeps
+    /// while the answer is awaited is the sending alone (hyper-util's boxed
+    /// future for the pooled client; hyper's, which waits on a channel, for
+    /// an HTTP/2 connection of ours).
     pub fn request(
         &self,
         request: Request<Full<Bytes>>,
     ) -> impl Future<Output = Result<Response<Incoming>, ExchangeError>> + Send + use<> {
         let tls = request.uri().scheme() == Some(&Scheme::HTTPS);
         let slot = match request.uri().authority() {
-            Some(authority) if tls => self.0.origins.slot(authority),
+            Some(authority) if tls => {
+                sweep_while_alive(&self.0);
+                self.0.origins.slot(authority)
+            }
             _ => {
                 let sent = self.0.pooled.request(request);
                 return Either::Left(async move { Ok(sent.await?) });
@@ -201,29 +206,44 @@ impl Inner {
 
 impl Origins {
     fn slot(&self, authority: &Authority) -> Arc<Slot> {
-        self.sweep();
         let mut slots = self.slots.lock().expect("never poisoned");
         let slot = slots.entry(authority.clone()).or_default().clone();
         *slot.used.lock().expect("never poisoned") = Some(Instant::now());
         slot
     }
 
-    /// At most every [`IDLE`], forgets the origins unused that long.
-    fn sweep(&self) {
-        let now = Instant::now();
-        {
-            let mut swept = self.swept.lock().expect("never poisoned");
-            if swept.is_some_and(|at| now.duration_since(at) < IDLE) {
-                return;
-            }
-            *swept = Some(now);
-        }
+    /// Forgets the origins unused for [`IDLE`] at `now`: their HTTP/2
+    /// connection closes once its last requests are answered.
+    fn sweep(&self, now: Instant) {
         self.slots.lock().expect("never poisoned").retain(|_, slot| {
             let used = *slot.used.lock().expect("never poisoned");
-            // A slot in use elsewhere (a request holds it) stays.
+            // A slot a request holds stays.
             Arc::strong_count(slot) > 1 || used.is_some_and(|at| now.duration_since(at) < IDLE)
         });
     }
+}
+
+/// Sweeps the client's origins every half [`IDLE`] for as long as the
+/// client lives; started with the first TLS request (it needs the
+/// runtime, which making a client does not).
+fn sweep_while_alive(inner: &Arc<Inner>) {
+    inner.sweeping.call_once(|| {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let weak = Arc::downgrade(inner);
+        runtime.spawn(async move {
+            let mut every = tokio::time::interval(IDLE / 2);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
+                inner.origins.sweep(Instant::now());
+            }
+        });
+    });
 }
 
 impl Slot {
@@ -272,6 +292,34 @@ mod tests {
 
     fn future_size<F: FnOnce(A, B) -> R, A, B, R>(_: &F) -> usize {
         size_of::<R>()
+    }
+
+    /// An origin unused for [`IDLE`] is forgotten, one used since or held
+    /// by a request under way is kept.
+    #[test]
+    fn idle_origins_are_forgotten_and_busy_ones_kept() {
+        let origins = Origins::default();
+        let (idle, recent, held) = (
+            Authority::from_static("idle.example"),
+            Authority::from_static("recent.example"),
+            Authority::from_static("held.example"),
+        );
+        let start = Instant::now();
+        drop(origins.slot(&idle));
+        drop(origins.slot(&recent));
+        let _under_way = origins.slot(&held);
+        let later = start + IDLE + Duration::from_secs(1);
+        *origins.slots.lock().unwrap()[&recent].used.lock().unwrap() = Some(later - Duration::from_secs(5));
+        origins.sweep(later);
+        let mut left: Vec<String> = origins.slots.lock().unwrap().keys().map(|a| a.to_string()).collect();
+        left.sort();
+        assert_eq!(left, ["held.example", "recent.example"]);
+        origins.sweep(start);
+        assert_eq!(
+            origins.slots.lock().unwrap().len(),
+            2,
+            "nothing is idle yet at the start"
+        );
     }
 
     /// What a request under way keeps is hyper's sending (272 bytes, room
