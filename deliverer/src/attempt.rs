@@ -296,6 +296,22 @@ mod tests {
         (addr, lines)
     }
 
+    /// Integration `g`'s job for "g hi", to `url`.
+    fn job(url: &str) -> DeliveryJob {
+        DeliveryJob {
+            v: 1,
+            delivery_id: "msg_1".into(),
+            integration_id: "g".into(),
+            url: url.into(),
+            trigger_word: "g".into(),
+            event: serde_json::from_str(
+                r#"{"team_id":"T1","channel_id":"C1","user_id":"U1","user_name":"u","ts":"1.000001","text":"g hi"}"#,
+            )
+            .unwrap(),
+            retry: swallow_shared::messages::RetryState::new(0),
+        }
+    }
+
     /// The URL sent is the job's, whether the integration still lists it
     /// (parsed with the configuration) or not (the configuration changed
     /// since the job was made: parsed here), and a job's URL is checked
@@ -314,19 +330,6 @@ mod tests {
         let integration = config.integrations.list[0].clone();
         let policy = AddressPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]);
         let client = crate::http_client(&policy, 4).unwrap();
-        let event: swallow_shared::ChatEvent = serde_json::from_str(
-            r#"{"team_id":"T1","channel_id":"C1","user_id":"U1","user_name":"u","ts":"1.000001","text":"g hi"}"#,
-        )
-        .unwrap();
-        let job = |url: &str| DeliveryJob {
-            v: 1,
-            delivery_id: "msg_1".into(),
-            integration_id: "g".into(),
-            url: url.into(),
-            trigger_word: "g".into(),
-            event: event.clone(),
-            retry: swallow_shared::messages::RetryState::new(0),
-        };
         for (url, path) in [
             (format!("http://{addr}/listed"), "/listed"),
             (format!("http://{addr}/unlisted"), "/unlisted"),
@@ -366,19 +369,6 @@ mod tests {
         )
         .unwrap();
         let integration = config.integrations.list[0].clone();
-        let event: swallow_shared::ChatEvent = serde_json::from_str(
-            r#"{"team_id":"T1","channel_id":"C1","user_id":"U1","user_name":"u","ts":"1.000001","text":"g hi"}"#,
-        )
-        .unwrap();
-        let job = |url: String| DeliveryJob {
-            v: 1,
-            delivery_id: "msg_1".into(),
-            integration_id: "g".into(),
-            url,
-            trigger_word: "g".into(),
-            event: event.clone(),
-            retry: swallow_shared::messages::RetryState::new(0),
-        };
         let refused = {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             listener.local_addr().unwrap()
@@ -388,7 +378,7 @@ mod tests {
         let attempted = attempt(
             &client,
             &allow_loopback,
-            &job(format!("https://{refused}/")),
+            &job(&format!("https://{refused}/")),
             &integration,
         )
         .await;
@@ -401,7 +391,7 @@ mod tests {
         let default_policy = AddressPolicy::new(Vec::new());
         let client = crate::http_client(&default_policy, 4).unwrap();
         let url = format!("https://localhost:{}/", refused.port());
-        let attempted = attempt(&client, &default_policy, &job(url), &integration).await;
+        let attempted = attempt(&client, &default_policy, &job(&url), &integration).await;
         assert_eq!(attempted.class, "blocked", "{:?}", attempted.outcome);
     }
 

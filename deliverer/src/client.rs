@@ -71,19 +71,16 @@ struct Inner {
     sweeping: std::sync::Once,
 }
 
+/// Each TLS origin's slot, and when a request last used it.
 #[derive(Default)]
 struct Origins {
-    slots: Mutex<HashMap<Authority, Arc<Slot>>>,
+    slots: Mutex<HashMap<Authority, (Arc<Slot>, Instant)>>,
 }
 
 /// What is known of one TLS origin. The lock is held while its connection
 /// is made, so that requests arriving meanwhile wait for it rather than
 /// each opening one.
-#[derive(Default)]
-struct Slot {
-    known: tokio::sync::Mutex<Known>,
-    used: Mutex<Option<Instant>>,
-}
+type Slot = tokio::sync::Mutex<Known>;
 
 #[derive(Default)]
 enum Known {
@@ -114,9 +111,8 @@ impl HttpClient {
         let slots = self.0.origins.slots.lock().expect("never poisoned");
         slots
             .values()
-            .filter(|slot| {
-                slot.known
-                    .try_lock()
+            .filter(|(slot, _)| {
+                slot.try_lock()
                     .is_ok_and(|known| matches!(&*known, Known::Http2(sender) if !sender.is_closed()))
             })
             .count()
@@ -178,7 +174,7 @@ impl Inner {
         slot: Arc<Slot>,
         request: Request<Full<Bytes>>,
     ) -> Result<impl Future<Output = Result<Response<Incoming>, Failed>> + Send + use<>, ExchangeError> {
-        Ok(match slot.way(self.connector.clone(), request.uri().clone()).await? {
+        Ok(match self.way(&slot, request.uri()).await? {
             Way::Pooled => Either::Left(self.pooled.request(request).map_err(|e| Failed::Error(e.into()))),
             Way::Http2(mut sender) => Either::Right(
                 sender
@@ -196,7 +192,7 @@ impl Inner {
     async fn unsent(self: Arc<Self>, slot: Arc<Slot>, mut unsent: Unsent) -> Result<Response<Incoming>, ExchangeError> {
         match unsent.take_message() {
             Some(request) => {
-                slot.forget().await;
+                *slot.lock().await = Known::Unasked;
                 Ok(self.pooled.request(request).await?)
             }
             None => Err(unsent.into_error().into()),
@@ -206,19 +202,19 @@ impl Inner {
 
 impl Origins {
     fn slot(&self, authority: &Authority) -> Arc<Slot> {
+        let now = Instant::now();
         let mut slots = self.slots.lock().expect("never poisoned");
-        let slot = slots.entry(authority.clone()).or_default().clone();
-        *slot.used.lock().expect("never poisoned") = Some(Instant::now());
-        slot
+        let (slot, used) = slots.entry(authority.clone()).or_insert_with(|| (Arc::default(), now));
+        *used = now;
+        slot.clone()
     }
 
     /// Forgets the origins unused for [`IDLE`] at `now`: their HTTP/2
     /// connection closes once its last requests are answered.
     fn sweep(&self, now: Instant) {
-        self.slots.lock().expect("never poisoned").retain(|_, slot| {
-            let used = *slot.used.lock().expect("never poisoned");
+        self.slots.lock().expect("never poisoned").retain(|_, (slot, used)| {
             // A slot a request holds stays.
-            Arc::strong_count(slot) > 1 || used.is_some_and(|at| now.duration_since(at) < IDLE)
+            Arc::strong_count(slot) > 1 || now.duration_since(*used) < IDLE
         });
     }
 }
@@ -246,21 +242,22 @@ fn sweep_while_alive(inner: &Arc<Inner>) {
     });
 }
 
-impl Slot {
-    /// How to send to this origin: over its HTTP/2 connection (made now if
-    /// it has none yet, or its last one closed) or through the pooled
+impl Inner {
+    /// How to send to `slot`'s origin: over its HTTP/2 connection (made now
+    /// if it has none yet, or its last one closed) or through the pooled
     /// client.
-    async fn way(&self, mut connector: Connector, uri: http::Uri) -> Result<Way, ExchangeError> {
-        let mut known = self.known.lock().await;
+    async fn way(&self, slot: &Slot, uri: &http::Uri) -> Result<Way, ExchangeError> {
+        let mut known = slot.lock().await;
         match &*known {
             Known::Http1 => return Ok(Way::Pooled),
             Known::Http2(sender) if !sender.is_closed() => return Ok(Way::Http2(sender.clone())),
             _ => {}
         }
+        let mut connector = self.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx))
             .await
             .map_err(ConnectError)?;
-        let stream = connector.call(uri).await.map_err(ConnectError)?;
+        let stream = connector.call(uri.clone()).await.map_err(ConnectError)?;
         if !stream.connected().is_negotiated_h2() {
             // HTTP/1.1: this connection is dropped and the pooled client,
             // which keeps HTTP/1.1 connections for reuse, takes the origin.
@@ -279,10 +276,6 @@ impl Slot {
         });
         *known = Known::Http2(sender.clone());
         Ok(Way::Http2(sender))
-    }
-
-    async fn forget(&self) {
-        *self.known.lock().await = Known::Unasked;
     }
 }
 
@@ -309,7 +302,7 @@ mod tests {
         drop(origins.slot(&recent));
         let _under_way = origins.slot(&held);
         let later = start + IDLE + Duration::from_secs(1);
-        *origins.slots.lock().unwrap()[&recent].used.lock().unwrap() = Some(later - Duration::from_secs(5));
+        origins.slots.lock().unwrap().get_mut(&recent).unwrap().1 = later - Duration::from_secs(5);
         origins.sweep(later);
         let mut left: Vec<String> = origins.slots.lock().unwrap().keys().map(|a| a.to_string()).collect();
         left.sort();
