@@ -144,14 +144,14 @@ impl HttpClient {
         // takes the place of the one before, where an `async` block would
         // keep room for the sending and for what it gave, side by side.
         let inner = self.0.clone();
-        let sending = Box::pin(inner.clone().sending(slot.clone(), request));
+        let sending = Box::pin(inner.clone().sending(slot, request));
         Either::Right(
             sending
                 .map_err(Failed::Error)
                 .try_flatten()
                 .or_else(move |failed| match failed {
                     Failed::Error(e) => Either::Left(std::future::ready(Err(e))),
-                    Failed::Unsent(unsent) => Either::Right(Box::pin(inner.unsent(slot, *unsent))),
+                    Failed::Unsent(unsent) => Either::Right(Box::pin(inner.unsent(*unsent))),
                 }),
         )
     }
@@ -186,17 +186,50 @@ impl Inner {
 
     /// A request our HTTP/2 connection did not take. If the connection
     /// closed before the request left, it goes through the pooled client,
-    /// which connects afresh, and the origin is asked again next time
+    /// which connects afresh; the origin's next request finds the
+    /// connection closed and asks the origin again ([`Inner::way`]).
     /// (hyper-util's client, too, sends a request again when its pooled
-    /// connection closed before it left).
-    async fn unsent(self: Arc<Self>, slot: Arc<Slot>, mut unsent: Unsent) -> Result<Response<Incoming>, ExchangeError> {
+    /// connection closed before it left.)
+    async fn unsent(self: Arc<Self>, mut unsent: Unsent) -> Result<Response<Incoming>, ExchangeError> {
         match unsent.take_message() {
-            Some(request) => {
-                *slot.lock().await = Known::Unasked;
-                Ok(self.pooled.request(request).await?)
-            }
+            Some(request) => Ok(self.pooled.request(request).await?),
             None => Err(unsent.into_error().into()),
         }
+    }
+
+    /// How to send to `slot`'s origin: over its HTTP/2 connection (made now
+    /// if it has none yet, or its last one closed) or through the pooled
+    /// client.
+    async fn way(&self, slot: &Slot, uri: &http::Uri) -> Result<Way, ExchangeError> {
+        let mut known = slot.lock().await;
+        match &*known {
+            Known::Http1 => return Ok(Way::Pooled),
+            Known::Http2(sender) if !sender.is_closed() => return Ok(Way::Http2(sender.clone())),
+            _ => {}
+        }
+        let mut connector = self.connector.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(ConnectError)?;
+        let stream = connector.call(uri.clone()).await.map_err(ConnectError)?;
+        if !stream.connected().is_negotiated_h2() {
+            // HTTP/1.1: this connection is dropped and the pooled client,
+            // which keeps HTTP/1.1 connections for reuse, takes the origin.
+            *known = Known::Http1;
+            return Ok(Way::Pooled);
+        }
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(stream)
+            .await
+            .map_err(|e| ConnectError(e.into()))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "an HTTP/2 connection to a handler ended");
+            }
+        });
+        *known = Known::Http2(sender.clone());
+        Ok(Way::Http2(sender))
     }
 }
 
@@ -240,43 +273,6 @@ fn sweep_while_alive(inner: &Arc<Inner>) {
             }
         });
     });
-}
-
-impl Inner {
-    /// How to send to `slot`'s origin: over its HTTP/2 connection (made now
-    /// if it has none yet, or its last one closed) or through the pooled
-    /// client.
-    async fn way(&self, slot: &Slot, uri: &http::Uri) -> Result<Way, ExchangeError> {
-        let mut known = slot.lock().await;
-        match &*known {
-            Known::Http1 => return Ok(Way::Pooled),
-            Known::Http2(sender) if !sender.is_closed() => return Ok(Way::Http2(sender.clone())),
-            _ => {}
-        }
-        let mut connector = self.connector.clone();
-        std::future::poll_fn(|cx| connector.poll_ready(cx))
-            .await
-            .map_err(ConnectError)?;
-        let stream = connector.call(uri.clone()).await.map_err(ConnectError)?;
-        if !stream.connected().is_negotiated_h2() {
-            // HTTP/1.1: this connection is dropped and the pooled client,
-            // which keeps HTTP/1.1 connections for reuse, takes the origin.
-            *known = Known::Http1;
-            return Ok(Way::Pooled);
-        }
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .handshake(stream)
-            .await
-            .map_err(|e| ConnectError(e.into()))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "an HTTP/2 connection to a handler ended");
-            }
-        });
-        *known = Known::Http2(sender.clone());
-        Ok(Way::Http2(sender))
-    }
 }
 
 #[cfg(test)]
