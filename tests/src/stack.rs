@@ -101,18 +101,40 @@ impl TestStack {
     /// Publishes raw bytes straight to `queue` (through the default
     /// exchange), persistent, confirmed.
     pub async fn publish_to_queue(&self, queue: &str, body: &[u8]) -> anyhow::Result<()> {
+        let persistent = BasicProperties::default().with_delivery_mode(2);
+        self.publish_confirmed("", queue, body, persistent).await
+    }
+
+    /// Publishes one raw event with `properties` of the test's choosing
+    /// (headers, say), confirmed.
+    pub async fn publish_event_with(&self, body: &[u8], properties: BasicProperties) -> anyhow::Result<()> {
+        let exchange = self.topology.events_exchange();
+        self.publish_confirmed(&exchange, "chat.message", body, properties)
+            .await
+    }
+
+    async fn publish_confirmed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> anyhow::Result<()> {
         bounded("publishing", async {
             let confirm = self
                 .channel
                 .basic_publish(
-                    "".into(),
-                    queue.into(),
+                    exchange.into(),
+                    routing_key.into(),
                     BasicPublishOptions::default(),
                     body,
-                    BasicProperties::default().with_delivery_mode(2),
+                    properties,
                 )
                 .await?;
-            anyhow::ensure!(confirm.await?.is_ack(), "publish to {queue} not confirmed");
+            anyhow::ensure!(
+                confirm.await?.is_ack(),
+                "publish to {exchange} ({routing_key}) not confirmed"
+            );
             Ok(())
         })
         .await?

@@ -1,9 +1,12 @@
 //! The matcher against the real broker: exact jobs, invalid input, reload,
-//! SIGKILL and a forced connection close.
+//! SIGKILL, a forced connection close, and headers whose bytes are not
+//! UTF-8.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString};
 use swallow_shared::Config;
 use swallow_tests::*;
 use tokio_util::sync::CancellationToken;
@@ -50,6 +53,27 @@ fn config(stack: &TestStack, extra: &str) -> Config {
         stack.broker_toml()
     );
     Config::parse(&text, None).expect("test config")
+}
+
+/// A stack of its own with a matcher on [`integrations`], its jobs and its
+/// invalid events drained.
+async fn matcher_draining(
+    name: &str,
+) -> (
+    TestStack,
+    CancellationToken,
+    swallow_matcher::Matcher,
+    Collector,
+    Collector,
+) {
+    let stack = TestStack::new(name).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let matcher = swallow_matcher::start(config(&stack, integrations()), shutdown.clone())
+        .await
+        .unwrap();
+    let jobs = stack.drain_jobs().await.unwrap();
+    let invalid = stack.drain(&stack.topology.events_invalid_queue()).await.unwrap();
+    (stack, shutdown, matcher, jobs, invalid)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,13 +161,7 @@ async fn events_become_exactly_the_expected_jobs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_events_go_to_invalid_and_never_stop_the_matcher() {
-    let stack = TestStack::new("match-invalid").await.unwrap();
-    let shutdown = CancellationToken::new();
-    let matcher = swallow_matcher::start(config(&stack, integrations()), shutdown.clone())
-        .await
-        .unwrap();
-    let mut jobs = stack.drain_jobs().await.unwrap();
-    let mut invalid = stack.drain(&stack.topology.events_invalid_queue()).await.unwrap();
+    let (stack, shutdown, matcher, mut jobs, mut invalid) = matcher_draining("match-invalid").await;
 
     let big_text = "x".repeat(1024 * 1024);
     let mut bodies = Vec::new();
@@ -221,6 +239,49 @@ async fn malformed_events_go_to_invalid_and_never_stop_the_matcher() {
         .await
         .unwrap(),
         250.0
+    );
+    shutdown.cancel();
+    matcher.join().await;
+}
+
+/// A header's value is bytes in AMQP, UTF-8 or not: a client that insists
+/// on UTF-8 drops its connection on such an event, before the stage sees
+/// it, again at every redelivery (BENCHMARKS.md, "amqprs under faults").
+/// Here the event is matched like any other, an invalid one goes to the
+/// invalid queue with the header kept byte for byte, and the matcher
+/// never leaves its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_that_are_not_utf8_are_carried_and_never_drop_the_connection() {
+    let (stack, shutdown, matcher, mut jobs, mut invalid) = matcher_draining("match-bytes").await;
+    let bytes = LongString::from(vec![0xff, 0xfe, b'x']);
+    let mut headers = FieldTable::default();
+    headers.insert("x-bytes".into(), AMQPValue::LongString(bytes.clone()));
+    let properties = BasicProperties::default().with_delivery_mode(2).with_headers(headers);
+    let event = serde_json::to_vec(&chat_event("deploy now", "b1")).unwrap();
+    stack.publish_event_with(&event, properties.clone()).await.unwrap();
+    stack.publish_event_with(b"not json", properties).await.unwrap();
+
+    // "deploy now": watcher + deploy.
+    jobs.until(2, T, "the jobs of the event with a header of bytes").await;
+    invalid.until(1, T, "the invalid event with a header of bytes").await;
+    jobs.settle(Duration::from_millis(300)).await;
+    assert_eq!(jobs.got.len(), 2, "no extra jobs");
+    let copy = &invalid.got[0];
+    assert_eq!(copy.data, b"not json");
+    let kept = copy
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-bytes").cloned());
+    assert_eq!(kept, Some(AMQPValue::LongString(bytes)), "the header, byte for byte");
+    let error = header(copy, "x-swallow-error").expect("x-swallow-error header");
+    assert!(error.starts_with("not_json"), "{error}");
+    assert_eq!(
+        metric(matcher.ops_addr, "swallow_broker_reconnects_total", &[])
+            .await
+            .unwrap(),
+        0.0,
+        "the matcher kept its connection"
     );
     shutdown.cancel();
     matcher.join().await;
