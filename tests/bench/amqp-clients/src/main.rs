@@ -6,6 +6,11 @@
 //!
 //! `cargo run --release -- --messages 50000 --rounds 3` (in this directory;
 //! it is not a workspace member, so `cargo test --workspace` skips it).
+//! `cargo run --features faults -- --faults` runs the fault checks instead
+//! (`faults.rs`).
+
+#[cfg(feature = "faults")]
+mod faults;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -32,6 +37,9 @@ struct Args {
     /// Body size in bytes (a delivery job is about 400).
     #[arg(long, default_value_t = 400)]
     bytes: usize,
+    /// Run the fault checks (built with `--features faults`), not the benchmark.
+    #[arg(long)]
+    faults: bool,
 }
 
 /// This process's user + system CPU seconds so far.
@@ -263,6 +271,12 @@ async fn relay_amqprs(args: &Args, from: &str, to: &str) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.faults {
+        #[cfg(feature = "faults")]
+        return faults::run(&args).await;
+        #[cfg(not(feature = "faults"))]
+        anyhow::bail!("the fault checks need `--features faults`");
+    }
     let a = format!("amqp-clients-{}-a", std::process::id());
     let b = format!("amqp-clients-{}-b", std::process::id());
     let mut rows: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
