@@ -107,8 +107,8 @@ fn panics_since(before: usize) -> String {
     }
 }
 
-/// Declares `q` afresh and puts `bodies` in it, the first with a header
-/// whose bytes are not UTF-8 when `bad_header`.
+/// Declares `q` afresh and puts `count` messages in it, the first with a
+/// header whose bytes are not UTF-8 when `bad_header`.
 async fn fill(url: &str, q: &str, count: usize, bad_header: bool) -> anyhow::Result<()> {
     let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
