@@ -110,8 +110,7 @@ fn panics_since(before: usize) -> String {
 /// Declares `q` afresh and puts `count` messages in it, the first with a
 /// header whose bytes are not UTF-8 when `bad_header`.
 async fn fill(url: &str, q: &str, count: usize, bad_header: bool) -> anyhow::Result<()> {
-    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
-    let ch = conn.create_channel().await?;
+    let (conn, ch) = lapin_channel(url).await?;
     ch.queue_declare(q.into(), QueueDeclareOptions::default(), FieldTable::default())
         .await?;
     ch.queue_purge(q.into(), Default::default()).await?;
@@ -137,8 +136,7 @@ const WAIT: Duration = Duration::from_secs(5);
 
 async fn non_utf8_lapin(args: &Args, q: &str) -> anyhow::Result<String> {
     fill(&url(args), q, 2, true).await?;
-    let conn = lapin::Connection::connect(&url(args), lapin::ConnectionProperties::default()).await?;
-    let ch = conn.create_channel().await?;
+    let (conn, ch) = lapin_channel(&url(args)).await?;
     let no_ack = BasicConsumeOptions {
         no_ack: true,
         ..Default::default()
@@ -158,24 +156,44 @@ async fn non_utf8_lapin(args: &Args, q: &str) -> anyhow::Result<String> {
     Ok(format!("{got} of 2 delivered; connection open: {open}"))
 }
 
-async fn amqprs_connect(
+/// A lapin connection to `url` and a channel on it.
+async fn lapin_channel(url: &str) -> anyhow::Result<(lapin::Connection, lapin::Channel)> {
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    Ok((conn, ch))
+}
+
+/// An amqprs connection and a channel on it, its callback resolving
+/// `confirms` and answering `cancel` with `Ok` (without which a consumer's
+/// receiver never ends on a cancel).
+async fn amqprs_channel(
     host: &str,
     port: u16,
     heartbeat: Option<u16>,
-) -> anyhow::Result<amqprs::connection::Connection> {
+    confirms: Confirms,
+) -> anyhow::Result<(amqprs::connection::Connection, amqprs::channel::Channel)> {
     let mut open = amqprs::connection::OpenConnectionArguments::new(host, port, "guest", "guest");
     if let Some(h) = heartbeat {
         open.heartbeat(h);
     }
-    Ok(amqprs::connection::Connection::open(&open).await?)
+    let conn = amqprs::connection::Connection::open(&open).await?;
+    let ch = conn.open_channel(None).await?;
+    ch.register_callback(ConfirmCallback(confirms)).await?;
+    Ok((conn, ch))
+}
+
+/// Closes an amqprs connection that is still open (one the broker closed
+/// has nothing to close).
+async fn close_amqprs(conn: amqprs::connection::Connection) {
+    if conn.is_open() {
+        let _ = conn.close().await;
+    }
 }
 
 async fn non_utf8_amqprs(args: &Args, q: &str) -> anyhow::Result<String> {
     use amqprs::channel::BasicConsumeArguments;
     fill(&url(args), q, 2, true).await?;
-    let conn = amqprs_connect(&args.host, args.port, None).await?;
-    let ch = conn.open_channel(None).await?;
-    ch.register_callback(ConfirmCallback(Confirms::default())).await?;
+    let (conn, ch) = amqprs_channel(&args.host, args.port, None, Confirms::default()).await?;
     let mut consume = BasicConsumeArguments::new(q, "faults");
     consume.no_ack = true;
     // The broker delivers as soon as it has answered the consume: the
@@ -197,16 +215,13 @@ async fn non_utf8_amqprs(args: &Args, q: &str) -> anyhow::Result<String> {
         }
     }
     let open = conn.is_open();
-    if open {
-        let _ = conn.close().await;
-    }
+    close_amqprs(conn).await;
     Ok(format!("{got} of 2 delivered; connection open: {open}"))
 }
 
 async fn closed_channel_lapin(args: &Args, q: &str) -> anyhow::Result<String> {
     fill(&url(args), q, 0, false).await?;
-    let conn = lapin::Connection::connect(&url(args), lapin::ConnectionProperties::default()).await?;
-    let ch = conn.create_channel().await?;
+    let (conn, ch) = lapin_channel(&url(args)).await?;
     ch.confirm_select(Default::default()).await?;
     let props = lapin::BasicProperties::default;
     let first = match ch
@@ -241,10 +256,8 @@ async fn closed_channel_lapin(args: &Args, q: &str) -> anyhow::Result<String> {
 async fn closed_channel_amqprs(args: &Args, q: &str) -> anyhow::Result<String> {
     use amqprs::channel::{BasicPublishArguments, ConfirmSelectArguments};
     fill(&url(args), q, 0, false).await?;
-    let conn = amqprs_connect(&args.host, args.port, None).await?;
-    let ch = conn.open_channel(None).await?;
     let confirms = Confirms::default();
-    ch.register_callback(ConfirmCallback(confirms.clone())).await?;
+    let (conn, ch) = amqprs_channel(&args.host, args.port, None, confirms.clone()).await?;
     ch.confirm_select(ConfirmSelectArguments::default()).await?;
     let props = amqprs::BasicProperties::default;
     // Tags are the application's to count (see `Confirms`).
@@ -278,17 +291,14 @@ async fn closed_channel_amqprs(args: &Args, q: &str) -> anyhow::Result<String> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let open = conn.is_open();
-    if open {
-        let _ = conn.close().await;
-    }
+    close_amqprs(conn).await;
     Ok(format!("{first}; {second}; connection open 2 s later: {open}"))
 }
 
 async fn abandoned_lapin(args: &Args, q: &str) -> anyhow::Result<String> {
     fill(&url(args), q, 0, false).await?;
     let before = PANICS.load(Ordering::SeqCst);
-    let conn = lapin::Connection::connect(&url(args), lapin::ConnectionProperties::default()).await?;
-    let ch = conn.create_channel().await?;
+    let (conn, ch) = lapin_channel(&url(args)).await?;
     let passive = QueueDeclareOptions {
         passive: true,
         ..Default::default()
@@ -317,9 +327,7 @@ async fn abandoned_amqprs(args: &Args, q: &str) -> anyhow::Result<String> {
     use amqprs::channel::QueueDeclareArguments;
     fill(&url(args), q, 0, false).await?;
     let before = PANICS.load(Ordering::SeqCst);
-    let conn = amqprs_connect(&args.host, args.port, None).await?;
-    let ch = conn.open_channel(None).await?;
-    ch.register_callback(ConfirmCallback(Confirms::default())).await?;
+    let (conn, ch) = amqprs_channel(&args.host, args.port, None, Confirms::default()).await?;
     let passive = || QueueDeclareArguments::new(q).passive(true).finish();
     let mut abandoned = 0;
     for _ in 0..20 {
@@ -335,28 +343,16 @@ async fn abandoned_amqprs(args: &Args, q: &str) -> anyhow::Result<String> {
         Ok(Err(e)) => format!("**error** ({e})"),
         Ok(Ok(_)) => "answered".to_owned(),
     };
-    if conn.is_open() {
-        let _ = conn.close().await;
-    }
+    close_amqprs(conn).await;
     Ok(format!(
         "{abandoned} of 20 abandoned; the next: {next}{}",
         panics_since(before)
     ))
 }
 
-/// Deletes `q` from a connection of its own.
-async fn delete_queue(url: &str, q: &str) -> anyhow::Result<()> {
-    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
-    let ch = conn.create_channel().await?;
-    ch.queue_delete(q.into(), Default::default()).await?;
-    conn.close(200, "".into()).await?;
-    Ok(())
-}
-
 async fn deleted_lapin(args: &Args, q: &str) -> anyhow::Result<String> {
     fill(&url(args), q, 0, false).await?;
-    let conn = lapin::Connection::connect(&url(args), lapin::ConnectionProperties::default()).await?;
-    let ch = conn.create_channel().await?;
+    let (conn, ch) = lapin_channel(&url(args)).await?;
     let mut consumer = ch
         .basic_consume(
             q.into(),
@@ -366,7 +362,7 @@ async fn deleted_lapin(args: &Args, q: &str) -> anyhow::Result<String> {
         )
         .await?;
     let deleted = Instant::now();
-    delete_queue(&url(args), q).await?;
+    crate::delete(args, &[q]).await?;
     let seen = match tokio::time::timeout(WAIT, consumer.next()).await {
         Err(_) => "**not ended within 5 s**".to_owned(),
         Ok(None) => format!("ended after {:.0} ms", deleted.elapsed().as_secs_f64() * 1e3),
@@ -383,21 +379,16 @@ async fn deleted_lapin(args: &Args, q: &str) -> anyhow::Result<String> {
 async fn deleted_amqprs(args: &Args, q: &str) -> anyhow::Result<String> {
     use amqprs::channel::BasicConsumeArguments;
     fill(&url(args), q, 0, false).await?;
-    let conn = amqprs_connect(&args.host, args.port, None).await?;
-    let ch = conn.open_channel(None).await?;
-    // Its `cancel` answers Ok, without which the receiver never ends.
-    ch.register_callback(ConfirmCallback(Confirms::default())).await?;
+    let (conn, ch) = amqprs_channel(&args.host, args.port, None, Confirms::default()).await?;
     let (_, mut rx) = ch.basic_consume_rx(BasicConsumeArguments::new(q, "faults")).await?;
     let deleted = Instant::now();
-    delete_queue(&url(args), q).await?;
+    crate::delete(args, &[q]).await?;
     let seen = match tokio::time::timeout(WAIT, rx.recv()).await {
         Err(_) => "**not ended within 5 s**".to_owned(),
         Ok(None) => format!("ended after {:.0} ms", deleted.elapsed().as_secs_f64() * 1e3),
         Ok(Some(_)) => "**a delivery**".to_owned(),
     };
-    if conn.is_open() {
-        let _ = conn.close().await;
-    }
+    close_amqprs(conn).await;
     Ok(seen)
 }
 
@@ -412,12 +403,7 @@ async fn noticed<F: std::future::Future<Output = ()>>(from: Instant, ended: F) -
 /// A lapin consumer on `q` of `node`, with heartbeats every 2 s; resolves
 /// when it ends or fails.
 async fn lapin_watch(node_url: &str, q: &str) -> anyhow::Result<impl std::future::Future<Output = ()> + use<>> {
-    let conn = lapin::Connection::connect(
-        &format!("{node_url}?heartbeat=2"),
-        lapin::ConnectionProperties::default(),
-    )
-    .await?;
-    let ch = conn.create_channel().await?;
+    let (conn, ch) = lapin_channel(&format!("{node_url}?heartbeat=2")).await?;
     ch.queue_declare(q.into(), QueueDeclareOptions::default(), FieldTable::default())
         .await?;
     let mut consumer = ch
@@ -438,9 +424,7 @@ async fn lapin_watch(node_url: &str, q: &str) -> anyhow::Result<impl std::future
 /// network-failure signal, whichever comes first.
 async fn amqprs_watch(port: u16, q: &str) -> anyhow::Result<impl std::future::Future<Output = ()> + use<>> {
     use amqprs::channel::{BasicConsumeArguments, QueueDeclareArguments};
-    let conn = amqprs_connect("127.0.0.1", port, Some(2)).await?;
-    let ch = conn.open_channel(None).await?;
-    ch.register_callback(ConfirmCallback(Confirms::default())).await?;
+    let (conn, ch) = amqprs_channel("127.0.0.1", port, Some(2), Confirms::default()).await?;
     ch.queue_declare(QueueDeclareArguments::new(q)).await?;
     let (_, mut rx) = ch.basic_consume_rx(BasicConsumeArguments::new(q, "faults")).await?;
     let conn = Arc::new(conn);
@@ -480,8 +464,8 @@ async fn node_checks() -> anyhow::Result<(Row, Row)> {
     let frozen_row = Row {
         check: "a node frozen (SIGSTOP) under a consumer, heartbeat 2 s",
         needed: "the consumer ends within two heartbeats (4 s), so the stage moves to another node",
-        lapin: frozen[0].clone(),
-        amqprs: frozen[1].clone(),
+        lapin: frozen.remove(0),
+        amqprs: frozen.remove(0),
     };
     let killed_row = Row {
         check: "a node killed (SIGKILL) under a consumer",
