@@ -12,7 +12,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 
 use swallow_shared::config::Integration;
-use swallow_shared::messages::{DeliveryJob, HandlerAnswer};
+use swallow_shared::wire::messages::{DeliveryJob, HandlerAnswer};
 
 use crate::client::{ConnectError, ExchangeError};
 use crate::destination::{AddressPolicy, blocked_in};
@@ -225,7 +225,7 @@ async fn read_capped(mut incoming: Incoming) -> Result<Option<Vec<u8>>, hyper::E
 
 /// `Retry-After` as seconds or an HTTP date.
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    swallow_shared::retry::parse_retry_after(headers.get(RETRY_AFTER)?.to_str().ok()?)
+    swallow_shared::job::retry::parse_retry_after(headers.get(RETRY_AFTER)?.to_str().ok()?)
 }
 
 /// A reply when the answer is a JSON object with a non-empty `text`.
@@ -308,7 +308,7 @@ mod tests {
                 r#"{"team_id":"T1","channel_id":"C1","user_id":"U1","user_name":"u","ts":"1.000001","text":"g hi"}"#,
             )
             .unwrap(),
-            retry: swallow_shared::messages::RetryState::new(0),
+            retry: swallow_shared::wire::messages::RetryState::new(0),
         }
     }
 

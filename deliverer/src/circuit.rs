@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use swallow_shared::retry::RetrySchedule;
+use swallow_shared::job::retry::RetrySchedule;
 
 /// The first probe comes this long after a circuit opens.
 pub const FIRST_PROBE: Duration = Duration::from_secs(5);

@@ -10,9 +10,9 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use swallow_shared::config::Integration;
-use swallow_shared::lifecycle::{DeadReason, Disposition, ParkReason, Step};
-use swallow_shared::messages::{DeliveryJob, now_millis};
+use swallow_shared::job::lifecycle::{DeadReason, Disposition, ParkReason, Step};
 use swallow_shared::topology;
+use swallow_shared::wire::messages::{DeliveryJob, now_millis};
 
 use crate::Context;
 use crate::attempt::{Attempted, Outcome};
@@ -91,7 +91,7 @@ pub(crate) fn record(ctx: &Context, job: &DeliveryJob, integration: &Integration
 fn note(ctx: &Context, integration: &str, url: &str, t: Transition) {
     ctx.metrics.circuit_transitions.with_label_values(&[t.to.label()]).inc();
     ctx.metrics.circuits_open.set(ctx.circuits.open() as i64);
-    let url = swallow_shared::delivery_log::redact_url(url);
+    let url = swallow_shared::redact::url(url);
     let last_error = &t.last_error;
     match t.to {
         CircuitState::Open => {

@@ -2,7 +2,7 @@
 //! makes (a known integration, its URL's circuit, its rate limit or
 //! `on_limit = "drop"`, its fair share of the attempt permits), the HTTP
 //! attempt, and what the attempt means (for the job and for the circuit). Opening the job, retries, and carrying the decision out durably
-//! before the ack are the shared lifecycle's (`swallow_shared::lifecycle`).
+//! before the ack are the shared lifecycle's (`swallow_shared::job::lifecycle`).
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -13,15 +13,15 @@ use futures_util::FutureExt as _;
 use futures_util::future::Either;
 use lapin::message::Delivery;
 
+use swallow_shared::broker::consume::Settler;
 use swallow_shared::broker::{ConfirmedPublisher, SessionError};
 use swallow_shared::config::{Integration, OnLimit};
-use swallow_shared::consume::Settler;
 use swallow_shared::delivery_log::{LogRecord, Outcome as Step};
-use swallow_shared::lifecycle::{
+use swallow_shared::job::lifecycle::{
     self, DeadLetter, DeadReason, Disposition, Failure, ParkReason, Step as Next, take_turn, within_max_age,
 };
-use swallow_shared::messages::{self, DeliveryJob, MESSAGE_VERSION, ReplyJob, RetryState, now_millis};
 use swallow_shared::metrics::GaugeHold;
+use swallow_shared::wire::messages::{self, DeliveryJob, MESSAGE_VERSION, ReplyJob, RetryState, now_millis};
 
 use crate::attempt::{self, Attempted, Outcome};
 use crate::{Context, guard, notice};

@@ -40,8 +40,8 @@ use tokio_util::sync::CancellationToken;
 
 use swallow_shared::broker::Health;
 use swallow_shared::delivery_log::DeliveryLog;
-use swallow_shared::pacing::RateLimiter;
-use swallow_shared::retry::RetrySchedule;
+use swallow_shared::job::pacing::RateLimiter;
+use swallow_shared::job::retry::RetrySchedule;
 use swallow_shared::stage::{Running, StageParts, StartError};
 use swallow_shared::{Config, Integrations, Stage, Topology};
 

@@ -67,7 +67,8 @@ pub fn start_time(since: Option<&str>, from: Option<&str>, now: Timestamp) -> Re
         value: text.into(),
         message,
     };
-    let d = delivery_log::parse_duration(text).map_err(|_| bad("not a duration such as 90s, 10m, 2h or 7d".into()))?;
+    let d = swallow_shared::config::parse_duration(text)
+        .map_err(|_| bad("not a duration such as 90s, 10m, 2h or 7d".into()))?;
     let d = jiff::SignedDuration::try_from(d).map_err(|e| bad(e.to_string()))?;
     now.checked_sub(d).map_err(|_| bad("too far back".into()))
 }

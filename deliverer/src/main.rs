@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use swallow_deliverer::log_command;
-use swallow_shared::cli::{ConfigArgs, RUNNING, fail, serve};
 use swallow_shared::config::Stage;
+use swallow_shared::stage::cli::{ConfigArgs, RUNNING, fail, serve};
 use tokio_util::sync::CancellationToken;
 
 /// swallow's deliverer: POSTs each delivery job to its handler URL, retries

@@ -15,8 +15,8 @@ use lapin::{BasicProperties, Channel, Connection};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use swallow_shared::broker::consume::{QueueOptions, consume_queue};
 use swallow_shared::broker::{self, ConfirmedPublisher, SessionError};
-use swallow_shared::consume::{QueueOptions, consume_queue};
 
 use crate::{Context, SHUTDOWN_GRACE, jobs, shards};
 
@@ -103,12 +103,12 @@ struct HeldShard {
 /// Forgets the circuits no job has asked about for a while, so that an idle
 /// circuit does not stay open, and alerting, for ever.
 fn forget_idle_circuits(ctx: &Context) {
-    let forgotten = ctx.circuits.forget_idle(swallow_shared::messages::now_millis());
+    let forgotten = ctx.circuits.forget_idle(swallow_shared::wire::messages::now_millis());
     if forgotten.is_empty() {
         return;
     }
     for (integration, url) in &forgotten {
-        let url = swallow_shared::delivery_log::redact_url(url);
+        let url = swallow_shared::redact::url(url);
         info!(
             %integration,
             %url,

@@ -3,7 +3,7 @@
 //! is counted once, by [`DelivererMetrics::count`], after it was carried out.
 
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Registry};
-use swallow_shared::lifecycle::{DeadReason, ParkReason, Settled};
+use swallow_shared::job::lifecycle::{DeadReason, ParkReason, Settled};
 use swallow_shared::metrics::{counter, counter_vec, gauge, register};
 
 pub const OUTCOMES: [&str; 5] = ["delivered", "retried", "dead", "dropped", "rate_limited"];

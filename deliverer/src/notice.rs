@@ -13,8 +13,8 @@
 //! in memory: after a restart or a hand-over one more notice may come early.
 
 use swallow_shared::config::{Integration, OnFailure};
-use swallow_shared::lifecycle::{DeadLetter, Disposition};
-use swallow_shared::messages::{DeliveryJob, HandlerAnswer, MESSAGE_VERSION, ReplyJob, RetryState, now_millis};
+use swallow_shared::job::lifecycle::{DeadLetter, Disposition};
+use swallow_shared::wire::messages::{DeliveryJob, HandlerAnswer, MESSAGE_VERSION, ReplyJob, RetryState, now_millis};
 
 use crate::Context;
 

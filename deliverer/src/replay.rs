@@ -14,7 +14,7 @@ use lapin::types::FieldTable;
 
 use swallow_shared::Config;
 use swallow_shared::broker::{self, ConfirmedPublisher, SessionError};
-use swallow_shared::messages::{DeliveryJob, RetryState, now_millis};
+use swallow_shared::wire::messages::{DeliveryJob, RetryState, now_millis};
 
 /// What a replay did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

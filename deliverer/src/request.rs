@@ -9,7 +9,7 @@ use http::header::{HeaderName, HeaderValue};
 use sha2::Sha256;
 
 use swallow_shared::config::{ContentType, Integration};
-use swallow_shared::messages::DeliveryJob;
+use swallow_shared::wire::messages::DeliveryJob;
 
 /// The body and headers of one attempt.
 #[derive(Debug, Clone, PartialEq)]
@@ -111,7 +111,7 @@ pub fn sign(key: &[u8], id: &str, timestamp: &str, body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use swallow_shared::messages::RetryState;
+    use swallow_shared::wire::messages::RetryState;
     use swallow_shared::{ChatEvent, Config};
 
     fn seed() -> (DeliveryJob, std::sync::Arc<Integration>) {

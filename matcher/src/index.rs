@@ -12,7 +12,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use swallow_shared::config::{ChannelRef, ChannelType, Integration, Integrations, TriggerMatch};
-use swallow_shared::event::ChatEvent;
+use swallow_shared::wire::event::ChatEvent;
 
 /// One integration an event triggered, and the trigger word that matched
 /// (empty when the channel alone matched).

@@ -20,11 +20,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use swallow_shared::broker::consume::{ConsumeOptions, Settler, consume};
 use swallow_shared::broker::{self, ConfirmedPublisher, Health, SessionError};
-use swallow_shared::consume::{ConsumeOptions, Settler, consume};
 use swallow_shared::delivery_log::{DeliveryLog, LogRecord};
-use swallow_shared::messages::{DeliveryJob, now_millis};
 use swallow_shared::stage::{ListenError, Running, StageParts};
+use swallow_shared::wire::messages::{DeliveryJob, now_millis};
 use swallow_shared::{ChatEvent, Config, Stage, Topology};
 
 pub use index::{IntegrationIndex, Match};

@@ -3,8 +3,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use swallow_shared::cli::{ConfigArgs, RUNNING, run_stage};
 use swallow_shared::config::Stage;
+use swallow_shared::stage::cli::{ConfigArgs, RUNNING, run_stage};
 
 /// swallow's matcher: reads chat events from <prefix>.events and, for every
 /// integration an event triggers (its channel and/or trigger words), queues

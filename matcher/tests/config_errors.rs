@@ -2,7 +2,7 @@
 //! (README, Configuration): the file, the integration (id, or position when
 //! the id is missing), the field, and for an unknown field the closest known
 //! one. Run with the real binary, as an operator sees it (every stage binary
-//! loads its file through the same `swallow_shared::cli::run_stage`).
+//! loads its file through the same `swallow_shared::stage::cli::run_stage`).
 
 use std::process::Command;
 

@@ -21,18 +21,18 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use swallow_shared::broker::consume::{ConsumeOptions, Settler, consume};
 use swallow_shared::broker::{ConfirmedPublisher, Health, MatchedReturns, SessionError};
 use swallow_shared::config::{RateLimit, Sink};
-use swallow_shared::consume::{ConsumeOptions, Settler, consume};
 use swallow_shared::delivery_log::{DeliveryLog, LogRecord, Outcome as Step};
-use swallow_shared::lifecycle::{
+use swallow_shared::job::lifecycle::{
     self, DeadLetter, DeadReason, Disposition, Failure, ParkReason, RetryLimits, Step as Next, take_turn,
     within_max_age,
 };
-use swallow_shared::messages::{ReplyJob, now_millis};
-use swallow_shared::pacing::RateLimiter;
-use swallow_shared::retry::RetrySchedule;
+use swallow_shared::job::pacing::RateLimiter;
+use swallow_shared::job::retry::RetrySchedule;
 use swallow_shared::stage::{Running, StageParts, StartError};
+use swallow_shared::wire::messages::{ReplyJob, now_millis};
 use swallow_shared::{Config, Integration, Integrations, Stage, Topology};
 
 use metrics::ResponderMetrics;
@@ -275,7 +275,7 @@ fn post<'a>(
         reply.retry.attempt += 1;
         let disposition = match posted {
             Posted::Ok => {
-                if let Some(ts_ms) = swallow_shared::event::ts_to_millis(&reply.in_reply_to) {
+                if let Some(ts_ms) = swallow_shared::wire::event::ts_to_millis(&reply.in_reply_to) {
                     let latency = now_millis().saturating_sub(ts_ms);
                     ctx.metrics.end_to_end.observe(latency as f64 / 1000.0);
                 }
@@ -301,7 +301,7 @@ fn post<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use swallow_shared::messages::{HandlerAnswer, RetryState};
+    use swallow_shared::wire::messages::{HandlerAnswer, RetryState};
 
     fn reply(answer: HandlerAnswer, event_thread_ts: Option<&str>) -> ReplyJob {
         ReplyJob {

@@ -3,8 +3,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use swallow_shared::cli::{ConfigArgs, RUNNING, run_stage};
 use swallow_shared::config::Stage;
+use swallow_shared::stage::cli::{ConfigArgs, RUNNING, run_stage};
 
 /// swallow's responder: posts the replies of webhook handlers back into their
 /// channels, through the sink of [responder] sink: the <prefix>.chat.outbound

@@ -3,7 +3,7 @@
 //! the sink refused is `rejected` (and dead-lettered), not also `dead`.
 
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Registry};
-use swallow_shared::lifecycle::{DeadReason, ParkReason, Settled};
+use swallow_shared::job::lifecycle::{DeadReason, ParkReason, Settled};
 use swallow_shared::metrics::{counter_vec, register};
 
 pub const OUTCOMES: [&str; 5] = ["posted", "retried", "dead", "rate_limited", "rejected"];

@@ -127,8 +127,8 @@ impl ReplySink {
     pub async fn post(&self, reply: &OutboundReply<'_>, outbound: &MatchedReturns, timeout: Duration) -> Posted {
         match self {
             ReplySink::Amqp { exchange } => {
-                let body = swallow_shared::messages::to_json(reply, reply.text.len());
-                let key = swallow_shared::messages::channel_key(reply.team_id, reply.channel_id);
+                let body = swallow_shared::wire::messages::to_json(reply, reply.text.len());
+                let key = swallow_shared::wire::messages::channel_key(reply.team_id, reply.channel_id);
                 match outbound.publish(exchange, &key, body, broker::persistent_json()).await {
                     Ok(()) => Posted::Ok,
                     Err(e) => Posted::Retry {
@@ -173,7 +173,7 @@ async fn http_post(request: reqwest::RequestBuilder, slack_api: bool) -> Posted 
         .headers()
         .get(RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
-        .and_then(swallow_shared::retry::parse_retry_after);
+        .and_then(swallow_shared::job::retry::parse_retry_after);
     if !status.is_success() {
         return Posted::Retry {
             error: format!("HTTP {}", status.as_u16()),

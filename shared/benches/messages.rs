@@ -7,7 +7,7 @@
 use criterion::{Criterion, criterion_group, criterion_main};
 use std::hint::black_box;
 use swallow_shared::ChatEvent;
-use swallow_shared::messages::{DeliveryJob, ReplyJob};
+use swallow_shared::wire::messages::{DeliveryJob, ReplyJob};
 
 fn fixture(name: &str) -> Vec<u8> {
     let path = format!("{}/tests/fixtures/v1/{name}", env!("CARGO_MANIFEST_DIR"));

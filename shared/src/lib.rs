@@ -1,31 +1,31 @@
-//! What two or more swallow stages share: configuration, the messages that
-//! cross the broker, the topology, the broker connection and its recovery,
-//! the operations listener, shutdown, logging, reload, the pacing and retry
-//! logic, the one lifecycle of a job that is retried (`lifecycle`), and the
-//! delivery log every stage appends to (`delivery_log`).
+//! What two or more swallow stages share, in folders that depend one way
+//! (each only on those above it):
+//!
+//! - [`redact`], [`metrics`] — leaves: URLs without secrets, metric helpers.
+//! - [`config`] — the configuration file, validated; the environment.
+//! - [`topology`] — every exchange and queue name and their declaration.
+//! - [`wire`] — what crosses the broker: chat events and the versioned jobs.
+//! - [`broker`] — connections, confirmed publishing, returns, the supervisor
+//!   that reconnects, and the consumer loop.
+//! - [`delivery_log`] — the delivery log stream: records and the appender.
+//! - [`job`] — the one life of a retried job: lifecycle, dispositions,
+//!   retry schedule, pacing, parking on the delay ladder.
+//! - [`stage`] — what every stage binary does: start (parts), command line,
+//!   the ops listener, reload, shutdown, logging.
 
 pub mod broker;
-pub mod cli;
 pub mod config;
-pub mod consume;
-pub mod delay;
 pub mod delivery_log;
-pub mod event;
-pub mod lifecycle;
-pub mod logging;
-pub mod messages;
+pub mod job;
 pub mod metrics;
-pub mod ops;
-pub mod pacing;
-pub mod reload;
-pub mod retry;
-pub mod shutdown;
+pub mod redact;
 pub mod stage;
 pub mod topology;
+pub mod wire;
 
 pub use config::{Config, Integration, Integrations, Stage};
-pub use event::ChatEvent;
 pub use topology::Topology;
+pub use wire::event::ChatEvent;
 
 /// `swallow/<version>`, the User-Agent of every request swallow makes.
 pub const USER_AGENT: &str = concat!("swallow/", env!("CARGO_PKG_VERSION"));

@@ -5,7 +5,7 @@
 //! job that passes through a new deliverer or responder and back onto a
 //! queue reads the same to an old one still running during a rollout.
 
-use swallow_shared::messages::{DeliveryJob, ReplyJob};
+use swallow_shared::wire::messages::{DeliveryJob, ReplyJob};
 
 fn fixture(name: &str) -> Vec<u8> {
     let path = format!("{}/tests/fixtures/v1/{name}", env!("CARGO_MANIFEST_DIR"));

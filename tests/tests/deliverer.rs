@@ -42,7 +42,7 @@ fn job(integration: &str, url: &str, ts: &str) -> serde_json::Value {
         "url": url,
         "trigger_word": "googlebot:",
         "event": event,
-        "created_at_ms": swallow_shared::messages::now_millis(),
+        "created_at_ms": swallow_shared::wire::messages::now_millis(),
     })
 }
 
@@ -219,7 +219,7 @@ async fn retried_until_delivered_with_the_same_webhook_id() {
     let g = gaps(&reqs);
     // Full jitter under ceilings of 1 s then 2 s, plus however late the
     // broker hands the parked job back (the schedule's own distribution is
-    // unit-tested in swallow_shared::retry).
+    // unit-tested in swallow_shared::job::retry).
     let late = LADDER_LATENESS.as_secs_f64();
     assert!(
         g[0] <= 1.0 + late && g[1] <= 2.0 + late,

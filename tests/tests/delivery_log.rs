@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use swallow_shared::delivery_log::{self, AppenderTarget, LogConfig, LogRecord, Outcome};
+use swallow_shared::delivery_log::{self, AppenderTarget, DeliveryLogConfig, LogRecord, Outcome};
 use swallow_tests::handler::{Answer, HandlerServer};
 use swallow_tests::*;
 use tokio::io::AsyncBufReadExt;
@@ -371,7 +371,7 @@ async fn delivered_line(rx: &mut tokio::sync::mpsc::UnboundedReceiver<(Instant, 
 
 /// A delivery job of `integration` with this delivery id, for records made
 /// by the test itself.
-fn job(delivery_id: &str) -> swallow_shared::messages::DeliveryJob {
+fn job(delivery_id: &str) -> swallow_shared::wire::messages::DeliveryJob {
     serde_json::from_value(serde_json::json!({
         "delivery_id": delivery_id, "integration_id": "googlebot", "url": "http://127.0.0.1:9/",
         "trigger_word": "googlebot:", "created_at_ms": 1,
@@ -393,11 +393,10 @@ async fn old_records_go_and_the_command_still_works() {
             .broker,
         connection_name: format!("swallow-test-log {}", stack.prefix),
         stream: stack.topology.log_stream(),
-        config: LogConfig {
+        config: DeliveryLogConfig {
             enabled: true,
             max_age: Duration::from_secs(3600),
             max_bytes: 64 * 1024,
-            ..LogConfig::default()
         },
     };
     let (log, appender) = delivery_log::start(target, &registry);
@@ -505,7 +504,7 @@ async fn an_unreachable_log_drops_and_counts_and_never_waits() {
         .broker,
         connection_name: "swallow-test-log unreachable".into(),
         stream: "t-dlog-unreachable.log".into(),
-        config: LogConfig::default(),
+        config: DeliveryLogConfig::default(),
     };
     let (log, _appender) = delivery_log::start(target, &registry);
     let n = 20_000;

@@ -398,7 +398,7 @@ async fn a_stage_whose_broker_stops_answering_still_exits_after_its_grace_period
 #[tokio::test]
 async fn a_panicking_handler_hands_its_delivery_back() {
     use swallow_shared::broker::ConfirmedPublisher;
-    use swallow_shared::consume::{QueueOptions, Settler, consume_queue};
+    use swallow_shared::broker::consume::{QueueOptions, Settler, consume_queue};
 
     let stack = TestStack::new("panic").await.unwrap();
     let queue = stack.topology.replies_queue();

@@ -39,7 +39,7 @@ fn reply(ts: &str, channel: &str, answer: serde_json::Value) -> serde_json::Valu
         "channel_id": channel,
         "in_reply_to": ts,
         "answer": answer,
-        "created_at_ms": swallow_shared::messages::now_millis(),
+        "created_at_ms": swallow_shared::wire::messages::now_millis(),
     })
 }
 

@@ -34,7 +34,7 @@ async fn publish(stack: &TestStack, handler: &HandlerServer, id: &str, from: usi
         event.as_object_mut().unwrap().retain(|_, v| !v.is_null());
         let job = serde_json::json!({
             "delivery_id": format!("msg_{id}_{i}"), "integration_id": id, "url": handler.url(&format!("/{id}")),
-            "trigger_word": "", "event": event, "created_at_ms": swallow_shared::messages::now_millis(),
+            "trigger_word": "", "event": event, "created_at_ms": swallow_shared::wire::messages::now_millis(),
         });
         confirms.push(
             stack

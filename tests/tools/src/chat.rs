@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use futures_util::StreamExt;
 use lapin::{BasicProperties, Connection};
 
-use swallow_shared::messages::channel_key;
+use swallow_shared::wire::messages::channel_key;
 use swallow_shared::{Topology, broker};
 
 /// A Slack-style `ts` for now: seconds and microseconds.

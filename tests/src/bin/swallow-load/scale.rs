@@ -15,7 +15,7 @@ use rand::SeedableRng as _;
 use rand_distr::Distribution as _;
 use swallow_shared::Topology;
 use swallow_shared::config::RateLimit;
-use swallow_shared::pacing::{Admission, TokenBucket};
+use swallow_shared::job::pacing::{Admission, TokenBucket};
 
 use crate::{Stack, broker_pid, cpu_seconds, handler, listen_replies, micros_now, percentiles, post_latencies};
 

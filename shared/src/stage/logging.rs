@@ -17,7 +17,7 @@ use tracing_subscriber::registry::LookupSpan;
 
 use crate::config::LogFormat;
 
-/// The format logging was started with, for [`crate::cli::fail`]'s last line.
+/// The format logging was started with, for [`super::cli::fail`]'s last line.
 static FORMAT: OnceLock<LogFormat> = OnceLock::new();
 
 /// Starts logging to stderr in `format`, filtered by `RUST_LOG` (default
@@ -26,7 +26,7 @@ static FORMAT: OnceLock<LogFormat> = OnceLock::new();
 /// reports expected events (a shard lease held by another replica, a
 /// closing channel) as errors.
 pub fn init(stage: &'static str, format: LogFormat) {
-    let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    let spec = crate::config::env::log_filter();
     let spec = if spec.contains("lapin") {
         spec
     } else {
@@ -54,10 +54,7 @@ pub fn format() -> LogFormat {
     FORMAT
         .get()
         .copied()
-        .unwrap_or_else(|| match std::env::var("SWALLOW_LOG_FORMAT").as_deref().map(str::trim) {
-            Ok("json") => LogFormat::Json,
-            _ => LogFormat::Text,
-        })
+        .unwrap_or_else(|| crate::config::env::log_format().ok().flatten().unwrap_or_default())
 }
 
 /// One JSON log line, as [`JsonLine`] writes them, for a message that is

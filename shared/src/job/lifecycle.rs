@@ -19,14 +19,16 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::warn;
 
+pub use super::disposition::{DeadLetter, DeadReason, Disposition, ParkReason, Settled, Step};
+use super::pacing::{RateLimiter, Turn};
+use super::park;
+pub use super::retry::RetryLimits;
+use super::retry::{RetryDecision, RetrySchedule};
 use crate::Topology;
+use crate::broker::consume::Settler;
 use crate::broker::{self, ConfirmedPublisher, SessionError};
-use crate::config::{Integration, RateLimit};
-use crate::consume::Settler;
-use crate::delay;
-use crate::messages::{DeliveryJob, MESSAGE_VERSION, ReplyJob, RetryState, now_millis};
-use crate::pacing::{RateLimiter, Turn};
-use crate::retry::{RetryBudget, RetryDecision, RetrySchedule};
+use crate::config::RateLimit;
+use crate::wire::messages::{DeliveryJob, MESSAGE_VERSION, ReplyJob, RetryState, channel_key, now_millis};
 
 /// A message that leads the life above.
 pub trait Job: Serialize + DeserializeOwned + Send + 'static {
@@ -94,162 +96,9 @@ impl Job for ReplyJob {
         topology.replies_dead_queue()
     }
     fn destination(&self) -> (&'static str, String) {
-        ("channel", crate::messages::channel_key(&self.team_id, &self.channel_id))
+        ("channel", channel_key(&self.team_id, &self.channel_id))
     }
 }
-
-/// Why a job was dead-lettered: its `x-swallow-reason` header and its
-/// metric label, from one place.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DeadReason {
-    MaxAttempts,
-    MaxAge,
-    /// The handler answered 410 Gone.
-    Gone,
-    /// The destination's address is not allowed.
-    BlockedDestination,
-    UnknownIntegration,
-    /// Bytes that are not a delivery job.
-    InvalidJob,
-    /// Bytes that are not a reply.
-    InvalidReply,
-    /// A message from a newer version than this build.
-    UnsupportedVersion,
-    /// The reply sink refused the reply for good.
-    Rejected,
-    /// It aged out waiting behind its URL's open circuit.
-    CircuitOpen,
-}
-
-impl DeadReason {
-    /// The reasons a delivery job can die of.
-    pub const DELIVERY: [DeadReason; 8] = [
-        DeadReason::MaxAttempts,
-        DeadReason::MaxAge,
-        DeadReason::CircuitOpen,
-        DeadReason::Gone,
-        DeadReason::BlockedDestination,
-        DeadReason::UnknownIntegration,
-        DeadReason::InvalidJob,
-        DeadReason::UnsupportedVersion,
-    ];
-
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            DeadReason::MaxAttempts => "max_attempts",
-            DeadReason::MaxAge => "max_age",
-            DeadReason::Gone => "gone",
-            DeadReason::BlockedDestination => "blocked_destination",
-            DeadReason::UnknownIntegration => "unknown_integration",
-            DeadReason::InvalidJob => "invalid_job",
-            DeadReason::InvalidReply => "invalid_reply",
-            DeadReason::UnsupportedVersion => "unsupported_version",
-            DeadReason::Rejected => "rejected",
-            DeadReason::CircuitOpen => "circuit_open",
-        }
-    }
-}
-
-impl std::fmt::Display for DeadReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Why a job went back on the delay ladder without being finished.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ParkReason {
-    /// It came back before its `not_before_ms`.
-    NotDue,
-    /// It reserved a rate-limit slot and waits for it.
-    RateLimited,
-    /// It missed its slot and reserved a new one.
-    MissedSlot,
-    /// Its integration has as many attempts under way as it may.
-    Busy,
-    /// An attempt failed; it waits for the next.
-    Retry,
-    /// Its URL's circuit is open: it waits, unattempted, for the next probe.
-    CircuitOpen,
-}
-
-/// What becomes of one delivery of a job, decided before anything is
-/// acknowledged, carried out by [`carry_out`].
-#[derive(Debug)]
-pub enum Disposition<J> {
-    /// Its effect happened (delivered, posted): acknowledge.
-    Done,
-    /// Deliberately not done (`on_limit = "drop"`): acknowledge.
-    Dropped,
-    /// Its effect is a message for the next stage: publish it (confirmed) to
-    /// `queue`, then acknowledge.
-    Forward { queue: String, body: Vec<u8> },
-    /// Back on the delay ladder to its home queue for `wait` (confirmed),
-    /// then acknowledge.
-    Park { job: J, wait: Duration, why: ParkReason },
-    /// To the dead-letter queue (confirmed), then acknowledge.
-    Dead(DeadLetter<J>),
-}
-
-/// A dead letter: the job (or, when it did not parse, its bytes) and why.
-#[derive(Debug)]
-pub struct DeadLetter<J> {
-    pub reason: DeadReason,
-    /// The `x-swallow-error` header: what went wrong, in words.
-    pub detail: String,
-    /// The last attempt's HTTP status, when there was one.
-    pub status: Option<u16>,
-    pub body: Result<J, Vec<u8>>,
-    /// A message to publish as well (confirmed) before the ack: the
-    /// deliverer's failure notice for the channel, `(queue, body)`.
-    pub notice: Option<(String, Vec<u8>)>,
-}
-
-impl<J> Disposition<J> {
-    pub fn park(job: J, wait: Duration, why: ParkReason) -> Self {
-        Disposition::Park { job, wait, why }
-    }
-
-    pub fn dead(job: J, reason: DeadReason, detail: impl Into<String>) -> Self {
-        Disposition::dead_after(job, reason, detail, None)
-    }
-
-    /// Dead-letters a job, keeping the last attempt's HTTP status.
-    pub fn dead_after(job: J, reason: DeadReason, detail: impl Into<String>, status: Option<u16>) -> Self {
-        Disposition::Dead(DeadLetter {
-            reason,
-            detail: detail.into(),
-            status,
-            body: Ok(job),
-            notice: None,
-        })
-    }
-
-    /// What it comes to, for counting.
-    pub fn settled(&self) -> Settled {
-        match self {
-            Disposition::Done => Settled::Done,
-            Disposition::Dropped => Settled::Dropped,
-            Disposition::Forward { .. } => Settled::Forwarded,
-            Disposition::Park { why, .. } => Settled::Parked(*why),
-            Disposition::Dead(d) => Settled::Dead(d.reason),
-        }
-    }
-}
-
-/// What [`carry_out`] did: a disposition without its payload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Settled {
-    Done,
-    Dropped,
-    Forwarded,
-    Parked(ParkReason),
-    Dead(DeadReason),
-}
-
-/// A job that is still going, or its disposition: the type of each check
-/// in a stage's `decide` (`?` stops at the first that settles the job).
-pub type Step<J, T = J> = ControlFlow<Disposition<J>, T>;
 
 /// Opens a delivery's bytes as a `J`: not one, or from a newer version,
 /// is dead; one not due yet goes back on the ladder (a remainder too
@@ -276,7 +125,7 @@ pub async fn open<J: Job>(data: &[u8], leeway: impl FnOnce(&J) -> Duration) -> S
         );
         return ControlFlow::Break(Disposition::dead(job, DeadReason::UnsupportedVersion, detail));
     }
-    match delay::wait_until_due(job.retry().not_before_ms, || leeway(&job)).await {
+    match park::wait_until_due(job.retry().not_before_ms, || leeway(&job)).await {
         Some(wait) => ControlFlow::Break(Disposition::park(job, wait, ParkReason::NotDue)),
         None => ControlFlow::Continue(job),
     }
@@ -299,7 +148,7 @@ pub fn within_max_age<J: Job>(job: J, max_age: Duration, now_ms: u64) -> Step<J,
 /// at all (a retry's or a circuit's wait is its own).
 pub fn slot_leeway<J: Job>(job: &J, limit: Option<&RateLimit>) -> Duration {
     match limit {
-        Some(limit) if job.retry().rate_reserved => crate::pacing::park_leeway(limit),
+        Some(limit) if job.retry().rate_reserved => super::pacing::park_leeway(limit),
         _ => Duration::ZERO,
     }
 }
@@ -324,7 +173,7 @@ pub fn take_turn<J: Job, K: std::hash::Hash + Eq + Clone>(
             } else {
                 ParkReason::RateLimited
             };
-            let wait = crate::topology::park_for(wait, crate::pacing::park_leeway(limit));
+            let wait = crate::topology::park_for(wait, super::pacing::park_leeway(limit));
             ControlFlow::Break(Disposition::park(job, wait, why))
         }
         Turn::TooLong(wait) => {
@@ -344,22 +193,6 @@ pub struct Failure {
     pub status: Option<u16>,
 }
 
-/// How many attempts and how long a job gets.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryLimits {
-    pub max_attempts: u32,
-    pub max_age: Duration,
-}
-
-impl From<&Integration> for RetryLimits {
-    fn from(integration: &Integration) -> Self {
-        RetryLimits {
-            max_attempts: integration.max_attempts,
-            max_age: integration.max_age,
-        }
-    }
-}
-
 /// After a failed attempt (already counted in `attempt`): park the job for
 /// the schedule's next wait, or dead-letter it when its attempts or its age
 /// are spent.
@@ -372,12 +205,14 @@ pub fn retry_or_dead<J: Job>(
     let now = now_millis();
     let retry = job.retry_mut();
     retry.last_error = Some(failure.error.clone());
-    let budget = RetryBudget {
-        max_attempts: limits.max_attempts,
-        max_age: limits.max_age,
-        created_at_ms: retry.created_at_ms,
-    };
-    match schedule.after_failure(budget, retry.attempt, failure.retry_after, now, &failure.error) {
+    match schedule.after_failure(
+        limits,
+        retry.created_at_ms,
+        retry.attempt,
+        failure.retry_after,
+        now,
+        &failure.error,
+    ) {
         RetryDecision::GiveUp { reason, detail } => Disposition::dead_after(job, reason, detail, failure.status),
         RetryDecision::RetryIn(wait) => {
             retry.not_before_ms = Some(now + wait.as_millis() as u64);
@@ -404,7 +239,7 @@ pub async fn carry_out<J: Job>(
         Disposition::Park { job, wait, .. } => {
             let body = serde_json::to_vec(&job).expect("a job always serializes");
             let home = job.home_queue(topology);
-            delay::park(publisher, topology, &home, &body, broker::persistent_json(), wait).await?;
+            park::park(publisher, topology, &home, &body, broker::persistent_json(), wait).await?;
         }
         Disposition::Dead(letter) => dead_letter(letter, publisher, topology).await?,
     }
@@ -440,7 +275,7 @@ async fn dead_letter<J: Job>(
         }
         Err(raw) => raw,
     };
-    delay::dead_letter(publisher, &J::dead_queue(topology), &bytes, &headers).await?;
+    park::dead_letter(publisher, &J::dead_queue(topology), &bytes, &headers).await?;
     if let Some((queue, body)) = notice {
         publisher.publish("", &queue, &body, broker::persistent_json()).await?;
     }

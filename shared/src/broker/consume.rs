@@ -23,8 +23,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use super::{ConfirmedPublisher, Health, SessionError};
 use crate::Topology;
-use crate::broker::{ConfirmedPublisher, Health, SessionError};
 
 /// Where a handler settles its delivery: the channel it came on, and its
 /// delivery tag. lapin's `Delivery::ack` sends through its internal task,

@@ -17,6 +17,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::config::RateLimit;
+use crate::wire::messages::Slot;
 
 /// One token bucket: `burst` tokens, refilled at `per_second`.
 #[derive(Debug, Clone)]
@@ -161,15 +162,6 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
             Admission::TooLong(wait) => Turn::TooLong(wait),
         }
     }
-}
-
-/// The rate-limit fields a parked message carries.
-pub struct Slot<'a> {
-    /// It holds a token for the slot at `not_before_ms`.
-    pub reserved: &'a mut bool,
-    /// It already missed a slot once and took a new one.
-    pub missed: &'a mut bool,
-    pub not_before_ms: &'a mut Option<u64>,
 }
 
 /// What [`RateLimiter::turn`] decided.

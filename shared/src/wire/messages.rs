@@ -8,8 +8,7 @@
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::event::ChatEvent;
-use crate::pacing::Slot;
+use super::event::ChatEvent;
 
 /// The version of [`DeliveryJob`] and [`ReplyJob`] this build writes.
 pub const MESSAGE_VERSION: u32 = 1;
@@ -200,7 +199,7 @@ mod wire {
     use serde::{Deserialize, Serialize};
 
     use super::{DeliveryJob, HandlerAnswer, ReplyJob, RetryState, version};
-    use crate::event::ChatEvent;
+    use crate::wire::event::ChatEvent;
 
     /// [`RetryState`]'s fields, borrowed, written inline by the two `*Out`s
     /// (a struct of their own would nest them; these are laid out in place by
@@ -355,7 +354,7 @@ mod wire {
 /// may next be tried and whether it holds a rate-limit slot for then. Both
 /// job types carry it (flattened into their JSON, so the fields sit where
 /// version 1 put them); the stages read and change it only through its
-/// methods and [`crate::lifecycle`].
+/// methods and `job::lifecycle`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RetryState {
     /// When the job was made (ms since epoch); `max_age` counts from here.
@@ -395,7 +394,7 @@ impl RetryState {
         self.created_at_ms + max_age.as_millis() as u64
     }
 
-    /// The rate-limit fields, for [`crate::pacing::RateLimiter::turn`].
+    /// The rate-limit fields, for `job::pacing::RateLimiter::turn`.
     pub fn slot(&mut self) -> Slot<'_> {
         Slot {
             reserved: &mut self.rate_reserved,
@@ -410,6 +409,15 @@ impl RetryState {
         self.rate_reserved = true;
         self.not_before_ms = Some(now_ms + wait.as_millis() as u64);
     }
+}
+
+/// The rate-limit fields a parked message carries.
+pub struct Slot<'a> {
+    /// It holds a token for the slot at `not_before_ms`.
+    pub reserved: &'a mut bool,
+    /// It already missed a slot once and took a new one.
+    pub missed: &'a mut bool,
+    pub not_before_ms: &'a mut Option<u64>,
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::{Config, ConfigError, LogFormat, Stage};
 
@@ -32,20 +32,16 @@ one line naming the file, the integration and the field (exit status 2).";
 
 impl ConfigArgs {
     /// Reads, validates and applies the environment to the configuration for
-    /// `stage`, then starts logging in the format it gives.
+    /// `stage`, then starts logging in the format it gives and logs what it
+    /// warns of. Says nothing else: a command (`log`, `replay`) is not the
+    /// stage starting; [`serve`] says that.
     pub fn load(&self, stage: Stage) -> Result<Config, ConfigError> {
         let mut config = Config::load(&self.config)?;
         config.apply_env(stage)?;
-        crate::logging::init(stage.name(), config.log.format);
-        info!(
-            stage = stage.name(),
-            version = env!("CARGO_PKG_VERSION"),
-            config = %self.config.display(),
-            integrations = config.integrations.list.len(),
-            broker = %config.broker.urls,
-            prefix = %config.broker.prefix,
-            "starting"
-        );
+        super::logging::init(stage.name(), config.log.format);
+        for warning in &config.warnings {
+            warn!(config = %self.config.display(), "{warning}");
+        }
         Ok(config)
     }
 }
@@ -73,7 +69,16 @@ where
     Fut: Future<Output = Result<(), E>>,
     E: Display,
 {
-    match run(config, crate::shutdown::on_signal(grace)).await {
+    info!(
+        stage = program.strip_prefix("swallow-").unwrap_or(program),
+        version = env!("CARGO_PKG_VERSION"),
+        config = %config.path.as_deref().unwrap_or(std::path::Path::new("-")).display(),
+        integrations = config.integrations.list.len(),
+        broker = %config.broker.urls,
+        prefix = %config.broker.prefix,
+        "starting"
+    );
+    match run(config, super::shutdown::on_signal(grace)).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(program, e),
     }
@@ -82,11 +87,11 @@ where
 /// Prints one clear line for an error that stops a stage (a JSON one when
 /// logging is in JSON), and the exit code.
 pub fn fail(program: &str, error: impl Display) -> ExitCode {
-    match crate::logging::format() {
+    match super::logging::format() {
         LogFormat::Text => eprintln!("{program}: error: {error}"),
         LogFormat::Json => eprintln!(
             "{}",
-            crate::logging::json_line(
+            super::logging::json_line(
                 program.strip_prefix("swallow-").unwrap_or(program),
                 "ERROR",
                 &error.to_string()

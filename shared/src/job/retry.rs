@@ -13,7 +13,8 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use rand::Rng;
 
-use crate::lifecycle::DeadReason;
+use super::disposition::DeadReason;
+use crate::config::Integration;
 
 #[derive(Debug, Clone, Copy)]
 pub struct RetrySchedule {
@@ -77,13 +78,21 @@ pub enum RetryDecision {
     GiveUp { reason: DeadReason, detail: String },
 }
 
-/// A message's retry budget.
+/// How many attempts and how long a job gets, counted from when it was
+/// made.
 #[derive(Debug, Clone, Copy)]
-pub struct RetryBudget {
+pub struct RetryLimits {
     pub max_attempts: u32,
     pub max_age: Duration,
-    /// When the message was made (ms since epoch); `max_age` counts from here.
-    pub created_at_ms: u64,
+}
+
+impl From<&Integration> for RetryLimits {
+    fn from(integration: &Integration) -> Self {
+        RetryLimits {
+            max_attempts: integration.max_attempts,
+            max_age: integration.max_age,
+        }
+    }
 }
 
 impl RetrySchedule {
@@ -91,20 +100,21 @@ impl RetrySchedule {
     /// was `error`, at `now_ms`.
     pub fn after_failure(
         &self,
-        budget: RetryBudget,
+        limits: RetryLimits,
+        created_at_ms: u64,
         attempts: u32,
         retry_after: Option<Duration>,
         now_ms: u64,
         error: &str,
     ) -> RetryDecision {
-        if attempts >= budget.max_attempts {
+        if attempts >= limits.max_attempts {
             return RetryDecision::GiveUp {
                 reason: DeadReason::MaxAttempts,
                 detail: format!("{attempts} attempts; last: {error}"),
             };
         }
         let wait = self.delay(attempts, retry_after);
-        let deadline = budget.created_at_ms + budget.max_age.as_millis() as u64;
+        let deadline = created_at_ms + limits.max_age.as_millis() as u64;
         if now_ms + wait.as_millis() as u64 >= deadline {
             return RetryDecision::GiveUp {
                 reason: DeadReason::MaxAge,
@@ -134,22 +144,22 @@ mod tests {
     #[test]
     fn gives_up_on_attempts_or_age() {
         let s = RetrySchedule::default();
-        let budget = RetryBudget {
+        let limits = RetryLimits {
             max_attempts: 3,
             max_age: Duration::from_secs(10),
-            created_at_ms: 1_000_000,
         };
+        let made = 1_000_000;
         assert!(
-            matches!(s.after_failure(budget, 1, None, 1_000_000, "e"), RetryDecision::RetryIn(w) if w <= Duration::from_secs(1))
+            matches!(s.after_failure(limits, made, 1, None, 1_000_000, "e"), RetryDecision::RetryIn(w) if w <= Duration::from_secs(1))
         );
         assert!(matches!(
-            s.after_failure(budget, 3, None, 1_000_000, "e"),
+            s.after_failure(limits, made, 3, None, 1_000_000, "e"),
             RetryDecision::GiveUp {
                 reason: DeadReason::MaxAttempts,
                 ..
             }
         ));
-        let late = s.after_failure(budget, 1, Some(Duration::from_secs(20)), 1_000_000, "HTTP 429");
+        let late = s.after_failure(limits, made, 1, Some(Duration::from_secs(20)), 1_000_000, "HTTP 429");
         assert!(
             matches!(
                 late,

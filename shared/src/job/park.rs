@@ -36,7 +36,7 @@ pub async fn park(
 /// otherwise waits out a remainder too short to park (under 100 ms) and
 /// returns `None`: it is due.
 pub async fn wait_until_due(not_before_ms: Option<u64>, late_ok: impl FnOnce() -> Duration) -> Option<Duration> {
-    let now = crate::messages::now_millis();
+    let now = crate::wire::now_millis();
     let due = not_before_ms.filter(|&due| due > now)?;
     let wait = Duration::from_millis(due - now);
     if step_for(wait).is_some() {

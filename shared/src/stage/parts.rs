@@ -15,11 +15,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use super::{ops, reload};
 use crate::broker::{Health, SessionError, Supervisor};
 use crate::config::{Config, Integrations, Stage};
 use crate::delivery_log::{self, AppenderTarget, DeliveryLog};
 use crate::metrics::CommonMetrics;
-use crate::{ops, reload};
 
 /// The operations listener could not be bound.
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +83,7 @@ impl StageParts {
             broker: config.broker.clone(),
             connection_name: format!("swallow-{}-log {} {}", stage.name(), config.broker.prefix, short_id()),
             stream: config.broker.topology().log_stream(),
-            config: config.log.clone(),
+            config: config.delivery_log.clone(),
         };
         let (log, appender) = delivery_log::start(target, &registry);
         Ok(StageParts {

@@ -1,0 +1,10 @@
+//! The one life of a job that is retried (the deliverer's delivery jobs, the
+//! responder's replies): [`lifecycle`] opens and settles it, [`disposition`]
+//! names what becomes of it, [`retry`] and [`pacing`] decide when it goes
+//! again, and [`park`] puts it on the delay ladder until then.
+
+pub mod disposition;
+pub mod lifecycle;
+pub mod pacing;
+pub mod park;
+pub mod retry;
