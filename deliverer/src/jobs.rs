@@ -20,7 +20,7 @@ use swallow_shared::delivery_log::{LogRecord, Outcome as Step};
 use swallow_shared::lifecycle::{
     self, DeadLetter, DeadReason, Disposition, Failure, ParkReason, Step as Next, take_turn, within_max_age,
 };
-use swallow_shared::messages::{self, DeliveryJob, MESSAGE_VERSION, ReplyJob, RetryState, now_millis};
+use swallow_shared::messages::{self, DeliveryJob, ReplyJob, RetryState, now_millis};
 use swallow_shared::metrics::GaugeHold;
 
 use crate::attempt::{self, Attempted, Outcome};
@@ -197,7 +197,7 @@ fn after_attempt(
         Outcome::Delivered { answer: None } => Disposition::Done,
         Outcome::Delivered { answer: Some(answer) } => {
             let reply = ReplyJob {
-                v: MESSAGE_VERSION,
+                v: messages::version_for(job.event.platform.as_deref()),
                 delivery_id: job.delivery_id,
                 integration_id: job.integration_id,
                 team_id: job.event.team_id,
@@ -205,6 +205,7 @@ fn after_attempt(
                 in_reply_to: job.event.ts,
                 event_thread_ts: job.event.thread_ts,
                 answer,
+                platform: job.event.platform,
                 retry: RetryState::new(now_millis()),
             };
             Disposition::Forward {

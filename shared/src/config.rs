@@ -88,6 +88,7 @@ struct RawFile {
     responder: RawResponder,
     #[serde(default)]
     log: RawLog,
+    ingress: Option<crate::ingress_config::RawIngress>,
 }
 
 /// `[log]`: how the stages write their own log lines, and the delivery
@@ -244,6 +245,8 @@ pub struct Config {
     /// `[log]`: the stages' log lines, and the delivery log's switch and
     /// retention.
     pub log: LogConfig,
+    /// `[ingress]`: the matcher's listener for chat platforms; off when absent.
+    pub ingress: Option<crate::ingress_config::IngressConfig>,
     pub integrations: Arc<Integrations>,
     /// The secret files it read (`token_file`, `signing_secret_file`,
     /// `slack_token_file`) and a hash of each one's content, so that a reload
@@ -669,6 +672,12 @@ impl Config {
         let reload_interval = Duration::from_millis(reload_interval_ms);
         let integrations = validate_integrations(raw_integrations, &shown, &files, deliverer.circuit_failures)?;
         let log = raw.log.validate().map_err(|(field, m)| field_err(field, m))?;
+        let read_secret = |inline, file: Option<&Path>, name: &str| files.secret(inline, file, name);
+        let ingress = raw
+            .ingress
+            .map(|i| crate::ingress_config::validate(i, &read_secret))
+            .transpose()
+            .map_err(|(field, m)| field_err(&field, m))?;
         Ok(Config {
             path: path.map(Path::to_owned),
             reload_interval,
@@ -677,6 +686,7 @@ impl Config {
             deliverer,
             responder,
             log,
+            ingress,
             integrations: Arc::new(integrations),
             secret_files: files.read.into_inner(),
             text_hash: content_hash(text.as_bytes()),
@@ -710,6 +720,18 @@ impl Config {
                     });
                 }
             };
+        }
+        if let (Stage::Matcher, Some(addr)) = (stage, env_nonempty("SWALLOW_INGRESS_ADDR")) {
+            let invalid = |message: String| ConfigError::Env {
+                name: "SWALLOW_INGRESS_ADDR",
+                message,
+            };
+            let Some(ingress) = self.ingress.as_mut() else {
+                return Err(invalid("set, but the file has no [ingress] table".into()));
+            };
+            ingress.listen = addr
+                .parse()
+                .map_err(|e| invalid(format!("{addr:?} is not a socket address: {e}")))?;
         }
         if let Some(addr) = env_nonempty("SWALLOW_HTTP_ADDR") {
             let parsed = addr.parse::<SocketAddr>().map_err(|e| ConfigError::Env {

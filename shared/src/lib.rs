@@ -11,6 +11,7 @@ pub mod consume;
 pub mod delay;
 pub mod delivery_log;
 pub mod event;
+pub mod ingress_config;
 pub mod lifecycle;
 pub mod logging;
 pub mod messages;
