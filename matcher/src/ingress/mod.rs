@@ -304,10 +304,11 @@ async fn slack_request(ctx: &Ctx, request: Request, started: Instant) -> Answer 
     match envelope.kind.as_str() {
         "url_verification" => {
             let challenge = envelope.challenge.unwrap_or_default();
+            let body = serde_json::json!({ "challenge": challenge }).to_string();
             Answer::new(
                 "challenge",
                 StatusCode::OK,
-                axum::Json(serde_json::json!({ "challenge": challenge })),
+                ([(header::CONTENT_TYPE, "application/json")], body),
             )
         }
         "event_callback" => event_callback(ctx, envelope, header("x-slack-retry-num"), started).await,
