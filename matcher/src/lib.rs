@@ -59,12 +59,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Matche
     let metrics = MatcherMetrics::new(&parts.registry);
     let index = index_updates(parts.integrations.clone(), shutdown.clone());
     let topology = config.broker.topology();
+    let ingress_metrics = ingress::Metrics::new(&parts.registry);
     let ingress = match &config.ingress {
         Some(ingress_config) => {
             let ingress = ingress::start(
                 ingress_config,
                 topology.events_exchange(),
-                &parts.registry,
+                ingress_metrics,
                 parts.slack_ingress.clone(),
                 shutdown.clone(),
             )

@@ -88,6 +88,9 @@ enum Outcome {
     RateLimited,
 }
 
+/// Every `result` label of `swallow_ingress_lookups_total`.
+pub const RESULTS: &[&str] = &["cached", "fetched", "failed", "timeout", "rate_limited"];
+
 impl Outcome {
     fn as_str(self) -> &'static str {
         match self {

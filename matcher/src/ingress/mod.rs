@@ -74,15 +74,36 @@ pub struct Ingress {
     pub health: Health,
 }
 
+/// The `result` labels of `swallow_ingress_requests_total`.
+const REQUEST_RESULTS: &[&str] = &[
+    "ok",
+    "challenge",
+    "ignored",
+    "duplicate",
+    "unauthorized",
+    "too_large",
+    "timeout",
+    "bad_request",
+    "unavailable",
+];
+/// The `result` labels of `swallow_ingress_events_total`.
+const EVENT_RESULTS: &[&str] = &["published", "duplicate", "ignored", "unavailable"];
+/// The platforms there are ingresses for.
+const PLATFORMS: &[&str] = &[slack::PLATFORM];
+
+/// The ingress's metrics. Every matcher exports them (at zero without an
+/// ingress), each label set from the start, so that a rate over them
+/// sees the first request and dashboards and alerts have series.
 #[derive(Clone)]
-struct Metrics {
+pub struct Metrics {
     requests: IntCounterVec,
     events: IntCounterVec,
     latency: HistogramVec,
+    lookups: IntCounterVec,
 }
 
 impl Metrics {
-    fn new(registry: &Registry) -> (Self, IntCounterVec) {
+    pub fn new(registry: &Registry) -> Self {
         let m = Metrics {
             requests: counter_vec(
                 registry,
@@ -108,14 +129,26 @@ impl Metrics {
                 )
                 .expect("valid histogram"),
             ),
+            lookups: counter_vec(
+                registry,
+                "swallow_ingress_lookups_total",
+                "Name lookups for ingress events, by result (cached, fetched, failed, timeout, rate_limited).",
+                &["result"],
+            ),
         };
-        let lookups = counter_vec(
-            registry,
-            "swallow_ingress_lookups_total",
-            "Name lookups for ingress events, by result (cached, fetched, failed, timeout, rate_limited).",
-            &["result"],
-        );
-        (m, lookups)
+        for platform in PLATFORMS {
+            for result in REQUEST_RESULTS {
+                m.requests.with_label_values(&[platform, result]);
+            }
+            for result in EVENT_RESULTS {
+                m.events.with_label_values(&[platform, result]);
+            }
+            m.latency.with_label_values(&[platform]);
+        }
+        for result in lookup::RESULTS {
+            m.lookups.with_label_values(&[result]);
+        }
+        m
     }
 }
 
@@ -142,7 +175,7 @@ pub enum IngressError {
 pub async fn start(
     config: &IngressConfig,
     exchange: String,
-    registry: &Registry,
+    metrics: Metrics,
     secrets: watch::Receiver<Arc<SlackSecrets>>,
     shutdown: CancellationToken,
 ) -> Result<Ingress, IngressError> {
@@ -161,7 +194,7 @@ pub async fn start(
         addr: config.listen,
         source,
     })?;
-    let (metrics, lookups) = Metrics::new(registry);
+    let lookups = metrics.lookups.clone();
     let api_base = config
         .slack
         .as_ref()
