@@ -90,7 +90,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         }
     });
     let metrics = ResponderMetrics::new(&parts.registry);
-    info!(sink = sink.name(), slack_platform = slack_platform.is_some(), "responder posting replies");
+    info!(
+        sink = sink.name(),
+        slack_platform = slack_platform.is_some(),
+        "responder posting replies"
+    );
     let ctx = Arc::new(Context {
         queue: topology.replies_queue(),
         topology,
@@ -309,7 +313,9 @@ fn post<'a>(
             (None, _) => ctx.sink.post(&out, chat, ctx.timeout).await,
             (Some("slack"), Some(slack)) => slack.post(&out, chat, ctx.timeout).await,
             (Some(platform), _) => Posted::Retry {
-                error: format!("a reply for platform {platform:?}, which this responder's configuration has no [ingress.{platform}] for"),
+                error: format!(
+                    "a reply for platform {platform:?}, which this responder's configuration has no [ingress.{platform}] for"
+                ),
                 retry_after: None,
             },
         };

@@ -84,9 +84,12 @@ pub(crate) type ReadSecret<'a> =
 /// Validates `[ingress]`; errors are `(field, message)`.
 pub(crate) fn validate(raw: RawIngress, read_secret: ReadSecret<'_>) -> Result<IngressConfig, (String, String)> {
     let listen = raw.listen.unwrap_or_else(|| DEFAULT_INGRESS_ADDR.into());
-    let listen = listen
-        .parse::<SocketAddr>()
-        .map_err(|e| ("ingress.listen".to_owned(), format!("{listen:?} is not a socket address: {e}")))?;
+    let listen = listen.parse::<SocketAddr>().map_err(|e| {
+        (
+            "ingress.listen".to_owned(),
+            format!("{listen:?} is not a socket address: {e}"),
+        )
+    })?;
     let Some(s) = raw.slack else {
         return Err((
             "ingress".into(),
@@ -182,7 +185,10 @@ mod tests {
         for (text, want) in [
             ("[ingress]\n", "ingress: an ingress needs a platform"),
             ("[ingress]\nport = 1\n", "ingress.port: unknown field"),
-            ("[ingress.slack]\nbot_token = \"xoxb-1\"\n", "ingress.slack.signing_secret: "),
+            (
+                "[ingress.slack]\nbot_token = \"xoxb-1\"\n",
+                "ingress.slack.signing_secret: ",
+            ),
             ("[ingress.slack]\nsigning_secret = \"s\"\n", "ingress.slack.bot_token: "),
             (
                 "[ingress.slack]\nsigning_secret = \"s\"\nbot_token = \"xoxp-1\"\n",

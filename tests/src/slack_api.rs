@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use tokio::sync::Notify;
@@ -114,7 +114,7 @@ impl Drop for SlackApi {
 async fn method(
     State(shared): State<Shared>,
     Path(method): Path<String>,
-    Query(query): Query<Vec<(String, String)>>,
+    uri: Uri,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
@@ -126,7 +126,10 @@ async fn method(
         let body = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
         shared.posted.lock().unwrap().push(Posted { authorization, body });
         shared.notify.notify_waiters();
-        return json(StatusCode::OK, serde_json::json!({"ok": true, "ts": "1355517599.000001"}));
+        return json(
+            StatusCode::OK,
+            serde_json::json!({"ok": true, "ts": "1355517599.000001"}),
+        );
     }
     shared.lookup_calls.fetch_add(1, Ordering::SeqCst);
     let delay = shared.delay_ms.load(Ordering::SeqCst);
@@ -134,6 +137,7 @@ async fn method(
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
     let mode = shared.lookups.lock().unwrap().unwrap_or(Lookups::Answer);
+    let query: Vec<(String, String)> = serde_urlencoded::from_str(uri.query().unwrap_or_default()).unwrap_or_default();
     let id = query.first().map(|(_, v)| v.clone()).unwrap_or_default();
     let answer = match (mode, method.as_str()) {
         (Lookups::RateLimited, _) => {

@@ -32,7 +32,8 @@ fn field(r: &Recorded, name: &str) -> String {
 
 /// A test's pipeline with a Slack ingress.
 struct Setup {
-    stack: TestStack,
+    /// Its prefix, deleted when the test ends.
+    _stack: TestStack,
     api: SlackApi,
     handler: HandlerServer,
     ingress: std::net::SocketAddr,
@@ -66,7 +67,7 @@ impl Setup {
         );
         let pipeline = Pipeline::spawn(&path).await.unwrap();
         Setup {
-            stack,
+            _stack: stack,
             api,
             handler,
             ingress,
@@ -128,13 +129,21 @@ fn message(event_id: &str, text: &str, ts: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_example_through_slack_and_back() {
-    let s = Setup::start("slack-seed", None, "channel = \"#test\"\ntrigger_words = [\"googlebot:\"]\n").await;
+    let s = Setup::start(
+        "slack-seed",
+        None,
+        "channel = \"#test\"\ntrigger_words = [\"googlebot:\"]\n",
+    )
+    .await;
 
     let challenge = br#"{"token":"x","challenge":"3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P","type":"url_verification"}"#;
     let r = s.post(challenge, SECRET, now(), None).await;
     assert_eq!(r.status(), 200);
     let body: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(body["challenge"], "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P");
+    assert_eq!(
+        body["challenge"],
+        "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P"
+    );
 
     let event = message("Ev0001", SEED, "1355517523.000005");
     let r = s.post(&event, SECRET, now(), None).await;
@@ -161,26 +170,39 @@ async fn the_seed_example_through_slack_and_back() {
     let r = s.post(&event, SECRET, now(), Some(1)).await;
     assert_eq!(r.status(), 200);
     assert_eq!(
-        s.ingress_metric("swallow_ingress_events_total", &[("result", "duplicate")]).await,
+        s.ingress_metric("swallow_ingress_events_total", &[("result", "duplicate")])
+            .await,
         1.0
     );
     // A later message arrives after it; the first one was POSTed once.
-    let r = s.post(&message("Ev0002", "googlebot: your quest?", "1355517524.000001"), SECRET, now(), None).await;
+    let r = s
+        .post(
+            &message("Ev0002", "googlebot: your quest?", "1355517524.000001"),
+            SECRET,
+            now(),
+            None,
+        )
+        .await;
     assert_eq!(r.status(), 200);
     let posts = s.handler.until(2, T, "the second POST").await;
     assert_eq!(field(&posts[1], "text"), "googlebot: your quest?");
     let first_id = posts[0].header("webhook-id").unwrap().to_owned();
     assert_eq!(
-        posts.iter().filter(|p| p.header("webhook-id") == Some(first_id.as_str())).count(),
+        posts
+            .iter()
+            .filter(|p| p.header("webhook-id") == Some(first_id.as_str()))
+            .count(),
         1
     );
     s.api.until_posted(2, T, "the second reply").await;
     assert_eq!(
-        s.ingress_metric("swallow_ingress_events_total", &[("result", "published")]).await,
+        s.ingress_metric("swallow_ingress_events_total", &[("result", "published")])
+            .await,
         2.0
     );
     assert_eq!(
-        s.ingress_metric("swallow_ingress_requests_total", &[("result", "challenge")]).await,
+        s.ingress_metric("swallow_ingress_requests_total", &[("result", "challenge")])
+            .await,
         1.0
     );
 }
@@ -211,7 +233,11 @@ async fn forged_stale_and_oversized_requests_are_refused_and_nothing_is_publishe
         .unwrap();
     assert_eq!(forged.status(), 401, "a body that is not the one signed");
     assert_eq!(s.post(&event, SECRET, now() - 301, None).await.status(), 401, "stale");
-    assert_eq!(s.post(&event, SECRET, now() + 301, None).await.status(), 401, "from the future");
+    assert_eq!(
+        s.post(&event, SECRET, now() + 301, None).await.status(),
+        401,
+        "from the future"
+    );
     assert_eq!(
         s.post(&event, "not-a-secret-we-know", now(), None).await.status(),
         401,
@@ -222,7 +248,8 @@ async fn forged_stale_and_oversized_requests_are_refused_and_nothing_is_publishe
     let elsewhere = client.post(s.url("/slack/other")).body("{}").send().await.unwrap();
     assert_eq!(elsewhere.status(), 404);
     assert_eq!(
-        s.ingress_metric("swallow_ingress_requests_total", &[("result", "unauthorized")]).await,
+        s.ingress_metric("swallow_ingress_requests_total", &[("result", "unauthorized")])
+            .await,
         5.0
     );
 
@@ -241,30 +268,47 @@ async fn slow_failing_and_rate_limited_lookups_still_answer_in_time() {
 
     s.api.set_delay(Duration::from_secs(6));
     let started = Instant::now();
-    let r = s.post(&message("Ev0201", SEED, "1355517700.000001"), SECRET, now(), None).await;
+    let r = s
+        .post(&message("Ev0201", SEED, "1355517700.000001"), SECRET, now(), None)
+        .await;
     let took = started.elapsed();
     assert_eq!(r.status(), 200);
-    assert!(took < Duration::from_secs(3), "answered in {took:?}, within Slack's 3 s");
+    assert!(
+        took < Duration::from_secs(3),
+        "answered in {took:?}, within Slack's 3 s"
+    );
     let post = s.handler.until(1, T, "the POST without names").await.remove(0);
     assert_eq!(field(&post, "channel_name"), "");
     assert_eq!(field(&post, "user_name"), "");
     assert_eq!(field(&post, "team_domain"), "");
-    assert!(s.ingress_metric("swallow_ingress_lookups_total", &[("result", "timeout")]).await >= 3.0);
+    assert!(
+        s.ingress_metric("swallow_ingress_lookups_total", &[("result", "timeout")])
+            .await
+            >= 3.0
+    );
 
     // Slack says 429: the event goes on without names, and no lookup is
     // made until its Retry-After has passed.
     s.api.set_delay(Duration::ZERO);
     s.api.set_lookups(Lookups::RateLimited);
-    let r = s.post(&message("Ev0202", SEED, "1355517700.000002"), SECRET, now(), None).await;
+    let r = s
+        .post(&message("Ev0202", SEED, "1355517700.000002"), SECRET, now(), None)
+        .await;
     assert_eq!(r.status(), 200);
     s.handler.until(2, T, "the second POST").await;
     let calls = s.api.lookup_calls();
-    let r = s.post(&message("Ev0203", SEED, "1355517700.000003"), SECRET, now(), None).await;
+    let r = s
+        .post(&message("Ev0203", SEED, "1355517700.000003"), SECRET, now(), None)
+        .await;
     assert_eq!(r.status(), 200);
     let posts = s.handler.until(3, T, "the third POST").await;
     assert_eq!(field(&posts[2], "user_name"), "");
     assert_eq!(s.api.lookup_calls(), calls, "no lookups while rate-limited");
-    assert!(s.ingress_metric("swallow_ingress_lookups_total", &[("result", "rate_limited")]).await >= 1.0);
+    assert!(
+        s.ingress_metric("swallow_ingress_lookups_total", &[("result", "rate_limited")])
+            .await
+            >= 1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,6 +333,10 @@ async fn a_broker_away_is_a_503_and_the_retry_after_it_is_back_is_delivered() {
     assert_eq!(r.status(), 200, "the platform's retry");
     let post = s.handler.until(1, T, "the retried event's POST").await.remove(0);
     assert_eq!(field(&post, "text"), SEED);
-    assert!(s.ingress_metric("swallow_ingress_events_total", &[("result", "unavailable")]).await >= 1.0);
+    assert!(
+        s.ingress_metric("swallow_ingress_events_total", &[("result", "unavailable")])
+            .await
+            >= 1.0
+    );
     drop(s);
 }

@@ -169,7 +169,11 @@ impl Names {
                 .map(|e| e.name.clone())
         };
         if let Some(name) = cached {
-            self.count(if name.is_some() { Outcome::Cached } else { Outcome::Failed });
+            self.count(if name.is_some() {
+                Outcome::Cached
+            } else {
+                Outcome::Failed
+            });
             return name;
         }
         if self.paused() {
@@ -261,11 +265,19 @@ impl Names {
                 .and_then(swallow_shared::retry::parse_retry_after)
                 .unwrap_or(DEFAULT_BACKOFF);
             *self.0.paused_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + wait);
-            warn!(method = kind.method(), wait_s = wait.as_secs_f64(), "Slack rate-limited name lookups; none until then");
+            warn!(
+                method = kind.method(),
+                wait_s = wait.as_secs_f64(),
+                "Slack rate-limited name lookups; none until then"
+            );
             return Err(Failure::RateLimited);
         }
         if !response.status().is_success() {
-            return Err(Failure::Other(format!("{}: HTTP {}", kind.method(), response.status().as_u16())));
+            return Err(Failure::Other(format!(
+                "{}: HTTP {}",
+                kind.method(),
+                response.status().as_u16()
+            )));
         }
         let body: Value = response
             .json()

@@ -209,9 +209,7 @@ pub async fn start(
         recent: Mutex::new(RecentIds::new(RECENT_EVENTS)),
         metrics,
     });
-    let router = Router::new()
-        .route("/slack/events", post(slack_events))
-        .with_state(ctx);
+    let router = Router::new().route("/slack/events", post(slack_events)).with_state(ctx);
     info!(%addr, "ingress listening: POST /slack/events");
     tokio::spawn(serve(listener, router, shutdown.clone()));
     let health = Health::default();
@@ -223,10 +221,7 @@ pub async fn start(
 async fn watch_readiness(link: LinkSlot, health: Health, shutdown: CancellationToken) {
     let mut was = None;
     loop {
-        let ready = link
-            .borrow()
-            .as_ref()
-            .is_some_and(|l| !l.connection.status().blocked());
+        let ready = link.borrow().as_ref().is_some_and(|l| !l.connection.status().blocked());
         health.set_ready(ready);
         if was != Some(ready) {
             if was.is_some() {
@@ -383,12 +378,7 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<bytes::Bytes, Answ
     }
 }
 
-async fn event_callback(
-    ctx: &Ctx,
-    envelope: slack::Envelope,
-    retry_num: Option<&str>,
-    started: Instant,
-) -> Answer {
+async fn event_callback(ctx: &Ctx, envelope: slack::Envelope, retry_num: Option<&str>, started: Instant) -> Answer {
     let (Some(team_id), Some(inner)) = (envelope.team_id.as_deref(), envelope.event.as_ref()) else {
         return Answer::new(
             "bad_request",

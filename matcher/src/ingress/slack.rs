@@ -200,7 +200,10 @@ mod tests {
         assert_eq!(sign(SECRET, TS, BODY.as_bytes()), SIGNATURE);
         let now = 1_531_420_618 + 60;
         let secrets = ["another".to_owned(), SECRET.to_owned()];
-        assert_eq!(verify(&secrets, Some(TS), Some(SIGNATURE), BODY.as_bytes(), now), Ok(()));
+        assert_eq!(
+            verify(&secrets, Some(TS), Some(SIGNATURE), BODY.as_bytes(), now),
+            Ok(())
+        );
     }
 
     #[test]
