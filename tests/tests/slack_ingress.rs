@@ -44,6 +44,22 @@ struct Setup {
 impl Setup {
     /// `integration` is the `[[integrations]]` table's matching lines.
     async fn start(name: &str, broker: Option<String>, integration: &str) -> Setup {
+        let secrets = format!("signing_secret = [\"an-old-secret\", \"{SECRET}\"]\n");
+        Self::start_with(name, broker, integration, &secrets).await
+    }
+
+    /// As [`Setup::start`], with `[ingress.slack]`'s signing secret lines.
+    async fn start_with(name: &str, broker: Option<String>, integration: &str, secrets: &str) -> Setup {
+        Self::start_in(tempdir(name), name, broker, integration, secrets).await
+    }
+
+    async fn start_in(
+        dir: std::path::PathBuf,
+        name: &str,
+        broker: Option<String>,
+        integration: &str,
+        secrets: &str,
+    ) -> Setup {
         let stack = match broker {
             Some(url) => TestStack::on(name, url).await.unwrap(),
             None => TestStack::new(name).await.unwrap(),
@@ -51,12 +67,11 @@ impl Setup {
         let api = SlackApi::start().await;
         let handler = googlebot().await;
         let ingress = free_addr();
-        let dir = tempdir(name);
         let path = write_config(
             &dir,
             &format!(
-                "{}heartbeat_s = 2\n[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n\n\
-                 [ingress]\nlisten = \"{ingress}\"\n[ingress.slack]\nsigning_secret = [\"an-old-secret\", \"{SECRET}\"]\n\
+                "reload_interval_ms = 200\n{}heartbeat_s = 2\n[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n\n\
+                 [ingress]\nlisten = \"{ingress}\"\n[ingress.slack]\n{secrets}\
                  bot_token = \"xoxb-test\"\napi_base = \"{}\"\n\n\
                  [[integrations]]\nid = \"googlebot\"\nteam_id = \"T0001\"\n{integration}urls = [\"{}\"]\n\
                  token = \"XXXXXXXXXXXXXXXXXX\"\nbot_name = \"Google Bot\"\nicon_emoji = \":bird:\"\n",
@@ -339,4 +354,42 @@ async fn a_broker_away_is_a_503_and_the_retry_after_it_is_back_is_delivered() {
             >= 1.0
     );
     drop(s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_signing_secret_file_is_read_again_without_a_restart() {
+    let dir = tempdir("slack-rotation");
+    let file = dir.join("slack-signing-secrets");
+    std::fs::write(&file, "an-old-secret\n").unwrap();
+    let s = Setup::start_in(
+        dir,
+        "slack-rotation",
+        None,
+        "trigger_words = [\"googlebot:\"]\n",
+        "signing_secret_file = \"slack-signing-secrets\"\n",
+    )
+    .await;
+    let event = |n: usize| message(&format!("Ev04{n:02}"), SEED, &format!("1355517900.{n:06}"));
+    assert_eq!(
+        s.post(&event(0), SECRET, now(), None).await.status(),
+        401,
+        "not yet a secret"
+    );
+    assert_eq!(s.post(&event(1), "an-old-secret", now(), None).await.status(), 200);
+    // The app's secret rotated: the old and the new one, a line each.
+    std::fs::write(&file, format!("an-old-secret\n{SECRET}\n")).unwrap();
+    let mut n = 2;
+    wait_for(T, "the new signing secret to be read", || {
+        n += 1;
+        let body = event(n);
+        let s = &s;
+        async move { (s.post(&body, SECRET, now(), None).await.status() == 200).then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        s.post(&event(99), "an-old-secret", now(), None).await.status(),
+        200,
+        "the old one too"
+    );
+    s.handler.until(3, T, "the POSTs of the three events accepted").await;
 }
