@@ -21,7 +21,7 @@ use swallow_shared::job::lifecycle::{
     self, DeadLetter, DeadReason, Disposition, Failure, ParkReason, Step as Next, take_turn, within_max_age,
 };
 use swallow_shared::metrics::GaugeHold;
-use swallow_shared::wire::messages::{self, DeliveryJob, MESSAGE_VERSION, ReplyJob, RetryState, now_millis};
+use swallow_shared::wire::messages::{self, DeliveryJob, ReplyJob, RetryState, now_millis};
 
 use crate::attempt::{self, Attempted, Outcome};
 use crate::{Context, guard, notice};
@@ -197,7 +197,7 @@ fn after_attempt(
         Outcome::Delivered { answer: None } => Disposition::Done,
         Outcome::Delivered { answer: Some(answer) } => {
             let reply = ReplyJob {
-                v: MESSAGE_VERSION,
+                v: messages::version_for(job.event.platform.as_deref()),
                 delivery_id: job.delivery_id,
                 integration_id: job.integration_id,
                 team_id: job.event.team_id,
@@ -205,6 +205,7 @@ fn after_attempt(
                 in_reply_to: job.event.ts,
                 event_thread_ts: job.event.thread_ts,
                 answer,
+                platform: job.event.platform,
                 retry: RetryState::new(now_millis()),
             };
             Disposition::Forward {

@@ -14,7 +14,7 @@
 
 use swallow_shared::config::{Integration, OnFailure};
 use swallow_shared::job::lifecycle::{DeadLetter, Disposition};
-use swallow_shared::wire::messages::{DeliveryJob, HandlerAnswer, MESSAGE_VERSION, ReplyJob, RetryState, now_millis};
+use swallow_shared::wire::messages::{DeliveryJob, HandlerAnswer, ReplyJob, RetryState, now_millis, version_for};
 
 use crate::Context;
 
@@ -57,7 +57,7 @@ pub(crate) fn attach(ctx: &Context, mut disposition: Disposition<DeliveryJob>) -
 fn notice_for(integration: &Integration, job: &DeliveryJob, reason: &str, status: Option<u16>, now: u64) -> ReplyJob {
     let text = notice_text(&integration.bot_name, job, reason, status);
     ReplyJob {
-        v: MESSAGE_VERSION,
+        v: version_for(job.event.platform.as_deref()),
         delivery_id: job.delivery_id.clone(),
         integration_id: job.integration_id.clone(),
         team_id: job.event.team_id.clone(),
@@ -68,6 +68,7 @@ fn notice_for(integration: &Integration, job: &DeliveryJob, reason: &str, status
             text,
             ..HandlerAnswer::default()
         },
+        platform: job.event.platform.clone(),
         retry: RetryState::new(now),
     }
 }

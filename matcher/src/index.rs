@@ -289,6 +289,7 @@ mod tests {
             text: text.into(),
             bot_id: None,
             subtype: None,
+            platform: None,
         }
     }
 

@@ -8,6 +8,7 @@
 //! at-least-once delivery allows can be recognised downstream.
 
 pub mod index;
+pub mod ingress;
 mod metrics;
 
 use std::sync::Arc;
@@ -35,7 +36,13 @@ use metrics::MatcherMetrics;
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// The matcher could not start.
-pub type MatcherError = ListenError;
+#[derive(Debug, thiserror::Error)]
+pub enum MatcherError {
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    #[error(transparent)]
+    Ingress(#[from] ingress::IngressError),
+}
 
 /// A started matcher.
 pub type Matcher = Running;
@@ -52,6 +59,22 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Matche
     let metrics = MatcherMetrics::new(&parts.registry);
     let index = index_updates(parts.integrations.clone(), shutdown.clone());
     let topology = config.broker.topology();
+    let ingress_metrics = ingress::Metrics::new(&parts.registry);
+    let ingress = match &config.ingress {
+        Some(ingress_config) => {
+            let ingress = ingress::start(
+                ingress_config,
+                topology.events_exchange(),
+                ingress_metrics,
+                parts.slack_ingress.clone(),
+                shutdown.clone(),
+            )
+            .await?;
+            parts.health.also_requires(ingress.health.clone());
+            Some(ingress.link)
+        }
+        None => None,
+    };
     let ctx = Arc::new(Context {
         invalid: topology.events_invalid_queue(),
         topology,
@@ -61,6 +84,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Matche
         log: parts.log.clone(),
         health: parts.health.clone(),
         shutdown: shutdown.clone(),
+        ingress,
     });
     Ok(parts.run(&config, shutdown, move |connection| session(connection, ctx.clone())))
 }
@@ -96,6 +120,8 @@ struct Context {
     log: DeliveryLog,
     health: Health,
     shutdown: CancellationToken,
+    /// Where this session's publisher goes for the ingress, when there is one.
+    ingress: Option<ingress::LinkSlot>,
 }
 
 /// One connection's worth of consuming.
@@ -110,10 +136,23 @@ async fn session(connection: Arc<Connection>, ctx: Arc<Context>) -> Result<(), S
         shutdown: &ctx.shutdown,
         grace: SHUTDOWN_GRACE,
     };
-    consume(connection, options, |delivery, publisher, settler| {
+    // The ingress publishes on a channel of its own on this connection, for
+    // as long as the session lasts.
+    if let Some(slot) = &ctx.ingress {
+        let publisher = ConfirmedPublisher::open(&connection).await?;
+        slot.send_replace(Some(ingress::Link {
+            publisher,
+            connection: connection.clone(),
+        }));
+    }
+    let consumed = consume(connection, options, |delivery, publisher, settler| {
         handle(delivery, ctx.clone(), publisher, settler)
     })
-    .await
+    .await;
+    if let Some(slot) = &ctx.ingress {
+        slot.send_replace(None);
+    }
+    consumed
 }
 
 /// Turns one event into confirmed jobs (or a confirmed invalid copy), then acks it.

@@ -69,21 +69,38 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
                     .parse()
                     .expect("a base URL plus a path is a URL"),
                 token: parts.slack_token.clone(),
-                client,
+                client: client.clone(),
             }
         }
         Sink::Webhook { url } => ReplySink::Webhook {
             url: url.clone(),
-            client,
+            client: client.clone(),
         },
     };
+    // Replies to events that came through Slack's ingress go back to Slack
+    // through its bot token, whatever `sink` says.
+    let slack_platform = config.ingress.as_ref().and_then(|i| i.slack.as_ref()).map(|slack| {
+        let base = slack.api_base.as_str().trim_end_matches('/');
+        ReplySink::Slack {
+            endpoint: format!("{base}/chat.postMessage")
+                .parse()
+                .expect("a base URL plus a path is a URL"),
+            token: bot_token(parts.slack_ingress.clone(), shutdown.clone()),
+            client: client.clone(),
+        }
+    });
     let metrics = ResponderMetrics::new(&parts.registry);
-    info!(sink = sink.name(), "responder posting replies");
+    info!(
+        sink = sink.name(),
+        slack_platform = slack_platform.is_some(),
+        "responder posting replies"
+    );
     let ctx = Arc::new(Context {
         queue: topology.replies_queue(),
         topology,
         prefetch: config.broker.prefetch,
         sink,
+        slack_platform,
         integrations: parts.integrations.clone(),
         pace: config.responder.per_channel,
         limiter: RateLimiter::new(),
@@ -101,11 +118,34 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     Ok(parts.run(&config, shutdown, move |connection| session(connection, ctx.clone())))
 }
 
+/// The bot token in force, from `[ingress.slack]`'s secrets.
+fn bot_token(
+    mut secrets: watch::Receiver<Arc<swallow_shared::config::SlackSecrets>>,
+    shutdown: CancellationToken,
+) -> watch::Receiver<Arc<str>> {
+    let (tx, rx) = watch::channel(Arc::from(secrets.borrow_and_update().bot_token.as_str()));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                changed = secrets.changed() => if changed.is_err() { return },
+            }
+            let token = Arc::from(secrets.borrow_and_update().bot_token.as_str());
+            if tx.send(token).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 struct Context {
     topology: Topology,
     queue: String,
     prefetch: u16,
     sink: ReplySink,
+    /// Where replies to events from Slack's ingress go (`platform = "slack"`).
+    slack_platform: Option<ReplySink>,
     integrations: watch::Receiver<Arc<Integrations>>,
     pace: RateLimit,
     limiter: RateLimiter<(String, String)>,
@@ -269,7 +309,16 @@ fn post<'a>(
         let integrations = ctx.integrations.borrow().clone();
         let out = outbound(&reply, integrations.get(&reply.integration_id).map(|i| i.as_ref()));
         let started = Instant::now();
-        let posted = ctx.sink.post(&out, chat, ctx.timeout).await;
+        let posted = match (reply.platform.as_deref(), &ctx.slack_platform) {
+            (None, _) => ctx.sink.post(&out, chat, ctx.timeout).await,
+            (Some("slack"), Some(slack)) => slack.post(&out, chat, ctx.timeout).await,
+            (Some(platform), _) => Posted::Retry {
+                error: format!(
+                    "a reply for platform {platform:?}, which this responder's configuration has no [ingress.{platform}] for"
+                ),
+                retry_after: None,
+            },
+        };
         let took = started.elapsed();
         ctx.metrics.post_duration.observe(took.as_secs_f64());
         reply.retry.attempt += 1;
@@ -313,6 +362,7 @@ mod tests {
             in_reply_to: "100.000001".into(),
             event_thread_ts: event_thread_ts.map(str::to_owned),
             answer,
+            platform: None,
             retry: RetryState::new(0),
         }
     }

@@ -18,6 +18,7 @@ mod own_broker;
 mod processes;
 pub mod prometheus;
 mod relay;
+pub mod slack_api;
 mod stack;
 mod timing;
 pub mod tls;

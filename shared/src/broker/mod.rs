@@ -34,16 +34,21 @@ pub use publish::{ConfirmedPublisher, PendingConfirm, PublishError};
 pub use returns::MatchedReturns;
 pub use supervisor::{SessionError, Supervisor};
 
-/// Whether the stage is connected and consuming, for `/readyz`.
+/// Whether the stage is connected and consuming, for `/readyz`; and, for
+/// a stage with more to it (the matcher's ingress), whether that part is too.
 #[derive(Debug, Clone, Default)]
-pub struct Health(Arc<AtomicBool>);
+pub struct Health(Arc<AtomicBool>, Arc<std::sync::OnceLock<Health>>);
 
 impl Health {
     pub fn set_ready(&self, ready: bool) {
         self.0.store(ready, Ordering::SeqCst);
     }
     pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.0.load(Ordering::SeqCst) && self.1.get().is_none_or(Health::is_ready)
+    }
+    /// From now on ready only while `part` is ready too (set once).
+    pub fn also_requires(&self, part: Health) {
+        let _ = self.1.set(part);
     }
 }
 

@@ -9,6 +9,7 @@
 //! | `AMQP_URL` | `[broker] url` |
 //! | `SWALLOW_PREFIX` | `[broker] prefix` |
 //! | `SWALLOW_HTTP_ADDR` | the stage's `http_addr` |
+//! | `SWALLOW_INGRESS_ADDR` | `[ingress] listen` (the matcher) |
 //! | `SWALLOW_LOG_FORMAT` | `[log] format` |
 //! | `SWALLOW_SLACK_TOKEN` | the Slack sink's token, when the file names none |
 //! | `RUST_LOG` | which log lines are written (default `info`) |
@@ -49,8 +50,8 @@ pub fn log_format() -> Result<Option<LogFormat>, ConfigError> {
 }
 
 impl Config {
-    /// Applies `AMQP_URL`, `SWALLOW_PREFIX`, `SWALLOW_LOG_FORMAT` and
-    /// `SWALLOW_HTTP_ADDR` (for `stage`).
+    /// Applies `AMQP_URL`, `SWALLOW_PREFIX`, `SWALLOW_LOG_FORMAT`,
+    /// `SWALLOW_INGRESS_ADDR` (the matcher) and `SWALLOW_HTTP_ADDR` (for `stage`).
     pub fn apply_env(&mut self, stage: Stage) -> Result<(), ConfigError> {
         if let Some(url) = nonempty("AMQP_URL") {
             self.broker.urls = BrokerUrls::parse(&url).map_err(|message| ConfigError::Env {
@@ -67,6 +68,18 @@ impl Config {
         }
         if let Some(format) = log_format()? {
             self.log.format = format;
+        }
+        if let (Stage::Matcher, Some(addr)) = (stage, nonempty("SWALLOW_INGRESS_ADDR")) {
+            let invalid = |message: String| ConfigError::Env {
+                name: "SWALLOW_INGRESS_ADDR",
+                message,
+            };
+            let Some(ingress) = self.ingress.as_mut() else {
+                return Err(invalid("set, but the file has no [ingress] table".into()));
+            };
+            ingress.listen = addr
+                .parse()
+                .map_err(|e| invalid(format!("{addr:?} is not a socket address: {e}")))?;
         }
         if let Some(addr) = nonempty("SWALLOW_HTTP_ADDR") {
             let parsed = addr.parse::<SocketAddr>().map_err(|e| ConfigError::Env {

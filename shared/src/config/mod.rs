@@ -11,6 +11,7 @@
 mod broker;
 pub mod env;
 mod errors;
+mod ingress;
 mod integrations;
 mod log;
 mod rate;
@@ -29,6 +30,7 @@ pub(crate) use broker::amqp_uri;
 pub use broker::{BrokerConfig, BrokerUrls};
 pub use errors::ConfigError;
 use errors::{FieldError, at, from_value, syntax_error};
+pub use ingress::{DEFAULT_INGRESS_ADDR, DEFAULT_SLACK_API_BASE, IngressConfig, SlackIngress, SlackSecrets};
 pub use integrations::{ChannelRef, ChannelType, ContentType, Integration, Integrations, OnFailure, TriggerMatch};
 pub use log::{DeliveryLogConfig, LogConfig, LogFormat};
 pub use rate::{MIN_PER_SECOND, OnLimit, RateLimit};
@@ -77,6 +79,7 @@ struct RawFile {
     #[serde(default)]
     log: log::RawLog,
     delivery_log: Option<log::RawDeliveryLog>,
+    ingress: Option<ingress::RawIngress>,
 }
 
 /// Everything a stage needs to start, validated.
@@ -94,6 +97,8 @@ pub struct Config {
     pub log: LogConfig,
     /// `[delivery_log]`: the delivery log's switch and retention.
     pub delivery_log: DeliveryLogConfig,
+    /// `[ingress]`: the matcher's listener for chat platforms; off when absent.
+    pub ingress: Option<IngressConfig>,
     pub integrations: Arc<Integrations>,
     /// The secret files it read (`token_file`, `signing_secret_file`,
     /// `slack_token_file`) and a hash of each one's content, so that a reload
@@ -178,6 +183,7 @@ impl RawFile {
             responder: self.responder.validate(files)?,
             log,
             delivery_log,
+            ingress: self.ingress.map(|i| ingress::validate(i, files)).transpose()?,
             integrations: Default::default(),
             secret_files: Vec::new(),
             text_hash: 0,

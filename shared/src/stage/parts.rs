@@ -57,6 +57,8 @@ pub struct StageParts {
     pub integrations: watch::Receiver<Arc<Integrations>>,
     /// The responder's Slack token in force, updated on every valid reload.
     pub slack_token: watch::Receiver<Arc<str>>,
+    /// `[ingress.slack]`'s secrets in force, updated on every valid reload.
+    pub slack_ingress: watch::Receiver<Arc<crate::config::SlackSecrets>>,
     /// The delivery log; the stage keeps clones where it records steps.
     pub log: DeliveryLog,
     appender: Option<JoinHandle<()>>,
@@ -93,6 +95,7 @@ impl StageParts {
             health,
             integrations: watched.integrations,
             slack_token: watched.slack_token,
+            slack_ingress: watched.slack_ingress,
             log,
             appender,
             ops_addr,

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
+use crate::config::SlackSecrets;
 use crate::config::{Config, Integrations, Sink, content_hash};
 use crate::metrics::CommonMetrics;
 
@@ -26,6 +27,14 @@ pub struct Watched {
     /// `slack_token_file` names, or `SWALLOW_SLACK_TOKEN`; empty unless the
     /// sink is Slack.
     pub slack_token: watch::Receiver<Arc<str>>,
+    /// `[ingress.slack]`'s secrets in force (signing secrets, bot token),
+    /// re-read from their files like the rest; empty without one.
+    pub slack_ingress: watch::Receiver<Arc<SlackSecrets>>,
+}
+
+fn slack_ingress(config: &Config) -> SlackSecrets {
+    let slack = config.ingress.as_ref().and_then(|i| i.slack.as_ref());
+    slack.map(|s| s.secrets.clone()).unwrap_or_default()
 }
 
 /// Whether every secret file still holds what it held (by hash).
@@ -55,9 +64,11 @@ pub fn watch_config(config: &Config, metrics: CommonMetrics, shutdown: Cancellat
     metrics.integrations_loaded.set(initial.list.len() as i64);
     let (tx, rx) = watch::channel(initial);
     let (token_tx, token_rx) = watch::channel(Arc::from(slack_token(config).unwrap_or_default()));
+    let (ingress_tx, ingress_rx) = watch::channel(Arc::new(slack_ingress(config)));
     let watched = Watched {
         integrations: rx,
         slack_token: token_rx,
+        slack_ingress: ingress_rx,
     };
     let interval = config.reload_interval;
     let Some(path) = config.path.clone() else {
@@ -116,7 +127,18 @@ pub fn watch_config(config: &Config, metrics: CommonMetrics, shutdown: Cancellat
                     if token_changed {
                         info!(path = %path.display(), "responder.slack_token reloaded");
                     }
-                    if !changed && !token_changed && *config.integrations == **tx.borrow() {
+                    let secrets = slack_ingress(&config);
+                    let ingress_changed = ingress_tx.send_if_modified(|now| {
+                        let differs = **now != secrets;
+                        if differs {
+                            *now = Arc::new(secrets);
+                        }
+                        differs
+                    });
+                    if ingress_changed {
+                        info!(path = %path.display(), "ingress.slack secrets reloaded");
+                    }
+                    if !changed && !token_changed && !ingress_changed && *config.integrations == **tx.borrow() {
                         continue;
                     }
                     let count = config.integrations.list.len();

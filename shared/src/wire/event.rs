@@ -29,6 +29,10 @@ pub struct ChatEvent {
     pub bot_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subtype: Option<String>,
+    /// The chat platform whose ingress received it (`"slack"`); absent for
+    /// events published directly. Replies go back to it (docs/contract.md §6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
 }
 
 /// Why an event was refused. The variant is a bounded metric label; the

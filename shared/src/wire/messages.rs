@@ -10,8 +10,22 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::event::ChatEvent;
 
-/// The version of [`DeliveryJob`] and [`ReplyJob`] this build writes.
-pub const MESSAGE_VERSION: u32 = 1;
+/// The newest version of [`DeliveryJob`] and [`ReplyJob`] this build
+/// reads and writes (docs/contract.md §3).
+///
+/// Version 2 adds the platform a message came from (the event's
+/// `platform`, the reply's `platform`): a stage of version 1 would ignore
+/// it and send the reply to its own sink, so a message that has one is
+/// written as version 2, which version 1 refuses (dead-letters as
+/// `unsupported_version`, to be replayed) rather than misroutes. A message
+/// without one is written as version 1, exactly as before, so the previous
+/// version keeps taking everything that does not come through an ingress.
+pub const MESSAGE_VERSION: u32 = 2;
+
+/// The version a message is written in: 2 when it carries a platform, else 1.
+pub fn version_for(platform: Option<&str>) -> u32 {
+    if platform.is_some() { 2 } else { 1 }
+}
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_millis() -> u64 {
@@ -21,8 +35,9 @@ pub fn now_millis() -> u64 {
         .unwrap_or(0)
 }
 
+/// A message without `v` is version 1 (docs/contract.md §3).
 fn version() -> u32 {
-    MESSAGE_VERSION
+    1
 }
 
 /// One POST to make: a matched event, for one integration, to one URL.
@@ -77,7 +92,7 @@ impl DeliveryJob {
     ) -> Vec<u8> {
         let retry = RetryState::new(created_at_ms);
         let job = wire::DeliveryJobOut {
-            v: MESSAGE_VERSION,
+            v: version_for(event.platform.as_deref()),
             delivery_id: &Self::delivery_id_for(event, integration_id, url_index),
             integration_id,
             url,
@@ -171,6 +186,9 @@ pub struct ReplyJob {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_thread_ts: Option<String>,
     pub answer: HandlerAnswer,
+    /// The platform the triggering event came from (version 2); the
+    /// responder posts the reply there rather than to its sink.
+    pub platform: Option<String>,
     /// Inline in the JSON, like [`DeliveryJob::retry`].
     pub retry: RetryState,
 }
@@ -186,6 +204,7 @@ impl Serialize for ReplyJob {
             in_reply_to: &self.in_reply_to,
             event_thread_ts: self.event_thread_ts.as_deref(),
             answer: &self.answer,
+            platform: self.platform.as_deref(),
             retry: wire::RetryOut::from(&self.retry),
         }
         .serialize(serializer)
@@ -254,6 +273,8 @@ mod wire {
         #[serde(skip_serializing_if = "Option::is_none")]
         pub event_thread_ts: Option<&'a str>,
         pub answer: &'a HandlerAnswer,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub platform: Option<&'a str>,
         #[serde(flatten)]
         pub retry: RetryOut<'a>,
     }
@@ -320,6 +341,8 @@ mod wire {
         #[serde(default)]
         event_thread_ts: Option<String>,
         answer: HandlerAnswer,
+        #[serde(default)]
+        platform: Option<String>,
         created_at_ms: u64,
         #[serde(default)]
         attempt: u32,
@@ -344,6 +367,7 @@ mod wire {
                 in_reply_to: j.in_reply_to,
                 event_thread_ts: j.event_thread_ts,
                 answer: j.answer,
+                platform: j.platform,
                 retry: retry_of!(j),
             }
         }
@@ -449,8 +473,9 @@ mod tests {
         )
         .unwrap();
         let bytes = DeliveryJob::encode_new(&e, "g", 1, "http://127.0.0.1:9/h", "x", 42);
+        // Without a platform a job is written as version 1, as before.
         let job = DeliveryJob {
-            v: MESSAGE_VERSION,
+            v: 1,
             delivery_id: DeliveryJob::delivery_id_for(&e, "g", 1),
             integration_id: "g".into(),
             url: "http://127.0.0.1:9/h".into(),
