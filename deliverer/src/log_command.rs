@@ -157,15 +157,14 @@ impl InOrder {
     }
 }
 
-/// Reads and prints; returns how many records were printed. With `follow`,
-/// reads until `stop`.
-pub async fn run(
+/// Connects, leaves a marker at the stream's end unless following (the
+/// read stops there), and attaches a consumer a little before `query.from`.
+async fn attach(
     config: &Config,
     query: &LogQuery,
-    out: &mut impl Write,
-    stop: CancellationToken,
-) -> Result<usize, LogCommandError> {
-    let stream = config.broker.topology().log_stream();
+    stream: &str,
+) -> Result<(lapin::Connection, lapin::Consumer, Option<String>), LogCommandError> {
+    let stream = stream.to_owned();
     let broker_err = |source| LogCommandError::Broker {
         stream: stream.clone(),
         source,
@@ -207,7 +206,7 @@ pub async fn run(
     let attach = query.from.min(Timestamp::now()).as_second() - ATTACH_EARLY_S;
     let mut args = FieldTable::default();
     args.insert("x-stream-offset".into(), AMQPValue::Timestamp(attach.max(0) as u64));
-    let mut consumer = channel
+    let consumer = channel
         .basic_consume(
             stream.as_str().into(),
             "swallow-deliverer-log".into(),
@@ -216,7 +215,23 @@ pub async fn run(
         )
         .await
         .map_err(broker_err)?;
+    Ok((connection, consumer, marker))
+}
 
+/// Reads and prints; returns how many records were printed. With `follow`,
+/// reads until `stop`.
+pub async fn run(
+    config: &Config,
+    query: &LogQuery,
+    out: &mut impl Write,
+    stop: CancellationToken,
+) -> Result<usize, LogCommandError> {
+    let stream = config.broker.topology().log_stream();
+    let broker_err = |source| LogCommandError::Broker {
+        stream: stream.clone(),
+        source,
+    };
+    let (connection, mut consumer, marker) = attach(config, query, &stream).await?;
     let mut printer = Printer::new(query.json);
     let mut order = InOrder::default();
     let mut tick = tokio::time::interval(Duration::from_millis(100));

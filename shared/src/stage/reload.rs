@@ -62,9 +62,9 @@ fn slack_token(config: &Config) -> Option<&str> {
 pub fn watch_config(config: &Config, metrics: CommonMetrics, shutdown: CancellationToken) -> Watched {
     let initial = config.integrations.clone();
     metrics.integrations_loaded.set(initial.list.len() as i64);
-    let (tx, rx) = watch::channel(initial);
-    let (token_tx, token_rx) = watch::channel(Arc::from(slack_token(config).unwrap_or_default()));
-    let (ingress_tx, ingress_rx) = watch::channel(Arc::new(slack_ingress(config)));
+    let (integrations, rx) = watch::channel(initial);
+    let (slack_token_tx, token_rx) = watch::channel(Arc::from(slack_token(config).unwrap_or_default()));
+    let (slack_ingress_tx, ingress_rx) = watch::channel(Arc::new(slack_ingress(config)));
     let watched = Watched {
         integrations: rx,
         slack_token: token_rx,
@@ -76,90 +76,120 @@ pub fn watch_config(config: &Config, metrics: CommonMetrics, shutdown: Cancellat
     };
     let (parsed_hash, parsed_secrets) = (config.text_hash, config.secret_files.clone());
     tokio::spawn(async move {
-        let mut last_bytes = tokio::fs::read(&path).await.ok();
-        let mut last_error: Option<String> = None;
+        let last_bytes = tokio::fs::read(&path).await.ok();
         // The secret files the last valid parse read. The stage started from
         // a parse of its own: when the file still holds that text, its
         // secret files are the last parse's, and a check parses again only
         // on a change (with 10,000 integrations a parse costs a fifth of a
         // second and its own peak of memory). Otherwise none, so that the
         // first check parses whatever it finds.
-        let mut last_secrets: Option<Vec<(PathBuf, u64)>> = last_bytes
+        let last_secrets = last_bytes
             .as_deref()
             .is_some_and(|bytes| content_hash(bytes) == parsed_hash)
             .then_some(parsed_secrets);
+        let mut watcher = Watcher {
+            path,
+            metrics,
+            integrations,
+            slack_token: slack_token_tx,
+            slack_ingress: slack_ingress_tx,
+            last_bytes,
+            last_error: None,
+            last_secrets,
+        };
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(interval) => {}
             }
-            let Ok(bytes) = tokio::fs::read(&path).await else {
-                continue;
-            };
-            let changed = last_bytes.as_ref() != Some(&bytes);
-            // Nothing to parse again when neither the file nor a secret file
-            // it names changed (with 10,000 integrations a parse is most of
-            // an idle stage's CPU).
-            let secrets_unchanged = match last_secrets.as_deref() {
-                Some(files) => unchanged(files).await,
-                None => false,
-            };
-            if !changed && secrets_unchanged {
-                continue;
-            }
-            last_bytes = Some(bytes.clone());
-            let parsed = String::from_utf8(bytes)
-                .map_err(|_| format!("{}: not UTF-8", path.display()))
-                .and_then(|text| Config::parse(&text, Some(&path)).map_err(|e| e.to_string()));
-            match parsed {
-                Ok(config) => {
-                    last_error = None;
-                    last_secrets = Some(config.secret_files.clone());
-                    let token_changed = slack_token(&config).is_some_and(|new| {
-                        token_tx.send_if_modified(|token| {
-                            let differs = **token != *new;
-                            if differs {
-                                *token = Arc::from(new);
-                            }
-                            differs
-                        })
-                    });
-                    if token_changed {
-                        info!(path = %path.display(), "responder.slack_token reloaded");
-                    }
-                    let secrets = slack_ingress(&config);
-                    let ingress_changed = ingress_tx.send_if_modified(|now| {
-                        let differs = **now != secrets;
-                        if differs {
-                            *now = Arc::new(secrets);
-                        }
-                        differs
-                    });
-                    if ingress_changed {
-                        info!(path = %path.display(), "ingress.slack secrets reloaded");
-                    }
-                    if !changed && !token_changed && !ingress_changed && *config.integrations == **tx.borrow() {
-                        continue;
-                    }
-                    let count = config.integrations.list.len();
-                    metrics.config_reloads.with_label_values(&["ok"]).inc();
-                    metrics.integrations_loaded.set(count as i64);
-                    info!(path = %path.display(), integrations = count, "configuration reloaded");
-                    if tx.send(config.integrations).is_err() {
-                        return;
-                    }
-                }
-                Err(message) => {
-                    last_secrets = None;
-                    if !changed && last_error.as_ref() == Some(&message) {
-                        continue;
-                    }
-                    metrics.config_reloads.with_label_values(&["error"]).inc();
-                    error!(error = %message, "configuration reload refused; the integrations in force stay");
-                    last_error = Some(message);
-                }
+            if !watcher.check().await {
+                return;
             }
         }
     });
     watched
+}
+
+/// The reload loop's state between checks.
+struct Watcher {
+    path: PathBuf,
+    metrics: CommonMetrics,
+    integrations: watch::Sender<Arc<Integrations>>,
+    slack_token: watch::Sender<Arc<str>>,
+    slack_ingress: watch::Sender<Arc<SlackSecrets>>,
+    last_bytes: Option<Vec<u8>>,
+    last_error: Option<String>,
+    last_secrets: Option<Vec<(PathBuf, u64)>>,
+}
+
+impl Watcher {
+    /// One check of the file and its secret files; false once the stage no
+    /// longer listens.
+    async fn check(&mut self) -> bool {
+        let Ok(bytes) = tokio::fs::read(&self.path).await else {
+            return true;
+        };
+        let changed = self.last_bytes.as_ref() != Some(&bytes);
+        // Nothing to parse again when neither the file nor a secret file
+        // it names changed (with 10,000 integrations a parse is most of
+        // an idle stage's CPU).
+        let secrets_unchanged = match self.last_secrets.as_deref() {
+            Some(files) => unchanged(files).await,
+            None => false,
+        };
+        if !changed && secrets_unchanged {
+            return true;
+        }
+        self.last_bytes = Some(bytes.clone());
+        let parsed = String::from_utf8(bytes)
+            .map_err(|_| format!("{}: not UTF-8", self.path.display()))
+            .and_then(|text| Config::parse(&text, Some(&self.path)).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(config) => self.apply(config, changed),
+            Err(message) => {
+                self.last_secrets = None;
+                if changed || self.last_error.as_ref() != Some(&message) {
+                    self.metrics.config_reloads.with_label_values(&["error"]).inc();
+                    error!(error = %message, "configuration reload refused; the integrations in force stay");
+                    self.last_error = Some(message);
+                }
+                true
+            }
+        }
+    }
+
+    /// Puts a valid configuration in force: the secrets, then the
+    /// integrations; false once the stage no longer listens.
+    fn apply(&mut self, config: Config, changed: bool) -> bool {
+        let path = self.path.display();
+        self.last_error = None;
+        self.last_secrets = Some(config.secret_files.clone());
+        let token_changed = slack_token(&config).is_some_and(|new| replace(&self.slack_token, new, |t| Arc::from(t)));
+        if token_changed {
+            info!(path = %path, "responder.slack_token reloaded");
+        }
+        let ingress_changed = replace(&self.slack_ingress, &slack_ingress(&config), |s| Arc::new(s.clone()));
+        if ingress_changed {
+            info!(path = %path, "ingress.slack secrets reloaded");
+        }
+        if !changed && !token_changed && !ingress_changed && *config.integrations == **self.integrations.borrow() {
+            return true;
+        }
+        let count = config.integrations.list.len();
+        self.metrics.config_reloads.with_label_values(&["ok"]).inc();
+        self.metrics.integrations_loaded.set(count as i64);
+        info!(path = %path, integrations = count, "configuration reloaded");
+        self.integrations.send(config.integrations).is_ok()
+    }
+}
+
+/// Sends `new` when it differs from what `tx` holds; whether it did.
+fn replace<T: PartialEq + ?Sized>(tx: &watch::Sender<Arc<T>>, new: &T, make: impl FnOnce(&T) -> Arc<T>) -> bool {
+    tx.send_if_modified(|now| {
+        let differs = **now != *new;
+        if differs {
+            *now = make(new);
+        }
+        differs
+    })
 }
