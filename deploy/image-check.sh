@@ -8,7 +8,7 @@
 #     nonroot (65532) by default, has no shell, and its size;
 #  3. the stages and the example handler started from the image as
 #     65532:65532 against the local RabbitMQ (a unique prefix, deleted
-#     afterwards), the seed's message published with swallow-chat from the
+#     afterwards), the example message (googlebot: What is the air-speed velocity of an unladen swallow?) published with swallow-chat from the
 #     image and its reply seen; nothing under the containers' roots changes
 #     (the manifests mount them read-only);
 #  4. deploy/compose.yaml validated with docker-compose and checked against
@@ -187,7 +187,7 @@ say "image size ${image_mb} MB (files), of which the binaries' layer is ${layer_
 awk -v l="$layer_mb" -v m="$MAX_LAYER_MB" 'BEGIN { exit !(l <= m) }' || die "the binaries' layer is ${layer_mb} MB, over ${MAX_LAYER_MB} MB"
 bh umount "$ctr" >/dev/null
 
-# 3. The seed's message through the image: the stages, the example handler
+# 3. The example message through the image: the stages, the example handler
 # and the chat tool, each in a container of its own, as 65532:65532.
 free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 gb_port=$(free_port)

@@ -1,4 +1,4 @@
-//! `swallow-deliverer`: turns delivery jobs into the seed's HTTP POSTs and
+//! `swallow-deliverer`: turns delivery jobs into the HTTP POSTs of Slack's legacy outgoing webhooks and
 //! handler answers into replies for the responder.
 //!
 //! Every job ends each visit to the deliverer in exactly one durable place

@@ -1,4 +1,4 @@
-//! The POST of docs/contract.md §4: the seed's fields, form-encoded (or JSON), the
+//! The POST of docs/contract.md §4: the fields of Slack's legacy outgoing webhooks, form-encoded (or JSON), the
 //! Standard Webhooks headers (one signature per signing secret, so handlers
 //! keep verifying while a secret is rotated) and the integration's own
 //! headers.
@@ -21,7 +21,7 @@ pub struct Post {
     pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
-/// The seed's fields, in the seed's order (+ `thread_ts` in a thread).
+/// The legacy POST's fields, in Slack's order (+ `thread_ts` in a thread).
 pub fn fields<'a>(job: &'a DeliveryJob, integration: &'a Integration) -> Vec<(&'static str, &'a str)> {
     let e = &job.event;
     let mut f = vec![

@@ -422,3 +422,84 @@ fn the_log_table() {
     assert!(error_of("[delivery_log]\nmax_bytes = 0").contains("delivery_log.max_bytes: must be more than 0"));
     assert!(error_of("[log]\nretention = 1").contains("log.retention: unknown field"));
 }
+
+/// The fields a table knows, as its unknown-field error lists them.
+fn known_fields(table_path: &str, integration: bool) -> Vec<String> {
+    let text = if integration {
+        "[[integrations]]\nid = \"x\"\nzzzzzzzzzzzz_probe = 1\n".to_owned()
+    } else if table_path.is_empty() {
+        "zzzzzzzzzzzz_probe = 1\n".to_owned()
+    } else {
+        format!("[{table_path}]\nzzzzzzzzzzzz_probe = 1\n")
+    };
+    let error = error_of(&text);
+    let list = error
+        .split_once("the known fields are ")
+        .unwrap_or_else(|| panic!("{table_path}: no list of known fields in {error:?}"))
+        .1;
+    list.split('`').skip(1).step_by(2).map(str::to_owned).collect()
+}
+
+#[test]
+fn the_configuration_reference_names_every_field_and_the_example() {
+    let reference = include_str!("../../../docs/configuration.md");
+    let named = |field: &str| {
+        [
+            format!("`{field}`"),
+            format!("`{field} ="),
+            format!("`[{field}]`"),
+            format!("`[[{field}]]`"),
+        ]
+        .iter()
+        .any(|shown| reference.contains(shown.as_str()))
+    };
+    let mut missing = Vec::new();
+    let tables = [
+        "",
+        "broker",
+        "matcher",
+        "deliverer",
+        "responder",
+        "log",
+        "delivery_log",
+        "ingress",
+        "ingress.slack",
+    ];
+    for table in tables {
+        for field in known_fields(table, false) {
+            if !named(&field) {
+                missing.push(format!("[{table}] {field}"));
+            }
+        }
+    }
+    for field in known_fields("integrations", true) {
+        if !named(&field) {
+            missing.push(format!("[[integrations]] {field}"));
+        }
+    }
+    // Every key the example file sets, at any depth.
+    fn keys(value: &toml::Value, out: &mut Vec<String>) {
+        match value {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    out.push(k.clone());
+                    keys(v, out);
+                }
+            }
+            toml::Value::Array(a) => a.iter().for_each(|v| keys(v, out)),
+            _ => {}
+        }
+    }
+    let example: toml::Value = toml::from_str(include_str!("../../../deploy/example.toml")).unwrap();
+    let mut example_keys = Vec::new();
+    keys(&example, &mut example_keys);
+    for key in example_keys {
+        if !named(&key) {
+            missing.push(format!("deploy/example.toml: {key}"));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "docs/configuration.md does not name (in backticks): {missing:?}"
+    );
+}
