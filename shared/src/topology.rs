@@ -17,7 +17,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, ExchangeKind};
 
 /// The shortest delay step; shorter waits are not parked.
-pub const DELAY_STEP_MIN: Duration = Duration::from_millis(100);
+pub(crate) const DELAY_STEP_MIN: Duration = Duration::from_millis(100);
 /// Number of steps: 100 ms · 2^k for k in 0..DELAY_STEPS (100 ms … 409.6 s).
 pub const DELAY_STEPS: u32 = 13;
 
@@ -262,13 +262,13 @@ async fn declare_quorum(channel: &Channel, name: &str, args: FieldTable) -> Resu
 }
 
 /// The length of delay step `step`.
-pub fn delay_step(step: u32) -> Duration {
+pub(crate) fn delay_step(step: u32) -> Duration {
     DELAY_STEP_MIN * 2u32.pow(step)
 }
 
 /// The step to park a message on for a remaining wait of `remaining`: the
 /// longest step not longer than it. `None` when the wait is too short to park.
-pub fn step_for(remaining: Duration) -> Option<u32> {
+pub(crate) fn step_for(remaining: Duration) -> Option<u32> {
     if remaining < DELAY_STEP_MIN {
         return None;
     }
@@ -281,7 +281,7 @@ pub fn step_for(remaining: Duration) -> Option<u32> {
 /// is its last trip; otherwise `remaining` (the longest step not longer,
 /// and more trips for what is left). Waits too short to park stay as they
 /// are: waiting them out costs less than a trip.
-pub fn park_for(remaining: Duration, late_ok: Duration) -> Duration {
+pub(crate) fn park_for(remaining: Duration, late_ok: Duration) -> Duration {
     if remaining < DELAY_STEP_MIN {
         return remaining;
     }

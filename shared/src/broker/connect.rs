@@ -55,7 +55,11 @@ pub const FRAME_MAX: u32 = 16 * 1024;
 /// (unless it sets `?frame_max=`) and, for `amqps://`, the configured
 /// CA and client certificate. Its `connection_name` (shown by `rabbitmqctl
 /// list_connections name client_properties`) identifies the stage.
-pub async fn connect_to(url: &str, broker: &BrokerConfig, connection_name: &str) -> Result<Connection, ConnectError> {
+pub(crate) async fn connect_to(
+    url: &str,
+    broker: &BrokerConfig,
+    connection_name: &str,
+) -> Result<Connection, ConnectError> {
     let shown = crate::redact::url(url);
     let mut uri = amqp_uri(url).map_err(|message| ConnectError::Url {
         url: shown.clone(),

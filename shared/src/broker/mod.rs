@@ -29,7 +29,7 @@ use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions}
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, Consumer};
 
-pub use connect::{ConnectError, FRAME_MAX, connect, connect_to, silence_bound};
+pub use connect::{ConnectError, FRAME_MAX, connect, silence_bound};
 pub use publish::{ConfirmedPublisher, PendingConfirm, PublishError};
 pub use returns::MatchedReturns;
 pub use supervisor::{SessionError, Supervisor};

@@ -30,7 +30,7 @@ pub(super) fn slack_token() -> Option<String> {
 }
 
 /// `RUST_LOG`: which log lines are written (default `info`).
-pub fn log_filter() -> String {
+pub(crate) fn log_filter() -> String {
     nonempty("RUST_LOG").unwrap_or_else(|| "info".into())
 }
 

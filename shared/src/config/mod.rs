@@ -113,7 +113,7 @@ pub struct Config {
 }
 
 /// A hash of a file's content, to see whether it changed.
-pub fn content_hash(bytes: &[u8]) -> u64 {
+pub(crate) fn content_hash(bytes: &[u8]) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     bytes.hash(&mut hasher);
@@ -155,7 +155,7 @@ impl Config {
         Ok(config)
     }
 
-    pub fn http_addr_mut(&mut self, stage: Stage) -> &mut SocketAddr {
+    pub(crate) fn http_addr_mut(&mut self, stage: Stage) -> &mut SocketAddr {
         match stage {
             Stage::Matcher => &mut self.matcher.http_addr,
             Stage::Deliverer => &mut self.deliverer.http_addr,

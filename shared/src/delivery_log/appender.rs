@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use super::stream::declare_stream;
 use super::*;
 use crate::broker::{self, ConfirmedPublisher};
 
@@ -47,7 +48,7 @@ pub struct DeliveryLog {
 
 impl DeliveryLog {
     /// A log that records nothing (`[delivery_log] enabled = false`).
-    pub fn disabled(dropped: IntCounter) -> Self {
+    pub(crate) fn disabled(dropped: IntCounter) -> Self {
         DeliveryLog { tx: None, dropped }
     }
 

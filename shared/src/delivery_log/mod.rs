@@ -35,8 +35,8 @@ mod tests;
 use std::time::Duration;
 
 pub use appender::{AppenderTarget, DeliveryLog, start};
-pub use record::{LogRecord, Outcome, now_rfc3339, parse_batch};
-pub use stream::{DeliveryLogConfig, declare_stream, stream_exists};
+pub use record::{LogRecord, Outcome, parse_batch};
+pub use stream::{DeliveryLogConfig, stream_exists};
 
 /// How long a record waits for others before its batch is published.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);

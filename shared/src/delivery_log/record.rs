@@ -86,7 +86,7 @@ pub struct LogRecord {
 }
 
 /// Now, as a record's `at`.
-pub fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     format!("{:.3}", jiff::Timestamp::now())
 }
 

@@ -11,12 +11,12 @@ impl DeliveryLogConfig {
     /// Segment size of the stream: retention removes whole segments, so a
     /// segment is an eighth of `max_bytes` (at least 4 KiB, at most
     /// RabbitMQ's default of 500 MB).
-    pub fn segment_bytes(&self) -> u64 {
+    pub(crate) fn segment_bytes(&self) -> u64 {
         (self.max_bytes / 8).clamp(4096, 500_000_000)
     }
 
     /// The stream's queue arguments.
-    pub fn stream_arguments(&self) -> FieldTable {
+    pub(crate) fn stream_arguments(&self) -> FieldTable {
         let mut args = FieldTable::default();
         let text = |s: String| AMQPValue::LongString(LongString::from(s));
         args.insert("x-queue-type".into(), text("stream".into()));
@@ -35,7 +35,7 @@ impl DeliveryLogConfig {
 
 /// Declares the log stream with the configured retention. A stream that
 /// exists with other arguments is used as it is, with a warning.
-pub async fn declare_stream(
+pub(crate) async fn declare_stream(
     connection: &Connection,
     stream: &str,
     config: &DeliveryLogConfig,

@@ -224,7 +224,7 @@ pub fn retry_or_dead<J: Job>(
 /// Carries `disposition` out for the delivery `settler` settles: what it
 /// publishes is confirmed by the broker first, the delivery acknowledged
 /// after. The one place a stage's job is acknowledged.
-pub async fn carry_out<J: Job>(
+pub(crate) async fn carry_out<J: Job>(
     settler: &Settler,
     disposition: Disposition<J>,
     publisher: &ConfirmedPublisher,

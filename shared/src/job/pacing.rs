@@ -84,7 +84,7 @@ impl TokenBucket {
     }
 
     /// Adopts a changed limit, keeping the tokens (capped at the new burst).
-    pub fn set_limit(&mut self, limit: &RateLimit) {
+    pub(crate) fn set_limit(&mut self, limit: &RateLimit) {
         self.per_second = limit.per_second;
         self.burst = limit.burst as f64;
         self.tokens = self.tokens.min(self.burst);
@@ -180,7 +180,7 @@ pub enum Turn {
 /// grace, the other half left for the broker's own lateness. Coming back
 /// on a step that ends within this saves the ladder trips that would
 /// otherwise approach the slot exactly (see `topology::park_for`).
-pub fn park_leeway(limit: &RateLimit) -> Duration {
+pub(crate) fn park_leeway(limit: &RateLimit) -> Duration {
     slot_grace(limit) / 2
 }
 

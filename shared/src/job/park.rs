@@ -35,7 +35,7 @@ pub async fn park(
 /// `Some(wait)` when it should go back on the ladder for that long;
 /// otherwise waits out a remainder too short to park (under 100 ms) and
 /// returns `None`: it is due.
-pub async fn wait_until_due(not_before_ms: Option<u64>, late_ok: impl FnOnce() -> Duration) -> Option<Duration> {
+pub(crate) async fn wait_until_due(not_before_ms: Option<u64>, late_ok: impl FnOnce() -> Duration) -> Option<Duration> {
     let now = crate::wire::now_millis();
     let due = not_before_ms.filter(|&due| due > now)?;
     let wait = Duration::from_millis(due - now);
@@ -48,7 +48,7 @@ pub async fn wait_until_due(not_before_ms: Option<u64>, late_ok: impl FnOnce() -
 
 /// Publishes `body` to the dead-letter queue `queue`, persistent, with
 /// `x-swallow-<name>` headers (`reason`, `error`, `attempts`, …).
-pub async fn dead_letter(
+pub(crate) async fn dead_letter(
     publisher: &ConfirmedPublisher,
     queue: &str,
     body: &[u8],

@@ -71,7 +71,7 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
 
 /// What to do after a failed attempt.
 #[derive(Debug, Clone, PartialEq)]
-pub enum RetryDecision {
+pub(crate) enum RetryDecision {
     /// Try again after this long.
     RetryIn(Duration),
     /// Stop: `reason` is `MaxAttempts` or `MaxAge`.
@@ -98,7 +98,7 @@ impl From<&Integration> for RetryLimits {
 impl RetrySchedule {
     /// Decides after failed attempt number `attempts` (1-based) whose error
     /// was `error`, at `now_ms`.
-    pub fn after_failure(
+    pub(crate) fn after_failure(
         &self,
         limits: RetryLimits,
         created_at_ms: u64,

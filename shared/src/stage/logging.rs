@@ -25,7 +25,7 @@ static FORMAT: OnceLock<LogFormat> = OnceLock::new();
 /// `lapin`: swallow logs the broker errors that matter itself, and lapin
 /// reports expected events (a shard lease held by another replica, a
 /// closing channel) as errors.
-pub fn init(stage: &'static str, format: LogFormat) {
+pub(crate) fn init(stage: &'static str, format: LogFormat) {
     let spec = crate::config::env::log_filter();
     let spec = if spec.contains("lapin") {
         spec
@@ -59,7 +59,7 @@ pub fn format() -> LogFormat {
 
 /// One JSON log line, as [`JsonLine`] writes them, for a message that is
 /// not a tracing event (the error that stops a stage).
-pub fn json_line(stage: &str, level: &str, message: &str) -> String {
+pub(crate) fn json_line(stage: &str, level: &str, message: &str) -> String {
     let mut line = Map::new();
     line.insert("time".into(), now().into());
     line.insert("level".into(), level.into());

@@ -20,7 +20,7 @@ use crate::config::{Config, Integrations, Sink, content_hash};
 use crate::metrics::CommonMetrics;
 
 /// What a reload check can change while a stage runs.
-pub struct Watched {
+pub(crate) struct Watched {
     /// The integrations in force.
     pub integrations: watch::Receiver<Arc<Integrations>>,
     /// The Slack token in force: `[responder] slack_token`, the file
@@ -59,7 +59,7 @@ fn slack_token(config: &Config) -> Option<&str> {
 
 /// Starts watching the configuration file `config.path` (when there is one)
 /// and returns what is in force, updated on every valid change.
-pub fn watch_config(config: &Config, metrics: CommonMetrics, shutdown: CancellationToken) -> Watched {
+pub(crate) fn watch_config(config: &Config, metrics: CommonMetrics, shutdown: CancellationToken) -> Watched {
     let initial = config.integrations.clone();
     metrics.integrations_loaded.set(initial.list.len() as i64);
     let (integrations, rx) = watch::channel(initial);

@@ -8,7 +8,7 @@ use tracing::{error, info};
 
 /// How long after its grace period a stopping stage may still take (to hand
 /// back what is left and close its channels) before it is ended.
-pub const STOP_MARGIN: Duration = Duration::from_secs(5);
+pub(crate) const STOP_MARGIN: Duration = Duration::from_secs(5);
 
 /// A token cancelled on the first SIGTERM or SIGINT. The stage then has
 /// `grace` + [`STOP_MARGIN`] to stop by itself; after that, or on a second
@@ -16,7 +16,7 @@ pub const STOP_MARGIN: Duration = Duration::from_secs(5);
 /// had not acknowledged goes back to the broker's queues when its
 /// connection drops. (A graceful stop can hang where the broker stops
 /// reading from the connection, as RabbitMQ's flow control may.)
-pub fn on_signal(grace: Duration) -> CancellationToken {
+pub(crate) fn on_signal(grace: Duration) -> CancellationToken {
     let token = CancellationToken::new();
     let cancel = token.clone();
     tokio::spawn(async move {

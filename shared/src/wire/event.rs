@@ -89,16 +89,6 @@ impl ChatEvent {
     pub fn is_from_bot(&self) -> bool {
         self.bot_id.as_deref().is_some_and(|b| !b.is_empty()) || self.subtype.as_deref() == Some("bot_message")
     }
-
-    /// Outgoing webhooks only fire in public channels.
-    pub fn is_public(&self) -> bool {
-        matches!(self.channel_type.as_deref(), None | Some("public") | Some(""))
-    }
-
-    /// The event's `ts` as milliseconds since the epoch, when it is a number.
-    pub fn ts_millis(&self) -> Option<u64> {
-        ts_to_millis(&self.ts)
-    }
 }
 
 /// A Slack `ts` ("1355517523.000005") as milliseconds since the epoch.
@@ -112,7 +102,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_seed_event_parses() {
+    fn the_documented_example_event_parses() {
         let raw = br#"{"team_id":"T0001","team_domain":"example","channel_id":"C2147483705",
  "channel_name":"test","channel_type":"public","user_id":"U2147483697",
  "user_name":"Steve","ts":"1355517523.000005","thread_ts":null,
@@ -120,8 +110,8 @@ mod tests {
  "bot_id":null,"subtype":null}"#;
         let e = ChatEvent::parse(raw).unwrap();
         assert_eq!(e.user_name, "Steve");
-        assert!(e.is_public() && !e.is_from_bot());
-        assert_eq!(e.ts_millis(), Some(1_355_517_523_000));
+        assert!(!e.is_from_bot());
+        assert_eq!(ts_to_millis(&e.ts), Some(1_355_517_523_000));
     }
 
     #[test]
