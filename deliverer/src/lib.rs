@@ -6,9 +6,10 @@
 //! `<prefix>.replies`), parked on the delay ladder for a retry or a
 //! rate-limit slot (confirmed), dead-lettered (confirmed), or dropped by an
 //! `on_limit = "drop"` integration. Nothing waits in memory holding a broker
-//! delivery except the HTTP attempt itself; a failing handler's circuit
-//! opens (`circuit`), and slow ones share the attempt permits fairly
-//! (`permits`), so they never delay anyone else's jobs.
+//! delivery except the HTTP attempt itself and a job's turn for an attempt
+//! permit (within its shard's prefetch); a failing handler's circuit opens
+//! (`circuit`), and the permits are handed out by fair queueing
+//! (`permits`), so slow handlers never delay anyone else's jobs.
 //!
 //! `membership` serves the shards this replica holds; `jobs` handles each
 //! job on them.
@@ -134,6 +135,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Delive
         permits: AttemptPermits::new(
             config.deliverer.concurrency,
             config.deliverer.per_integration_concurrency,
+            config.deliverer.concurrency.min(u16::MAX as usize),
         ),
         circuits: Circuits::new(),
         notices: Mutex::new(HashMap::new()),

@@ -231,12 +231,13 @@ async fn serve_shard(
         grace: SHUTDOWN_GRACE,
     };
     let handler_ctx = ctx.clone();
+    let shard = jobs::OnShard { k, stop: stop.clone() };
     let result = consume_queue(
         &channel,
         &publisher,
         options,
         || {},
-        |delivery, publisher, settler| jobs::handle(delivery, handler_ctx.clone(), publisher, settler),
+        |delivery, publisher, settler| jobs::handle(delivery, handler_ctx.clone(), publisher, settler, shard.clone()),
     )
     .await;
     if result.is_ok() {
