@@ -55,7 +55,18 @@ pub const MAX_ERROR_BYTES: usize = 1024;
 /// do not know.
 pub const VERSION_HEADER: &str = "x-swallow-log";
 /// The batch format this build writes: newline-separated [`LogRecord`]s.
-pub const BATCH_VERSION: &str = "1";
+/// Version 2: a `matched` record per delivery job (one integration, the
+/// job's `delivery_id` and URL); version 1 wrote one per event, listing the
+/// integrations comma-separated, with an empty `delivery_id`.
+pub const BATCH_VERSION: &str = "2";
+/// The batch formats this build reads: the records are the same shape, only
+/// what a `matched` record covers differs.
+pub const READ_VERSIONS: [&str; 2] = ["1", BATCH_VERSION];
+
+/// Whether a batch with this `x-swallow-log` header is one this build reads.
+pub fn readable(version: Option<&str>) -> bool {
+    version.is_some_and(|v| READ_VERSIONS.contains(&v))
+}
 /// How long a stopping stage waits for its last records to be published.
 pub const LINGER: Duration = Duration::from_secs(2);
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -126,7 +137,7 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
 /// What happened at one step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// The matcher matched an event (one record listing the integrations).
+    /// The matcher made a delivery job of an event (one record per job).
     Matched,
     Delivered,
     Retried,
@@ -180,9 +191,11 @@ pub struct LogRecord {
     pub channel_id: String,
     /// The triggering message's `ts`.
     pub event_ts: String,
-    /// For `matched`, every integration matched, comma-separated.
+    /// For `matched` in version 1 batches, every integration matched,
+    /// comma-separated.
     pub integration_id: String,
-    /// The POST's `webhook-id`; empty for `matched` (one per URL follows).
+    /// The POST's `webhook-id`; never empty in version 2 (empty for
+    /// version 1's `matched`).
     pub delivery_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
@@ -227,16 +240,20 @@ impl LogRecord {
         }
     }
 
-    /// The matcher matched `event` for these integrations.
-    pub fn matched<'a>(event: &ChatEvent, integration_ids: impl IntoIterator<Item = &'a str>) -> Self {
-        let ids: Vec<&str> = integration_ids.into_iter().collect();
-        LogRecord::new(
-            Outcome::Matched,
-            &event.team_id,
-            &event.channel_id,
-            &event.ts,
-            &ids.join(","),
-        )
+    /// The matcher made the job `delivery_id` of `event`, for
+    /// `integration_id`'s URL `url`.
+    pub fn matched(event: &ChatEvent, integration_id: &str, delivery_id: &str, url: &str) -> Self {
+        LogRecord {
+            delivery_id: delivery_id.into(),
+            url: Some(redact_url_kept(url)),
+            ..LogRecord::new(
+                Outcome::Matched,
+                &event.team_id,
+                &event.channel_id,
+                &event.ts,
+                integration_id,
+            )
+        }
     }
 
     /// A step of a delivery job: its ids, URL and attempts made so far.
@@ -657,14 +674,41 @@ mod tests {
     }
 
     #[test]
-    fn matched_lists_its_integrations_and_stages_follow_outcomes() {
-        let e = job().event;
-        let r = LogRecord::matched(&e, ["a", "b"]);
-        assert_eq!((r.stage.as_str(), r.integration_id.as_str()), ("matcher", "a,b"));
+    fn matched_names_its_job_and_stages_follow_outcomes() {
+        let j = job();
+        let r = LogRecord::matched(&j.event, "g", &j.delivery_id, "http://user:pw@h/x?q=1");
+        assert_eq!(
+            (r.stage.as_str(), r.integration_id.as_str(), r.delivery_id.as_str()),
+            ("matcher", "g", "msg_1")
+        );
+        assert_eq!(r.url.as_deref(), Some("http://h/x"));
         assert_eq!(Outcome::ReplyDead.stage(), "responder");
         assert_eq!(Outcome::CircuitOpen.name(), "circuit_open");
         let r = LogRecord::job(Outcome::Delivered, &job()).with_outcome(Outcome::Dead);
         assert_eq!((r.stage.as_str(), r.outcome.as_str()), ("deliverer", "dead"));
+    }
+
+    #[test]
+    fn versions_1_and_2_are_read_and_others_skipped() {
+        assert!(readable(Some("1")) && readable(Some("2")) && readable(Some(BATCH_VERSION)));
+        assert!(!readable(Some("3")) && !readable(None));
+    }
+
+    /// A version 2 batch (the fixture): a `matched` record per job, with its
+    /// delivery id and URL, then the job's own steps.
+    #[test]
+    fn version_2_batches_are_read() {
+        let fixture = concat!(
+            r#"{"at":"2026-11-28T04:00:00.100Z","stage":"matcher","outcome":"matched","team_id":"T1","channel_id":"C1","event_ts":"1.2","integration_id":"g","delivery_id":"msg_1","url":"http://h/"}"#,
+            "\n",
+            r#"{"at":"2026-11-28T04:00:00.123Z","stage":"deliverer","outcome":"delivered","team_id":"T1","channel_id":"C1","event_ts":"1.2","integration_id":"g","delivery_id":"msg_1","url":"http://h/","attempt":1,"status":200,"class":"2xx","duration_ms":12}"#,
+            "\n"
+        );
+        let records = parse_batch(fixture.as_bytes());
+        assert_eq!(records.len(), 2);
+        assert!(records.iter().all(|r| r.delivery_id == "msg_1"));
+        assert_eq!(records[0].outcome, "matched");
+        assert_eq!(records[0].url.as_deref(), Some("http://h/"));
     }
 
     /// A batch written by version 1 (the fixture) is read by this build;
