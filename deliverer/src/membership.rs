@@ -23,8 +23,8 @@ use crate::{Context, SHUTDOWN_GRACE, jobs, shards};
 /// One connection's worth of work: announce this replica, keep the shards
 /// the assignment gives it (see `shards`), serve each on its own channel.
 pub(crate) async fn session(connection: Arc<Connection>, ctx: Arc<Context>) -> Result<(), SessionError> {
+    ctx.topology.declare_on(&connection).await?;
     let channel = connection.create_channel().await?;
-    ctx.topology.declare(&channel).await?;
     let publisher = ConfirmedPublisher::open(&connection).await?;
     let exchange = ctx.topology.deliverers_exchange();
     let mut announcements = broker::subscribe(&channel, &exchange, "").await?;

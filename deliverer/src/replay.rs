@@ -32,8 +32,8 @@ pub async fn replay(
 ) -> Result<Replayed, SessionError> {
     let topology = config.broker.topology();
     let connection = broker::connect(&config.broker, "swallow-deliverer replay").await?;
+    topology.declare_on(&connection).await?;
     let channel = connection.create_channel().await?;
-    topology.declare(&channel).await?;
     let dead = topology.deliveries_dead_queue();
     let present = broker::ready_count(&connection, &dead).await? as usize;
     let mut done = Replayed::default();

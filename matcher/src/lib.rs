@@ -142,13 +142,14 @@ async fn handle(
                     ctx.metrics.events_matched.inc();
                     // Stamped now, before any job exists, so they read first:
                     // one per job, each with the job's delivery id.
+                    let event_ref = &event;
                     let steps: Vec<LogRecord> = matches
                         .iter()
                         .flat_map(|m| {
                             let id = m.integration.id.as_str();
                             m.integration.urls.iter().enumerate().map(move |(i, url)| {
-                                let delivery_id = DeliveryJob::delivery_id_for(&event, id, i);
-                                LogRecord::matched(&event, id, &delivery_id, url.as_str())
+                                let delivery_id = DeliveryJob::delivery_id_for(event_ref, id, i);
+                                LogRecord::matched(event_ref, id, &delivery_id, url.as_str())
                             })
                         })
                         .collect();

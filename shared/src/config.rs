@@ -108,6 +108,7 @@ struct RawBroker {
     prefix: Option<String>,
     prefetch: Option<u16>,
     shards: Option<u32>,
+    delivery_limit: Option<u32>,
     heartbeat_s: Option<u16>,
     ca_file: Option<PathBuf>,
     client_cert_file: Option<PathBuf>,
@@ -313,12 +314,15 @@ pub struct BrokerConfig {
     pub prefetch: u16,
     /// Delivery shards: the unit of work one deliverer replica owns at a time.
     pub shards: u32,
+    /// Deliveries of one message from a work queue before the broker sets
+    /// it aside in the stage's dead (or invalid) queue (`x-delivery-limit`).
+    pub delivery_limit: u32,
 }
 
 impl BrokerConfig {
     /// The exchanges and queues this configuration describes.
     pub fn topology(&self) -> Topology {
-        Topology::with_shards(&self.prefix, self.shards)
+        Topology::with_shards(&self.prefix, self.shards).with_delivery_limit(self.delivery_limit)
     }
 }
 
@@ -574,6 +578,8 @@ impl Config {
             prefix,
             prefetch: positive(raw.broker.prefetch, 256).map_err(|m| field_err("broker.prefetch", m))?,
             shards: raw.broker.shards.unwrap_or(DEFAULT_SHARDS),
+            delivery_limit: positive(raw.broker.delivery_limit, crate::topology::DEFAULT_DELIVERY_LIMIT)
+                .map_err(|m| field_err("broker.delivery_limit", m))?,
         };
         if !(1..=1024).contains(&broker.shards) {
             return Err(field_err(
