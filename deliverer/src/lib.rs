@@ -127,7 +127,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Delive
         replica_id: uuid::Uuid::new_v4().simple().to_string(),
         replies_queue: topology.replies_queue(),
         topology,
-        prefetch: config.deliverer.concurrency.min(u16::MAX as usize) as u16,
+        prefetch: shard_prefetch(config.deliverer.concurrency),
         integrations: parts.integrations.clone(),
         client,
         policy,
@@ -135,7 +135,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Delive
         permits: AttemptPermits::new(
             config.deliverer.concurrency,
             config.deliverer.per_integration_concurrency,
-            config.deliverer.concurrency.min(u16::MAX as usize),
+            shard_prefetch(config.deliverer.concurrency).into(),
         ),
         circuits: Circuits::new(),
         notices: Mutex::new(HashMap::new()),
@@ -148,6 +148,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Delive
     Ok(parts.run(&config, shutdown, move |connection| {
         membership::session(connection, ctx.clone())
     }))
+}
+
+/// Each shard's prefetch: room for `concurrency` attempts under way and as
+/// many jobs waiting for their turn (`permits` keeps the waiting ones to
+/// half of it), so that a shard whose jobs hold every permit still brings
+/// new jobs in, and a quick integration's among them get their turns.
+fn shard_prefetch(concurrency: usize) -> u16 {
+    concurrency.saturating_mul(2).min(u16::MAX as usize) as u16
 }
 
 struct Context {

@@ -182,9 +182,9 @@ async fn reap_finished(held: &mut HashMap<u32, HeldShard>) -> Result<(), Session
 
 /// Takes shard `k`'s lease and starts serving it, or `None` when another
 /// replica still holds the lease (a broker error closed the lease channel;
-/// it is tried again on a later tick). Each shard may bring up to
-/// `concurrency` jobs; `attempt_permits` bounds the attempts under way
-/// across all shards.
+/// it is tried again on a later tick). Each shard may bring up to twice
+/// `concurrency` jobs (attempts under way and jobs waiting for a turn);
+/// `permits` bounds the attempts under way across all shards.
 async fn take_shard(
     connection: &Arc<Connection>,
     ctx: &Arc<Context>,
