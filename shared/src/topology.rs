@@ -564,4 +564,53 @@ mod tests {
         );
         assert_eq!(t.delay_step_name(0), "p1.delay.100ms");
     }
+
+    #[test]
+    fn work_queues_set_aside_past_their_limit_into_their_stages_dead_queue() {
+        let t = Topology::with_shards("p", 2).with_delivery_limit(3);
+        let dead: std::collections::HashMap<String, String> = t.work_queues().into_iter().collect();
+        assert_eq!(dead.len(), 4);
+        assert_eq!(dead["p.events.inbox"], "p.events.invalid");
+        assert_eq!(dead["p.deliveries.1"], "p.deliveries.dead");
+        assert_eq!(dead["p.replies"], "p.replies.dead");
+        let args = t.work_queue_args("p.replies.dead");
+        let get = |k: &str| args.inner().get(k).cloned();
+        assert_eq!(get("x-delivery-limit"), Some(AMQPValue::LongLongInt(3)));
+        assert_eq!(
+            get("x-dead-letter-routing-key"),
+            Some(AMQPValue::LongString("p.replies.dead".into()))
+        );
+        assert_eq!(
+            get("x-dead-letter-strategy"),
+            Some(AMQPValue::LongString("at-least-once".into()))
+        );
+        assert_eq!(get("x-overflow"), Some(AMQPValue::LongString("reject-publish".into())));
+    }
+
+    /// The production overlay's policies are the ones `delivery_limit_policies`
+    /// gives for the default prefix and limit.
+    #[test]
+    fn the_production_overlay_applies_these_policies() {
+        let file = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/k8s/overlays/production/rabbitmq-policies.yaml"
+        );
+        let yaml = std::fs::read_to_string(file).expect("the production overlay's policies");
+        let t = Topology::new("swallow");
+        for (name, pattern, definition) in t.delivery_limit_policies() {
+            let definition: serde_json::Value = serde_json::from_str(&definition).unwrap();
+            for line in [
+                format!("name: {name}"),
+                format!("pattern: '{pattern}'"),
+                format!("delivery-limit: {}", definition["delivery-limit"]),
+                format!(
+                    "dead-letter-routing-key: {}",
+                    definition["dead-letter-routing-key"].as_str().unwrap()
+                ),
+            ] {
+                assert!(yaml.contains(&line), "{file} lacks {line:?}");
+            }
+        }
+        assert_eq!(regex_escape("a.b*c"), "a\\.b\\*c");
+    }
 }
