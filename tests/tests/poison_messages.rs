@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{BasicGetOptions, BasicNackOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use swallow_shared::event::ChatEvent;
 use swallow_shared::messages::{DeliveryJob, now_millis};
@@ -79,12 +79,14 @@ async fn a_job_that_kills_the_deliverer_is_set_aside_and_the_jobs_behind_it_go()
     .await;
     let url = handler.url("/hook");
     let dir = tempdir("poison");
-    // One shard, one job at a time: the jobs behind the poisoned one wait in
-    // the queue, unaffected by the crashes.
+    // One shard, two attempts at a time: the jobs behind the poisoned one
+    // go beside it; the deliverer is killed only once they are settled, so
+    // that each crash returns the poisoned job alone (a crash counts a
+    // delivery of every job the deliverer held).
     let config = write_config(
         &dir,
         &format!(
-            "{}shards = 1\ndelivery_limit = {LIMIT}\n[deliverer]\nconcurrency = 1\nallow_networks = [\"127.0.0.0/8\"]\n\
+            "{}shards = 1\ndelivery_limit = {LIMIT}\n[deliverer]\nconcurrency = 2\nallow_networks = [\"127.0.0.0/8\"]\n\
              [[integrations]]\nid = \"poisoned\"\nteam_id = \"T0001\"\nchannel = \"C2147483705\"\nurls = [\"{url}\"]\ntoken = \"t\"\n\
              rate_limit = {{ per_second = 100.0, burst = 100 }}\n",
             stack.broker_toml()
@@ -105,6 +107,19 @@ async fn a_job_that_kills_the_deliverer_is_set_aside_and_the_jobs_behind_it_go()
     }
     let dead = stack.topology.deliveries_dead_queue();
     let poisoned = |h: &HandlerServer| h.requests().iter().filter(|r| text_of(r).starts_with("poison")).count();
+    let fine = |h: &HandlerServer, word: &str| h.requests().iter().filter(|r| text_of(r).starts_with(word)).count();
+    let delivered = |p: &StageProcess| {
+        let ops = p.ops_addr;
+        async move {
+            metric(ops, "swallow_deliveries_total", &[("outcome", "delivered")])
+                .await
+                .ok()
+        }
+    };
+    wait_for(T, "the three jobs behind the poisoned one, delivered", || async {
+        (fine(&handler, "fine") == 3 && delivered(&deliverer).await? >= 3.0).then_some(())
+    })
+    .await;
     let mut kills = 0;
     loop {
         let seen = wait_for(T, "the poisoned job's POST, or its dead letter", || async {
@@ -131,24 +146,33 @@ async fn a_job_that_kills_the_deliverer_is_set_aside_and_the_jobs_behind_it_go()
         LIMIT as usize + 1,
         "the broker sets a message aside when it is returned more than delivery_limit times"
     );
-    let mut set_aside = stack.drain(&dead).await.unwrap();
-    let d = &set_aside.until(1, T, "the poisoned job in the dead queue").await[0];
-    let job: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
-    assert_eq!(job["event"]["text"], "poison pill", "the job, unchanged");
+    // Looked at, then handed back for `replay` below.
+    let looking = stack.connection.create_channel().await.unwrap();
+    let got = wait_for(T, "the poisoned job in the dead queue", || async {
+        looking
+            .basic_get(dead.as_str().into(), BasicGetOptions::default())
+            .await
+            .ok()?
+    })
+    .await;
+    let d = &got.delivery;
+    let set_aside: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+    assert_eq!(set_aside["event"]["text"], "poison pill", "the job, unchanged");
     assert_eq!(
         deaths(d).first(),
         Some(&("delivery_limit".to_owned(), shard.clone())),
         "x-death says why and where: {:?}",
         d.properties.headers()
     );
-    // The jobs behind it go, and the deliverer stays up.
-    wait_for(T, "the three jobs behind the poisoned one", || async {
-        let fine = handler
-            .requests()
-            .iter()
-            .filter(|r| text_of(r).starts_with("fine"))
-            .count();
-        (fine >= 3).then_some(())
+    // The deliverer stays up and goes on with the jobs that come next.
+    for i in 0..3 {
+        stack
+            .publish_to_queue(&shard, &job(&format!("next {i}"), &format!("3.00000{i}"), &url))
+            .await
+            .unwrap();
+    }
+    wait_for(T, "the jobs published after it was set aside", || async {
+        (fine(&handler, "next") == 3).then_some(())
     })
     .await;
     assert!(
@@ -156,7 +180,24 @@ async fn a_job_that_kills_the_deliverer_is_set_aside_and_the_jobs_behind_it_go()
         "the deliverer is still running"
     );
     assert_eq!(poisoned(&handler), kills, "the set-aside job was not delivered again");
-    drop(deliverer);
+    assert_eq!(
+        swallow_deliverer::replay::broker_death_reason(&d.properties).as_deref(),
+        Some("delivery_limit")
+    );
+    deliverer.kill().await;
+
+    // `replay` finds it by its integration (it has no x-swallow-* headers)
+    // and says it was set aside past the delivery limit.
+    let requeue = BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    };
+    looking.basic_nack(d.delivery_tag, requeue).await.unwrap();
+    let cfg = swallow_shared::Config::load(&config).unwrap();
+    let done = swallow_deliverer::replay::replay(&cfg, Some("poisoned"), None)
+        .await
+        .unwrap();
+    assert_eq!((done.moved, done.past_delivery_limit, done.left), (1, 1, 0));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
