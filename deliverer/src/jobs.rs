@@ -1,6 +1,6 @@
 //! One delivery job's visit to the deliverer: the checks only the deliverer
 //! makes (a known integration, its URL's circuit, its rate limit or
-//! `on_limit = "drop"`, its fair share of the attempt permits), the HTTP
+//! `on_limit = "drop"`, its turn for an attempt permit), the HTTP
 //! attempt, and what the attempt means (for the job and for the circuit). Opening the job, retries, and carrying the decision out durably
 //! before the ack are the shared lifecycle's (`swallow_shared::job::lifecycle`).
 
@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt as _;
 use futures_util::future::Either;
 use lapin::message::Delivery;
+use tokio_util::sync::CancellationToken;
 
 use swallow_shared::broker::consume::Settler;
 use swallow_shared::broker::{ConfirmedPublisher, SessionError};
@@ -21,14 +22,27 @@ use swallow_shared::job::lifecycle::{
     self, DeadLetter, DeadReason, Disposition, Failure, ParkReason, Step as Next, take_turn, within_max_age,
 };
 use swallow_shared::metrics::GaugeHold;
+use swallow_shared::topology::DELAY_STEP_MIN;
 use swallow_shared::wire::messages::{self, DeliveryJob, ReplyJob, RetryState, now_millis};
 
 use crate::attempt::{self, Attempted, Outcome};
+use crate::permits::ParkWhy;
 use crate::{Context, guard, notice};
 
-/// How long a job waits when its integration already has
-/// `per_integration_concurrency` attempts under way.
+/// How long a job waits on the ladder when its integration already has
+/// `per_integration_concurrency` jobs holding or waiting for a permit, or
+/// its shard's waiting jobs are at their bound.
 const BUSY_WAIT: Duration = Duration::from_millis(800);
+
+/// The shard a job came from: its number (jobs wait for a permit in their
+/// shard's share of the prefetch) and the token cancelled when the shard
+/// is given up or the deliverer stops (a waiting job then leaves for the
+/// ladder, so that the shard's hand-over does not wait for its turn).
+#[derive(Clone)]
+pub(crate) struct OnShard {
+    pub(crate) k: u32,
+    pub(crate) stop: CancellationToken,
+}
 
 /// Handles one delivery of a job, from its bytes to its ack.
 ///
@@ -42,6 +56,7 @@ pub(crate) fn handle(
     ctx: Arc<Context>,
     publisher: ConfirmedPublisher,
     settler: Settler,
+    shard: OnShard,
 ) -> impl Future<Output = Result<(), SessionError>> + Send + 'static {
     async move {
         let noticed = AtomicBool::new(false);
@@ -55,7 +70,7 @@ pub(crate) fn handle(
                 lifecycle::slot_leeway(job, integrations.get(&job.integration_id).map(|i| &i.rate_limit))
             },
             |job| {
-                decide(job, &ctx).map(|decided| {
+                decide(job, &ctx, &shard).map(|decided| {
                     let (disposition, with_notice) = notice::attach(&ctx, decided);
                     noticed.store(with_notice, Ordering::Relaxed);
                     disposition
@@ -74,9 +89,15 @@ pub(crate) fn handle(
 
 /// The deliverer's decision on a job: settled by its checks at once, or
 /// after an attempt.
-fn decide(job: DeliveryJob, ctx: &Context) -> impl Future<Output = Disposition<DeliveryJob>> + Send + '_ {
+fn decide<'a>(
+    job: DeliveryJob,
+    ctx: &'a Context,
+    shard: &'a OnShard,
+) -> impl Future<Output = Disposition<DeliveryJob>> + Send + 'a {
     match admit(job, ctx) {
-        ControlFlow::Continue((job, integration)) => Either::Left(attempt_admitted(job, integration, ctx)),
+        ControlFlow::Continue((job, integration, probe)) => {
+            Either::Left(attempt_admitted(job, integration, probe, ctx, shard))
+        }
         ControlFlow::Break(settled) => {
             record_unattempted(ctx, &settled);
             Either::Right(std::future::ready(settled))
@@ -84,21 +105,46 @@ fn decide(job: DeliveryJob, ctx: &Context) -> impl Future<Output = Disposition<D
     }
 }
 
-/// An admitted job's attempt, once it has its share of the permits, and
-/// what the attempt means.
+/// An admitted job's attempt, once its turn for a permit came, and what
+/// the attempt means.
 #[allow(clippy::manual_async_fn, reason = "an async fn keeps each argument twice")]
-fn attempt_admitted(
+fn attempt_admitted<'a>(
     mut job: DeliveryJob,
     integration: Arc<Integration>,
-    ctx: &Context,
-) -> impl Future<Output = Disposition<DeliveryJob>> + Send + '_ {
+    probe: bool,
+    ctx: &'a Context,
+    shard: &'a OnShard,
+) -> impl Future<Output = Disposition<DeliveryJob>> + Send + 'a {
     async move {
-        // Isolation: an integration that has its share of the attempt permits
-        // under way waits its turn on the ladder (see `permits`).
-        let Ok(permit) = ctx.permits.acquire(&integration.id).await else {
-            job.retry.hold_token_for(BUSY_WAIT, now_millis()); // it already paid its token
-            return Disposition::park(job, BUSY_WAIT, ParkReason::Busy);
+        // Isolation: the job waits in its integration's line for its turn
+        // (see `permits`), or on the ladder when its integration has its
+        // share in hand or in line, or its shard is crowded or stopping.
+        let permit = match ctx.permits.acquire(&integration.id, shard.k, &shard.stop).await {
+            Ok(permit) => permit,
+            Err(why) => {
+                let wait = if why == ParkWhy::Stopping {
+                    DELAY_STEP_MIN
+                } else {
+                    BUSY_WAIT
+                };
+                job.retry.hold_token_for(wait, now_millis()); // it already paid its token
+                return Disposition::park(job, wait, ParkReason::Busy);
+            }
         };
+        // It may have waited for its turn while its URL's circuit opened: a
+        // job behind an open circuit is never attempted.
+        if !probe && ctx.circuits.is_open((&job.integration_id, &job.url)) {
+            let now = now_millis();
+            let deadline = job.retry.deadline_ms(integration.max_age);
+            match guard::admit(ctx, &integration, job, now, deadline) {
+                ControlFlow::Continue((admitted, _)) => job = admitted,
+                ControlFlow::Break(parked) => {
+                    drop(permit);
+                    record_unattempted(ctx, &parked);
+                    return parked;
+                }
+            }
+        }
         let attempted = {
             let _permit = permit;
             let _under_way = GaugeHold::new(&ctx.metrics.in_flight);
@@ -155,7 +201,7 @@ fn record_unattempted(ctx: &Context, disposition: &Disposition<DeliveryJob>) {
 
 /// The deliverer's own checks before an attempt: the integration is known,
 /// the job is not too old, its URL's circuit and its rate limit let it go.
-fn admit(job: DeliveryJob, ctx: &Context) -> Next<DeliveryJob, (DeliveryJob, Arc<Integration>)> {
+fn admit(job: DeliveryJob, ctx: &Context) -> Next<DeliveryJob, (DeliveryJob, Arc<Integration>, bool)> {
     let integrations = ctx.integrations.borrow().clone();
     let Some(integration) = integrations.get(&job.integration_id).cloned() else {
         let detail = format!("integration {:?} is not in the configuration", job.integration_id);
@@ -181,7 +227,7 @@ fn admit(job: DeliveryJob, ctx: &Context) -> Next<DeliveryJob, (DeliveryJob, Arc
     } else {
         job = take_turn(job, &ctx.limiter, &integration.id, limit, now, deadline)?;
     }
-    ControlFlow::Continue((job, integration))
+    ControlFlow::Continue((job, integration, probe))
 }
 
 /// What an attempt means for the job.
@@ -236,11 +282,11 @@ mod tests {
     use super::*;
 
     /// The size of the future `f` returns, from its type alone.
-    fn future_size<F: Fn(A, B) -> R, A, B, R>(_: &F) -> usize {
+    fn future_size3<F: Fn(A, B, C) -> R, A, B, C, R>(_: &F) -> usize {
         std::mem::size_of::<R>()
     }
 
-    fn future_size4<F: Fn(A, B, C, D) -> R, A, B, C, D, R>(_: &F) -> usize {
+    fn future_size5<F: Fn(A, B, C, D, E) -> R, A, B, C, D, E, R>(_: &F) -> usize {
         std::mem::size_of::<R>()
     }
 
@@ -251,8 +297,8 @@ mod tests {
     /// grow a little, not for a second copy of a job (448 bytes).
     #[test]
     fn a_request_under_way_holds_its_delivery_and_its_job_once() {
-        let task = future_size4(&handle);
-        let decision = future_size(&decide);
+        let task = future_size5(&handle);
+        let decision = future_size3(&decide);
         assert!(task <= 1_700, "the delivery's task is {task} bytes");
         assert!(decision <= 1_150, "the decision is {decision} bytes");
     }

@@ -6,9 +6,10 @@
 //! `<prefix>.replies`), parked on the delay ladder for a retry or a
 //! rate-limit slot (confirmed), dead-lettered (confirmed), or dropped by an
 //! `on_limit = "drop"` integration. Nothing waits in memory holding a broker
-//! delivery except the HTTP attempt itself; a failing handler's circuit
-//! opens (`circuit`), and slow ones share the attempt permits fairly
-//! (`permits`), so they never delay anyone else's jobs.
+//! delivery except the HTTP attempt itself and a job's turn for an attempt
+//! permit (within its shard's prefetch); a failing handler's circuit opens
+//! (`circuit`), and the permits are handed out by fair queueing
+//! (`permits`), so slow handlers never delay anyone else's jobs.
 //!
 //! `membership` serves the shards this replica holds; `jobs` handles each
 //! job on them.
@@ -126,7 +127,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Delive
         replica_id: uuid::Uuid::new_v4().simple().to_string(),
         replies_queue: topology.replies_queue(),
         topology,
-        prefetch: config.deliverer.concurrency.min(u16::MAX as usize) as u16,
+        prefetch: shard_prefetch(config.deliverer.concurrency),
         integrations: parts.integrations.clone(),
         client,
         policy,
@@ -134,6 +135,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Delive
         permits: AttemptPermits::new(
             config.deliverer.concurrency,
             config.deliverer.per_integration_concurrency,
+            shard_prefetch(config.deliverer.concurrency).into(),
         ),
         circuits: Circuits::new(),
         notices: Mutex::new(HashMap::new()),
@@ -146,6 +148,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Delive
     Ok(parts.run(&config, shutdown, move |connection| {
         membership::session(connection, ctx.clone())
     }))
+}
+
+/// Each shard's prefetch: room for `concurrency` attempts under way and as
+/// many jobs waiting for their turn (`permits` keeps the waiting ones to
+/// half of it), so that a shard whose jobs hold every permit still brings
+/// new jobs in, and a quick integration's among them get their turns.
+fn shard_prefetch(concurrency: usize) -> u16 {
+    concurrency.saturating_mul(2).min(u16::MAX as usize) as u16
 }
 
 struct Context {

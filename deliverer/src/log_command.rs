@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use swallow_shared::Config;
 use swallow_shared::broker::{self, ConfirmedPublisher, PublishError};
-use swallow_shared::delivery_log::{self, BATCH_VERSION, LogRecord, VERSION_HEADER};
+use swallow_shared::delivery_log::{self, LogRecord, VERSION_HEADER};
 
 /// How long `--follow` holds a record before printing it, so that records
 /// flushed a little later by another stage are printed in time order.
@@ -85,7 +85,8 @@ pub struct Filters {
 impl Filters {
     pub fn pass(&self, r: &LogRecord) -> bool {
         let eq = |want: &Option<String>, got: &str| want.as_deref().is_none_or(|w| w == got);
-        // A `matched` record lists every integration the event matched.
+        // A version 1 `matched` record lists every integration the event
+        // matched; version 2 writes one per job.
         let integration = self
             .integration
             .as_deref()
@@ -254,7 +255,7 @@ pub async fn run(
                 if marker.is_some() && broker::header_str(&delivery.properties, MARKER_HEADER) == marker {
                     break;
                 }
-                if broker::header_str(&delivery.properties, VERSION_HEADER).as_deref() != Some(BATCH_VERSION) {
+                if !delivery_log::readable(broker::header_str(&delivery.properties, VERSION_HEADER).as_deref()) {
                     continue; // another reader's marker, or a format this build does not know
                 }
                 for record in delivery_log::parse_batch(&delivery.data) {
@@ -378,7 +379,17 @@ mod tests {
         assert!(!f(Some("a"), None).pass(&delivered));
         assert!(f(Some("b"), None).pass(&delivered));
         assert!(f(None, Some("msg_1")).pass(&delivered));
-        assert!(!f(None, Some("msg_1")).pass(&matched));
+        assert!(
+            !f(None, Some("msg_1")).pass(&matched),
+            "a version 1 matched record has no delivery id"
+        );
+        let matched_v2 = record("2026-11-28T04:00:00.000Z", "matched", "b", "msg_1");
+        assert!(
+            f(None, Some("msg_1")).pass(&matched_v2),
+            "version 2: the match is in the delivery's story"
+        );
+        assert!(f(Some("b"), Some("msg_1")).pass(&matched_v2));
+        assert!(!f(Some("a"), None).pass(&matched_v2));
         let event = Filters {
             event: Some("1.3".into()),
             ..Default::default()

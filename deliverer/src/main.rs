@@ -112,6 +112,13 @@ async fn main() -> ExitCode {
                         "moved {} dead job(s) back into line; left {} in {}.deliveries.dead",
                         done.moved, done.left, config.broker.prefix
                     );
+                    if done.past_delivery_limit > 0 {
+                        println!(
+                            "{} of them had been set aside by the broker past the delivery limit \
+                             (x-death reason delivery_limit): each was taken by a deliverer that died before finishing it",
+                            done.past_delivery_limit
+                        );
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(NAME, e),

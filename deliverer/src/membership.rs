@@ -23,8 +23,8 @@ use crate::{Context, SHUTDOWN_GRACE, jobs, shards};
 /// One connection's worth of work: announce this replica, keep the shards
 /// the assignment gives it (see `shards`), serve each on its own channel.
 pub(crate) async fn session(connection: Arc<Connection>, ctx: Arc<Context>) -> Result<(), SessionError> {
+    ctx.topology.declare_on(&connection).await?;
     let channel = connection.create_channel().await?;
-    ctx.topology.declare(&channel).await?;
     let publisher = ConfirmedPublisher::open(&connection).await?;
     let exchange = ctx.topology.deliverers_exchange();
     let mut announcements = broker::subscribe(&channel, &exchange, "").await?;
@@ -182,9 +182,9 @@ async fn reap_finished(held: &mut HashMap<u32, HeldShard>) -> Result<(), Session
 
 /// Takes shard `k`'s lease and starts serving it, or `None` when another
 /// replica still holds the lease (a broker error closed the lease channel;
-/// it is tried again on a later tick). Each shard may bring up to
-/// `concurrency` jobs; `attempt_permits` bounds the attempts under way
-/// across all shards.
+/// it is tried again on a later tick). Each shard may bring up to twice
+/// `concurrency` jobs (attempts under way and jobs waiting for a turn);
+/// `permits` bounds the attempts under way across all shards.
 async fn take_shard(
     connection: &Arc<Connection>,
     ctx: &Arc<Context>,
@@ -231,12 +231,13 @@ async fn serve_shard(
         grace: SHUTDOWN_GRACE,
     };
     let handler_ctx = ctx.clone();
+    let shard = jobs::OnShard { k, stop: stop.clone() };
     let result = consume_queue(
         &channel,
         &publisher,
         options,
         || {},
-        |delivery, publisher, settler| jobs::handle(delivery, handler_ctx.clone(), publisher, settler),
+        |delivery, publisher, settler| jobs::handle(delivery, handler_ctx.clone(), publisher, settler, shard.clone()),
     )
     .await;
     if result.is_ok() {

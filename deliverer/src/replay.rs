@@ -20,8 +20,33 @@ use swallow_shared::wire::messages::{DeliveryJob, RetryState, now_millis};
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Replayed {
     pub moved: usize,
+    /// Of those moved, the ones the broker had set aside past the delivery
+    /// limit (their handling killed the deliverer that took them): moved
+    /// back, they may do it again.
+    pub past_delivery_limit: usize,
     /// Looked at and left in the dead queue (another integration, or not a job).
     pub left: usize,
+}
+
+/// Why the broker itself dead-lettered a message: the reason of the newest
+/// `x-death` entry (`delivery_limit` for a message set aside past the
+/// work queue's delivery limit). Swallow's own dead letters have none.
+pub fn broker_death_reason(properties: &lapin::BasicProperties) -> Option<String> {
+    use lapin::types::AMQPValue;
+    if broker::header_str(properties, "x-swallow-reason").is_some() {
+        return None;
+    }
+    let headers = properties.headers().as_ref()?;
+    let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else {
+        return None;
+    };
+    match deaths.as_slice().first()? {
+        AMQPValue::FieldTable(newest) => match newest.inner().get("reason")? {
+            AMQPValue::LongString(reason) => Some(String::from_utf8_lossy(reason.as_bytes()).into_owned()),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 /// Moves up to `limit` dead jobs (of `integration`, when given) back.
@@ -32,8 +57,8 @@ pub async fn replay(
 ) -> Result<Replayed, SessionError> {
     let topology = config.broker.topology();
     let connection = broker::connect(&config.broker, "swallow-deliverer replay").await?;
+    topology.declare_on(&connection).await?;
     let channel = connection.create_channel().await?;
-    topology.declare(&channel).await?;
     let dead = topology.deliveries_dead_queue();
     let present = broker::ready_count(&connection, &dead).await? as usize;
     let mut done = Replayed::default();
@@ -61,9 +86,13 @@ pub async fn replay(
             _ => break,
         };
         seen += 1;
-        let wanted = integration
-            .is_none_or(|id| broker::header_str(&next.properties, "x-swallow-integration").as_deref() == Some(id));
         let job = serde_json::from_slice::<DeliveryJob>(&next.data);
+        // A job the broker set aside has no `x-swallow-*` headers: its own
+        // integration id says.
+        let wanted = integration.is_none_or(|id| {
+            broker::header_str(&next.properties, "x-swallow-integration").as_deref() == Some(id)
+                || job.as_ref().is_ok_and(|job| job.integration_id == id)
+        });
         match (wanted, job) {
             (true, Ok(mut job)) => {
                 job.retry = RetryState::new(now_millis());
@@ -72,6 +101,9 @@ pub async fn replay(
                 publisher.publish("", &work, &body, broker::persistent_json()).await?;
                 next.ack(BasicAckOptions::default()).await?;
                 done.moved += 1;
+                if broker_death_reason(&next.properties).as_deref() == Some("delivery_limit") {
+                    done.past_delivery_limit += 1;
+                }
             }
             // Left unacknowledged: back in the dead queue when the channel closes.
             _ => done.left += 1,

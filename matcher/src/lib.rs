@@ -179,8 +179,19 @@ async fn handle(
                 Err(ignored) => ctx.metrics.events_ignored.with_label_values(&[ignored.reason()]).inc(),
                 Ok(matches) => {
                     ctx.metrics.events_matched.inc();
-                    // Stamped now, before any job exists, so it reads first.
-                    let step = LogRecord::matched(&event, matches.iter().map(|m| m.integration.id.as_str()));
+                    // Stamped now, before any job exists, so they read first:
+                    // one per job, each with the job's delivery id.
+                    let event_ref = &event;
+                    let steps: Vec<LogRecord> = matches
+                        .iter()
+                        .flat_map(|m| {
+                            let id = m.integration.id.as_str();
+                            m.integration.urls.iter().enumerate().map(move |(i, url)| {
+                                let delivery_id = DeliveryJob::delivery_id_for(event_ref, id, i);
+                                LogRecord::matched(event_ref, id, &delivery_id, url.as_str())
+                            })
+                        })
+                        .collect();
                     let created_at_ms = now_millis();
                     let jobs: Vec<(String, Vec<u8>)> = matches
                         .iter()
@@ -209,7 +220,9 @@ async fn handle(
                         confirm.confirmed().await?;
                     }
                     ctx.metrics.jobs_published.inc_by(count);
-                    ctx.log.record(step);
+                    for step in steps {
+                        ctx.log.record(step);
+                    }
                 }
             }
         }

@@ -13,22 +13,30 @@
 use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ErrorKind, ExchangeKind};
+use tracing::warn;
 
 /// The shortest delay step; shorter waits are not parked.
-pub(crate) const DELAY_STEP_MIN: Duration = Duration::from_millis(100);
+pub const DELAY_STEP_MIN: Duration = Duration::from_millis(100);
 /// Number of steps: 100 ms · 2^k for k in 0..DELAY_STEPS (100 ms … 409.6 s).
 pub const DELAY_STEPS: u32 = 13;
 
 /// Delivery shards when the configuration does not say.
 pub const DEFAULT_SHARDS: u32 = 16;
 
+/// Deliveries of one message from a work queue (a consumer that dies or
+/// hands it back counts) before the broker moves it to the stage's dead or
+/// invalid queue, when the configuration does not say.
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 20;
+
 /// The names of everything declared under one prefix.
 #[derive(Debug, Clone)]
 pub struct Topology {
     prefix: String,
     shards: u32,
+    delivery_limit: u32,
 }
 
 impl Topology {
@@ -41,7 +49,80 @@ impl Topology {
         Topology {
             prefix: prefix.into(),
             shards: shards.max(1),
+            delivery_limit: DEFAULT_DELIVERY_LIMIT,
         }
+    }
+
+    /// The same topology with work queues that set a message aside after
+    /// `limit` deliveries.
+    pub fn with_delivery_limit(mut self, limit: u32) -> Self {
+        self.delivery_limit = limit.max(1);
+        self
+    }
+
+    /// Each work queue and the queue its messages go to past the delivery
+    /// limit.
+    pub fn work_queues(&self) -> Vec<(String, String)> {
+        let mut q = vec![
+            (self.events_queue(), self.events_invalid_queue()),
+            (self.replies_queue(), self.replies_dead_queue()),
+        ];
+        q.extend(
+            self.delivery_queues()
+                .into_iter()
+                .map(|d| (d, self.deliveries_dead_queue())),
+        );
+        q
+    }
+
+    /// A work queue's arguments: quorum, the delivery limit, and the broker's
+    /// dead-lettering (at least once, so `reject-publish`) to `dead`.
+    pub fn work_queue_args(&self, dead: &str) -> FieldTable {
+        let mut args = quorum_args();
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(self.delivery_limit.into()),
+        );
+        let text = |v: &str| AMQPValue::LongString(LongString::from(v));
+        args.insert("x-dead-letter-exchange".into(), text(""));
+        args.insert("x-dead-letter-routing-key".into(), text(dead));
+        args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+        args.insert("x-overflow".into(), text("reject-publish"));
+        args
+    }
+
+    /// The RabbitMQ policies that give work queues declared by a version
+    /// without a delivery limit the same behaviour: `(name, pattern,
+    /// definition as JSON)`, for `rabbitmqctl set_policy --apply-to queues`.
+    pub fn delivery_limit_policies(&self) -> Vec<(String, String, String)> {
+        let p = regex_escape(&self.prefix);
+        let policy = |name: &str, pattern: String, dead: String| {
+            let definition = serde_json::json!({
+                "delivery-limit": self.delivery_limit,
+                "dead-letter-exchange": "",
+                "dead-letter-routing-key": dead,
+                "dead-letter-strategy": "at-least-once",
+                "overflow": "reject-publish",
+            });
+            (format!("{}.{name}", self.prefix), pattern, definition.to_string())
+        };
+        vec![
+            policy(
+                "events-delivery-limit",
+                format!("^{p}\\.events\\.inbox$"),
+                self.events_invalid_queue(),
+            ),
+            policy(
+                "deliveries-delivery-limit",
+                format!("^{p}\\.deliveries\\.[0-9]+$"),
+                self.deliveries_dead_queue(),
+            ),
+            policy(
+                "replies-delivery-limit",
+                format!("^{p}\\.replies$"),
+                self.replies_dead_queue(),
+            ),
+        ]
     }
 
     pub fn shards(&self) -> u32 {
@@ -150,9 +231,83 @@ impl Topology {
         e
     }
 
-    /// Declares the whole topology. Idempotent; every stage calls it at start
-    /// and after every reconnect, so any stage may be started first.
+    /// Declares the whole topology, work queues with their delivery limit
+    /// (see `declare_on` for queues an earlier version declared). Idempotent;
+    /// every stage declares it at start and after every reconnect, so any
+    /// stage may be started first.
     pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        self.declare_set_aside(channel).await?;
+        for (queue, dead) in self.work_queues() {
+            declare_quorum(channel, &queue, self.work_queue_args(&dead)).await?;
+        }
+        self.declare_rest(channel).await
+    }
+
+    /// The queues messages are set aside in.
+    async fn declare_set_aside(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        for queue in [
+            self.events_invalid_queue(),
+            self.deliveries_dead_queue(),
+            self.replies_dead_queue(),
+        ] {
+            declare_quorum_queue(channel, &queue).await?;
+        }
+        Ok(())
+    }
+
+    /// Declares the whole topology on channels of its own, tolerating work
+    /// queues declared by an earlier version without a delivery limit: the
+    /// broker refuses to declare them again with other arguments
+    /// (`PRECONDITION_FAILED`, which closes the channel), so each of those is
+    /// declared passively instead, and a warning names the policies that
+    /// give them the limit (`delivery_limit_policies`). The stages call this.
+    pub async fn declare_on(&self, connection: &Connection) -> Result<(), lapin::Error> {
+        let mut channel = connection.create_channel().await?;
+        match self.declare(&channel).await {
+            Ok(()) => {
+                let _ = channel.close(200, "declared".into()).await;
+                return Ok(());
+            }
+            Err(e) if !precondition_failed(&e) => return Err(e),
+            Err(_) => channel = connection.create_channel().await?,
+        }
+        self.declare_set_aside(&channel).await?;
+        let mut earlier = Vec::new();
+        for (queue, dead) in self.work_queues() {
+            match declare_quorum(&channel, &queue, self.work_queue_args(&dead)).await {
+                Ok(()) => {}
+                Err(e) if precondition_failed(&e) => {
+                    channel = connection.create_channel().await?;
+                    let passive = QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    };
+                    channel
+                        .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+                        .await?;
+                    earlier.push(queue);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.declare_rest(&channel).await?;
+        let _ = channel.close(200, "declared".into()).await;
+        let policies: Vec<String> = self
+            .delivery_limit_policies()
+            .into_iter()
+            .map(|(name, ..)| name)
+            .collect();
+        warn!(
+            queues = %earlier.join(", "),
+            policies = %policies.join(", "),
+            "work queues declared by an earlier version, without a delivery limit: a message that kills a stage \
+             is redelivered for ever until the policies are applied (docs/contract.md §3)"
+        );
+        Ok(())
+    }
+
+    /// The exchanges, the inbox's binding and the delay ladder.
+    async fn declare_rest(&self, channel: &Channel) -> Result<(), lapin::Error> {
         let durable_exchange = ExchangeDeclareOptions {
             durable: true,
             ..Default::default()
@@ -175,16 +330,6 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
-        let fixed = [
-            self.events_queue(),
-            self.events_invalid_queue(),
-            self.deliveries_dead_queue(),
-            self.replies_queue(),
-            self.replies_dead_queue(),
-        ];
-        for queue in fixed.into_iter().chain(self.delivery_queues()) {
-            declare_quorum_queue(channel, &queue).await?;
-        }
         channel
             .queue_bind(
                 self.events_queue().as_str().into(),
@@ -234,6 +379,25 @@ impl Topology {
         }
         Ok(())
     }
+}
+
+/// Whether the broker refused a declaration with `PRECONDITION_FAILED`
+/// (a queue exists with other arguments).
+fn precondition_failed(e: &lapin::Error) -> bool {
+    matches!(e.kind(), ErrorKind::ProtocolError(amqp)
+        if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)))
+}
+
+/// `text` with the regular expression's special characters escaped.
+fn regex_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if "\\.+*?()|[]{}^$".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Declares the durable quorum queue `name` (idempotent).
@@ -399,5 +563,54 @@ mod tests {
                 .all(|n| n.starts_with("p1."))
         );
         assert_eq!(t.delay_step_name(0), "p1.delay.100ms");
+    }
+
+    #[test]
+    fn work_queues_set_aside_past_their_limit_into_their_stages_dead_queue() {
+        let t = Topology::with_shards("p", 2).with_delivery_limit(3);
+        let dead: std::collections::HashMap<String, String> = t.work_queues().into_iter().collect();
+        assert_eq!(dead.len(), 4);
+        assert_eq!(dead["p.events.inbox"], "p.events.invalid");
+        assert_eq!(dead["p.deliveries.1"], "p.deliveries.dead");
+        assert_eq!(dead["p.replies"], "p.replies.dead");
+        let args = t.work_queue_args("p.replies.dead");
+        let get = |k: &str| args.inner().get(k).cloned();
+        assert_eq!(get("x-delivery-limit"), Some(AMQPValue::LongLongInt(3)));
+        assert_eq!(
+            get("x-dead-letter-routing-key"),
+            Some(AMQPValue::LongString("p.replies.dead".into()))
+        );
+        assert_eq!(
+            get("x-dead-letter-strategy"),
+            Some(AMQPValue::LongString("at-least-once".into()))
+        );
+        assert_eq!(get("x-overflow"), Some(AMQPValue::LongString("reject-publish".into())));
+    }
+
+    /// The production overlay's policies are the ones `delivery_limit_policies`
+    /// gives for the default prefix and limit.
+    #[test]
+    fn the_production_overlay_applies_these_policies() {
+        let file = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/k8s/overlays/production/rabbitmq-policies.yaml"
+        );
+        let yaml = std::fs::read_to_string(file).expect("the production overlay's policies");
+        let t = Topology::new("swallow");
+        for (name, pattern, definition) in t.delivery_limit_policies() {
+            let definition: serde_json::Value = serde_json::from_str(&definition).unwrap();
+            for line in [
+                format!("name: {name}"),
+                format!("pattern: '{pattern}'"),
+                format!("delivery-limit: {}", definition["delivery-limit"]),
+                format!(
+                    "dead-letter-routing-key: {}",
+                    definition["dead-letter-routing-key"].as_str().unwrap()
+                ),
+            ] {
+                assert!(yaml.contains(&line), "{file} lacks {line:?}");
+            }
+        }
+        assert_eq!(regex_escape("a.b*c"), "a\\.b\\*c");
     }
 }

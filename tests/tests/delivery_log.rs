@@ -202,6 +202,11 @@ async fn the_log_tells_what_happened_to_each_delivery() {
     let post = handler.requests().into_iter().find(|r| r.path == "/ok").unwrap();
     assert_eq!(Some(delivered.delivery_id.as_str()), post.header("webhook-id"));
     assert_eq!(step(ok, "matched").integration_id, "okbot");
+    assert_eq!(
+        step(ok, "matched").delivery_id,
+        delivered.delivery_id,
+        "the match names its job"
+    );
     assert_eq!(step(ok, "reply_posted").stage, "responder");
     let retried = step(flaky, "retried");
     assert_eq!(
@@ -255,10 +260,15 @@ async fn the_log_tells_what_happened_to_each_delivery() {
         by_integration.iter().map(|r| r.outcome.as_str()).collect::<Vec<_>>(),
         ["matched", "retried", "delivered", "reply_posted"]
     );
+    // One delivery's whole story, from its match.
     let (by_delivery, _) = log_json(&path, &["--delivery", &died.delivery_id]).await;
     assert_eq!(
         by_delivery.iter().map(|r| r.outcome.as_str()).collect::<Vec<_>>(),
-        ["retried", "dead"]
+        ["matched", "retried", "dead"]
+    );
+    assert!(
+        records.iter().all(|r| !r.delivery_id.is_empty()),
+        "no record without a delivery id"
     );
     let (by_event, _) = log_json(&path, &["--event", ok, "--channel", "C2147483705"]).await;
     assert_eq!(by_event.len(), 3);

@@ -125,8 +125,8 @@ where
         shutdown,
         grace,
     } = options;
+    topology.declare_on(&connection).await?;
     let channel = connection.create_channel().await?;
-    topology.declare(&channel).await?;
     let publisher = ConfirmedPublisher::open(&connection).await?;
     let ready = || health.set_ready(true);
     let options = QueueOptions {

@@ -11,7 +11,7 @@ use super::errors::{FieldError, at};
 use super::units::positive;
 use super::{DEFAULT_AMQP_URL, DEFAULT_PREFIX, check_prefix};
 use crate::redact;
-use crate::topology::{DEFAULT_SHARDS, Topology};
+use crate::topology::{DEFAULT_DELIVERY_LIMIT, DEFAULT_SHARDS, Topology};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -20,6 +20,7 @@ pub(super) struct RawBroker {
     prefix: Option<String>,
     prefetch: Option<u16>,
     shards: Option<u32>,
+    delivery_limit: Option<u32>,
     heartbeat_s: Option<u16>,
     ca_file: Option<PathBuf>,
     client_cert_file: Option<PathBuf>,
@@ -42,12 +43,15 @@ pub struct BrokerConfig {
     pub prefetch: u16,
     /// Delivery shards: the unit of work one deliverer replica owns at a time.
     pub shards: u32,
+    /// Deliveries of one message from a work queue before the broker sets
+    /// it aside in the stage's dead (or invalid) queue (`x-delivery-limit`).
+    pub delivery_limit: u32,
 }
 
 impl BrokerConfig {
     /// The exchanges and queues this configuration describes.
     pub fn topology(&self) -> Topology {
-        Topology::with_shards(&self.prefix, self.shards)
+        Topology::with_shards(&self.prefix, self.shards).with_delivery_limit(self.delivery_limit)
     }
 }
 
@@ -85,6 +89,8 @@ impl RawBroker {
             prefix,
             prefetch: positive(self.prefetch, 256).map_err(at("broker.prefetch"))?,
             shards,
+            delivery_limit: positive(self.delivery_limit, DEFAULT_DELIVERY_LIMIT)
+                .map_err(at("broker.delivery_limit"))?,
         })
     }
 }

@@ -336,6 +336,20 @@ fn bad_sink_and_prefix_are_refused() {
 }
 
 #[test]
+fn the_delivery_limit_defaults_to_20_and_is_positive() {
+    let c = Config::parse("", None).unwrap();
+    assert_eq!(c.broker.delivery_limit, 20);
+    let c = Config::parse("[broker]\ndelivery_limit = 3\n", None).unwrap();
+    assert_eq!(c.broker.delivery_limit, 3);
+    let args = c.broker.topology().work_queue_args("x");
+    assert_eq!(
+        args.inner().get("x-delivery-limit"),
+        Some(&lapin::types::AMQPValue::LongLongInt(3))
+    );
+    assert!(error_of("[broker]\ndelivery_limit = 0").ends_with("broker.delivery_limit: must be at least 1, not 0"));
+}
+
+#[test]
 fn broker_addresses_heartbeat_and_tls_files() {
     let c = Config::parse("", None).unwrap();
     assert_eq!(c.broker.urls.list(), [DEFAULT_AMQP_URL]);

@@ -52,7 +52,18 @@ pub const MAX_ERROR_BYTES: usize = 1024;
 /// do not know.
 pub const VERSION_HEADER: &str = "x-swallow-log";
 /// The batch format this build writes: newline-separated [`LogRecord`]s.
-pub const BATCH_VERSION: &str = "1";
+/// Version 2: a `matched` record per delivery job (one integration, the
+/// job's `delivery_id` and URL); version 1 wrote one per event, listing the
+/// integrations comma-separated, with an empty `delivery_id`.
+pub const BATCH_VERSION: &str = "2";
+/// The batch formats this build reads: the records are the same shape, only
+/// what a `matched` record covers differs.
+pub const READ_VERSIONS: [&str; 2] = ["1", BATCH_VERSION];
+
+/// Whether a batch with this `x-swallow-log` header is one this build reads.
+pub fn readable(version: Option<&str>) -> bool {
+    version.is_some_and(|v| READ_VERSIONS.contains(&v))
+}
 /// How long a stopping stage waits for its last records to be published.
 pub const LINGER: Duration = Duration::from_secs(2);
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);

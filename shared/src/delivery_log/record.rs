@@ -10,7 +10,7 @@ use crate::wire::{ChatEvent, DeliveryJob, ReplyJob};
 /// What happened at one step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// The matcher matched an event (one record listing the integrations).
+    /// The matcher made a delivery job of an event (one record per job).
     Matched,
     Delivered,
     Retried,
@@ -64,9 +64,11 @@ pub struct LogRecord {
     pub channel_id: String,
     /// The triggering message's `ts`.
     pub event_ts: String,
-    /// For `matched`, every integration matched, comma-separated.
+    /// For `matched` in version 1 batches, every integration matched,
+    /// comma-separated.
     pub integration_id: String,
-    /// The POST's `webhook-id`; empty for `matched` (one per URL follows).
+    /// The POST's `webhook-id`; never empty in version 2 (empty for
+    /// version 1's `matched`).
     pub delivery_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
@@ -111,16 +113,20 @@ impl LogRecord {
         }
     }
 
-    /// The matcher matched `event` for these integrations.
-    pub fn matched<'a>(event: &ChatEvent, integration_ids: impl IntoIterator<Item = &'a str>) -> Self {
-        let ids: Vec<&str> = integration_ids.into_iter().collect();
-        LogRecord::new(
-            Outcome::Matched,
-            &event.team_id,
-            &event.channel_id,
-            &event.ts,
-            &ids.join(","),
-        )
+    /// The matcher made the job `delivery_id` of `event`, for
+    /// `integration_id`'s URL `url`.
+    pub fn matched(event: &ChatEvent, integration_id: &str, delivery_id: &str, url: &str) -> Self {
+        LogRecord {
+            delivery_id: delivery_id.into(),
+            url: Some(redact_url_kept(url)),
+            ..LogRecord::new(
+                Outcome::Matched,
+                &event.team_id,
+                &event.channel_id,
+                &event.ts,
+                integration_id,
+            )
+        }
     }
 
     /// A step of a delivery job: its ids, URL and attempts made so far.

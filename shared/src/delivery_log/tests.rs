@@ -79,14 +79,41 @@ fn errors_are_cut_on_a_character_boundary() {
 }
 
 #[test]
-fn matched_lists_its_integrations_and_stages_follow_outcomes() {
-    let e = job().event;
-    let r = LogRecord::matched(&e, ["a", "b"]);
-    assert_eq!((r.stage.as_str(), r.integration_id.as_str()), ("matcher", "a,b"));
+fn matched_names_its_job_and_stages_follow_outcomes() {
+    let j = job();
+    let r = LogRecord::matched(&j.event, "g", &j.delivery_id, "http://user:pw@h/x?q=1");
+    assert_eq!(
+        (r.stage.as_str(), r.integration_id.as_str(), r.delivery_id.as_str()),
+        ("matcher", "g", "msg_1")
+    );
+    assert_eq!(r.url.as_deref(), Some("http://user:***@h/x"));
     assert_eq!(Outcome::ReplyDead.stage(), "responder");
     assert_eq!(Outcome::CircuitOpen.name(), "circuit_open");
     let r = LogRecord::job(Outcome::Delivered, &job()).with_outcome(Outcome::Dead);
     assert_eq!((r.stage.as_str(), r.outcome.as_str()), ("deliverer", "dead"));
+}
+
+#[test]
+fn versions_1_and_2_are_read_and_others_skipped() {
+    assert!(readable(Some("1")) && readable(Some("2")) && readable(Some(BATCH_VERSION)));
+    assert!(!readable(Some("3")) && !readable(None));
+}
+
+/// A version 2 batch (the fixture): a `matched` record per job, with its
+/// delivery id and URL, then the job's own steps.
+#[test]
+fn version_2_batches_are_read() {
+    let fixture = concat!(
+        r#"{"at":"2026-11-28T04:00:00.100Z","stage":"matcher","outcome":"matched","team_id":"T1","channel_id":"C1","event_ts":"1.2","integration_id":"g","delivery_id":"msg_1","url":"http://h/"}"#,
+        "\n",
+        r#"{"at":"2026-11-28T04:00:00.123Z","stage":"deliverer","outcome":"delivered","team_id":"T1","channel_id":"C1","event_ts":"1.2","integration_id":"g","delivery_id":"msg_1","url":"http://h/","attempt":1,"status":200,"class":"2xx","duration_ms":12}"#,
+        "\n"
+    );
+    let records = parse_batch(fixture.as_bytes());
+    assert_eq!(records.len(), 2);
+    assert!(records.iter().all(|r| r.delivery_id == "msg_1"));
+    assert_eq!(records[0].outcome, "matched");
+    assert_eq!(records[0].url.as_deref(), Some("http://h/"));
 }
 
 /// A batch written by version 1 (the fixture) is read by this build;

@@ -113,7 +113,7 @@ impl DeliveryJob {
     /// The deterministic `webhook-id` of one (event, integration, URL): a
     /// UUID v5 of the five joined by NULs. Built by appending, not with
     /// `format!`, which cost as much as the SHA-1 (one per matched URL).
-    pub(crate) fn delivery_id_for(event: &ChatEvent, integration_id: &str, url_index: usize) -> String {
+    pub fn delivery_id_for(event: &ChatEvent, integration_id: &str, url_index: usize) -> String {
         let index = url_index.to_string();
         let key = [
             event.team_id.as_str(),

@@ -28,9 +28,10 @@ pub struct Say<'a> {
 
 /// Publishes a chat event (persistent, confirmed); returns it.
 pub async fn say(connection: &Connection, topology: &Topology, say: &Say<'_>) -> anyhow::Result<serde_json::Value> {
+    // Tolerating work queues an earlier version declared (as the stages do).
+    topology.declare_on(connection).await?;
     let channel = connection.create_channel().await?;
     channel.confirm_select(Default::default()).await?;
-    topology.declare(&channel).await?;
     let event = serde_json::json!({
         "team_id": say.team_id, "team_domain": "example",
         "channel_id": say.channel_id, "channel_name": say.channel_name, "channel_type": "public",
@@ -59,8 +60,8 @@ pub async fn listen(
     connection: &Connection,
     topology: &Topology,
 ) -> anyhow::Result<impl futures_util::Stream<Item = serde_json::Value> + use<>> {
+    topology.declare_on(connection).await?;
     let channel = connection.create_channel().await?;
-    topology.declare(&channel).await?;
     let consumer = broker::subscribe(&channel, &topology.chat_outbound_exchange(), "#").await?;
     Ok(consumer.filter_map(move |d| {
         let _keep = &channel;

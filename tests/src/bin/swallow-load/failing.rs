@@ -136,3 +136,109 @@ pub async fn measure(url: &str, hanging: usize, seconds: u64) -> anyhow::Result<
     }
     Ok(figures)
 }
+
+/// The bursts variant: each second, `k` events to each of `hanging`
+/// integrations whose handlers hang (`timeout_ms = 1000`, `max_attempts =
+/// 3`, 5/s with a burst of 10), then `k` to the healthy one (1000/s, burst
+/// 1000) at once, behind them. The healthy integration has several events
+/// under way at once, so this is what the fair queueing of the attempt
+/// permits is for. Returns the healthy events' event → POST latencies and
+/// how many of them were delivered of how many sent.
+async fn run_bursts(
+    url: &str,
+    hanging: usize,
+    k: usize,
+    seconds: u64,
+    name: &str,
+) -> anyhow::Result<(serde_json::Value, usize, usize)> {
+    let (healthy_addr, seen) = handler(Duration::ZERO).await;
+    let (hanging_addr, _) = handler(Duration::from_secs(8)).await;
+    let mut integrations = format!(
+        "[[integrations]]\nid = \"healthy\"\nteam_id = \"T0001\"\nchannel = \"COK\"\nurls = [\"http://{healthy_addr}/ok\"]\ntoken = \"t\"\n\
+         rate_limit = {{ per_second = 1000.0, burst = 1000 }}\n\n"
+    );
+    for i in 0..hanging {
+        integrations.push_str(&format!(
+            "[[integrations]]\nid = \"hang{i}\"\nteam_id = \"T0001\"\nchannel = \"CH{i}\"\nurls = [\"http://{hanging_addr}/h{i}\"]\ntoken = \"t\"\n\
+             timeout_ms = 1000\nmax_attempts = 3\nrate_limit = {{ per_second = 5.0, burst = 10 }}\n\n"
+        ));
+    }
+    let stack = Stack::with_integrations(url, name, &integrations).await?;
+    let topology = Topology::new(&stack.prefix);
+    let _replies = listen_replies(url, &topology).await?;
+    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(Default::default()).await?;
+    let exchange = topology.events_exchange();
+    let props = BasicProperties::default().with_delivery_mode(2);
+    let mut sent: HashMap<String, u128> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    for n in 0..seconds {
+        tick.tick().await;
+        let mut confirms = Vec::new();
+        for i in 0..hanging {
+            for j in 0..k {
+                let body = event(&format!("CH{i}"), &format!("h{i} {n}.{j}"));
+                confirms.push(
+                    ch.basic_publish(
+                        exchange.as_str().into(),
+                        "".into(),
+                        BasicPublishOptions::default(),
+                        &body,
+                        props.clone(),
+                    )
+                    .await?,
+                );
+            }
+        }
+        // The healthy integration's burst, stamped as each event goes.
+        for j in 0..k {
+            let text = format!("ok {n}.{j}");
+            sent.insert(text.clone(), micros_now());
+            let body = event("COK", &text);
+            confirms.push(
+                ch.basic_publish(
+                    exchange.as_str().into(),
+                    "".into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    props.clone(),
+                )
+                .await?,
+            );
+        }
+        for c in confirms {
+            c.await?;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.lock().unwrap().len() < sent.len() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let delivered = seen.lock().unwrap().len();
+    let latencies = post_latencies(&sent, &seen);
+    let _ = conn.close(200, "".into()).await;
+    stack.stop().await;
+    Ok((percentiles(latencies), delivered, sent.len()))
+}
+
+/// The bursts variant's step: the healthy integration's bursts of `k`
+/// alone, then behind `hanging` integrations' bursts of `k`, in one run.
+pub async fn measure_bursts(url: &str, hanging: usize, k: usize, seconds: u64) -> anyhow::Result<serde_json::Value> {
+    let (alone, delivered, sent) = run_bursts(url, 0, k, seconds, "bursts-alone").await?;
+    println!(
+        "    healthy alone, {k} at once each second: p50 {} ms, p99 {} ms ({delivered}/{sent} delivered)",
+        alone["p50"], alone["p99"]
+    );
+    let (beside, delivered_beside, sent_beside) = run_bursts(url, hanging, k, seconds, "bursts-beside").await?;
+    println!(
+        "    healthy beside {hanging} hanging handlers, {k} at once each second behind theirs: p50 {} ms, p99 {} ms \
+         (target ≤ 50 ms; {delivered_beside}/{sent_beside} delivered)",
+        beside["p50"], beside["p99"]
+    );
+    Ok(serde_json::json!({
+        "hanging": hanging, "seconds": seconds, "burst": k,
+        "healthy_alone_ms": alone, "healthy_beside_ms": beside,
+        "delivered": {"alone": delivered, "beside": delivered_beside, "sent_each": sent},
+    }))
+}

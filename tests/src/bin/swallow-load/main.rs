@@ -78,6 +78,10 @@ struct Args {
     /// Hanging integrations in the failing-handlers step.
     #[arg(long, default_value_t = 80)]
     hanging: usize,
+    /// With `--failing-only`: the bursts variant instead, K events at once
+    /// each second to every hanging integration, then K to the healthy one.
+    #[arg(long, value_name = "K", requires = "failing_only")]
+    healthy_burst: Option<usize>,
     /// Only redraw the plot from a results file of an earlier run.
     #[arg(long, value_name = "JSON")]
     replot: Option<PathBuf>,
@@ -872,6 +876,15 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let url = args.amqp_url.clone();
     if let Some(dir) = &args.bin_dir {
         let _ = BIN_DIR.set(dir.clone());
+    }
+    if let Some(k) = args.healthy_burst {
+        println!(
+            "failing handlers, bursts: a healthy integration's {k} events at once, alone, then behind {} hanging ones' {k} each…",
+            args.hanging
+        );
+        let figures = failing::measure_bursts(&url, args.hanging, k, 20).await?;
+        println!("{}", serde_json::to_string(&figures)?);
+        return Ok(());
     }
     if args.failing_only {
         println!(

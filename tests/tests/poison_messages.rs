@@ -1,0 +1,301 @@
+//! A message that kills a stage is set aside after `[broker]
+//! delivery_limit` deliveries instead of killing every replica for ever;
+//! and a stage started against work queues an earlier version declared
+//! (without the limit) still starts.
+//!
+//! The crash is a real SIGKILL from outside, as an OOM kill would be: the
+//! deliverer is killed each time the poisoned job's POST reaches the
+//! handler (which never answers it), before the deliverer can acknowledge
+//! it, and started again as a supervisor would. No test hook runs inside
+//! the stage.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use lapin::options::{BasicGetOptions, BasicNackOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use swallow_shared::wire::event::ChatEvent;
+use swallow_shared::wire::messages::{DeliveryJob, now_millis};
+use swallow_tests::handler::{Answer, HandlerServer, Recorded};
+use swallow_tests::*;
+
+const T: Duration = Duration::from_secs(60);
+const LIMIT: u32 = 2;
+
+fn text_of(r: &Recorded) -> String {
+    r.form()
+        .into_iter()
+        .find(|(k, _)| k == "text")
+        .map(|(_, v)| v)
+        .unwrap_or_default()
+}
+
+fn job(text: &str, ts: &str, url: &str) -> Vec<u8> {
+    let event = ChatEvent::parse(&serde_json::to_vec(&chat_event(text, ts)).unwrap()).unwrap();
+    DeliveryJob::encode_new(&event, "poisoned", 0, url, "", now_millis())
+}
+
+/// The `x-death` entries the broker wrote, newest first, as (reason, queue).
+fn deaths(d: &lapin::message::Delivery) -> Vec<(String, String)> {
+    let Some(headers) = d.properties.headers() else {
+        return Vec::new();
+    };
+    let Some(AMQPValue::FieldArray(entries)) = headers.inner().get("x-death") else {
+        return Vec::new();
+    };
+    let text = |t: &FieldTable, k: &str| match t.inner().get(k) {
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        _ => String::new(),
+    };
+    entries
+        .as_slice()
+        .iter()
+        .filter_map(|e| match e {
+            AMQPValue::FieldTable(t) => Some((text(t, "reason"), text(t, "queue"))),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_kills_the_deliverer_is_set_aside_and_the_jobs_behind_it_go() {
+    let stack = TestStack::new("poison").await.unwrap();
+    // The stack declared the work queues with the default limit; the
+    // deliverer declares them with this test's.
+    for (queue, _) in stack.topology.work_queues() {
+        stack
+            .channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+    let handler = HandlerServer::start(|r, _| {
+        if text_of(r).starts_with("poison") {
+            Answer::status(200).after(Duration::from_secs(600))
+        } else {
+            Answer::status(200)
+        }
+    })
+    .await;
+    let url = handler.url("/hook");
+    let dir = tempdir("poison");
+    // One shard, two attempts at a time: the jobs behind the poisoned one
+    // go beside it; the deliverer is killed only once they are settled, so
+    // that each crash returns the poisoned job alone (a crash counts a
+    // delivery of every job the deliverer held).
+    let config = write_config(
+        &dir,
+        &format!(
+            "{}shards = 1\ndelivery_limit = {LIMIT}\n[deliverer]\nconcurrency = 2\nallow_networks = [\"127.0.0.0/8\"]\n\
+             [[integrations]]\nid = \"poisoned\"\nteam_id = \"T0001\"\nchannel = \"C2147483705\"\nurls = [\"{url}\"]\ntoken = \"t\"\n\
+             rate_limit = {{ per_second = 100.0, burst = 100 }}\n",
+            stack.broker_toml()
+        ),
+    );
+    let mut deliverer = StageProcess::spawn("swallow-deliverer", &config, &HashMap::new()).unwrap();
+    deliverer.ready(T).await;
+    let shard = stack.topology.delivery_shard_queue(0);
+    stack
+        .publish_to_queue(&shard, &job("poison pill", "1.000001", &url))
+        .await
+        .unwrap();
+    for i in 0..3 {
+        stack
+            .publish_to_queue(&shard, &job(&format!("fine {i}"), &format!("2.00000{i}"), &url))
+            .await
+            .unwrap();
+    }
+    let dead = stack.topology.deliveries_dead_queue();
+    let poisoned = |h: &HandlerServer| h.requests().iter().filter(|r| text_of(r).starts_with("poison")).count();
+    let fine = |h: &HandlerServer, word: &str| h.requests().iter().filter(|r| text_of(r).starts_with(word)).count();
+    let delivered = |p: &StageProcess| {
+        let ops = p.ops_addr;
+        async move {
+            metric(ops, "swallow_deliveries_total", &[("outcome", "delivered")])
+                .await
+                .ok()
+        }
+    };
+    wait_for(T, "the three jobs behind the poisoned one, delivered", || async {
+        (fine(&handler, "fine") == 3 && delivered(&deliverer).await? >= 3.0).then_some(())
+    })
+    .await;
+    let mut kills = 0;
+    loop {
+        let seen = wait_for(T, "the poisoned job's POST, or its dead letter", || async {
+            if stack.queue_len(&dead).await.ok()? > 0 {
+                return Some(None);
+            }
+            (poisoned(&handler) > kills).then_some(Some(()))
+        })
+        .await;
+        if seen.is_none() {
+            break;
+        }
+        assert!(
+            kills <= LIMIT as usize + 1,
+            "{kills} crashes and the job is not set aside"
+        );
+        deliverer.kill().await;
+        kills += 1;
+        deliverer = StageProcess::spawn("swallow-deliverer", &config, &HashMap::new()).unwrap();
+        deliverer.ready(T).await;
+    }
+    assert_eq!(
+        kills,
+        LIMIT as usize + 1,
+        "the broker sets a message aside when it is returned more than delivery_limit times"
+    );
+    // Looked at, then handed back for `replay` below.
+    let looking = stack.connection.create_channel().await.unwrap();
+    let got = wait_for(T, "the poisoned job in the dead queue", || async {
+        looking
+            .basic_get(dead.as_str().into(), BasicGetOptions::default())
+            .await
+            .ok()?
+    })
+    .await;
+    let d = &got.delivery;
+    let set_aside: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+    assert_eq!(set_aside["event"]["text"], "poison pill", "the job, unchanged");
+    assert_eq!(
+        deaths(d).first(),
+        Some(&("delivery_limit".to_owned(), shard.clone())),
+        "x-death says why and where: {:?}",
+        d.properties.headers()
+    );
+    // The deliverer stays up and goes on with the jobs that come next.
+    for i in 0..3 {
+        stack
+            .publish_to_queue(&shard, &job(&format!("next {i}"), &format!("3.00000{i}"), &url))
+            .await
+            .unwrap();
+    }
+    wait_for(T, "the jobs published after it was set aside", || async {
+        (fine(&handler, "next") == 3).then_some(())
+    })
+    .await;
+    assert!(
+        deliverer.child.try_wait().unwrap().is_none(),
+        "the deliverer is still running"
+    );
+    assert_eq!(poisoned(&handler), kills, "the set-aside job was not delivered again");
+    assert_eq!(
+        swallow_deliverer::replay::broker_death_reason(&d.properties).as_deref(),
+        Some("delivery_limit")
+    );
+    deliverer.kill().await;
+
+    // `replay` finds it by its integration (it has no x-swallow-* headers)
+    // and says it was set aside past the delivery limit.
+    let requeue = BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    };
+    looking.basic_nack(d.delivery_tag, requeue).await.unwrap();
+    let cfg = swallow_shared::Config::load(&config).unwrap();
+    let done = swallow_deliverer::replay::replay(&cfg, Some("poisoned"), None)
+        .await
+        .unwrap();
+    assert_eq!((done.moved, done.past_delivery_limit, done.left), (1, 1, 0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Queues declared the earlier way (quorum, no delivery limit): the stage
+/// cannot declare them again with the limit (PRECONDITION_FAILED), so it
+/// declares them passively, warns, and works; the policies the warning
+/// names give them the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_starts_against_work_queues_declared_without_a_limit() {
+    let stack = TestStack::new("legacy").await.unwrap();
+    let mut quorum = FieldTable::default();
+    quorum.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    for (queue, _) in stack.topology.work_queues() {
+        stack
+            .channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+        stack
+            .channel
+            .queue_declare(queue.as_str().into(), durable, quorum.clone())
+            .await
+            .unwrap();
+    }
+    // Declaring them with the limit is refused, as the broker does.
+    let probe = stack.connection.create_channel().await.unwrap();
+    let (queue, dead) = &stack.topology.work_queues()[0];
+    let refused = probe
+        .queue_declare(queue.as_str().into(), durable, stack.topology.work_queue_args(dead))
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("PRECONDITION"), "{refused}");
+
+    let dir = tempdir("legacy");
+    let config = write_config(
+        &dir,
+        &format!(
+            "{}[[integrations]]\nid = \"g\"\nteam_id = \"T0001\"\nchannel = \"C2147483705\"\nurls = [\"http://127.0.0.1:9/x\"]\ntoken = \"t\"\n",
+            stack.broker_toml()
+        ),
+    );
+    let mut env = HashMap::new();
+    env.insert("RUST_LOG".to_owned(), "warn".to_owned());
+    let matcher = StageProcess::spawn("swallow-matcher", &config, &env).unwrap();
+    matcher.ready(T).await;
+    let mut jobs = stack.drain_jobs().await.unwrap();
+    stack.publish_event(&chat_event("hello", "3.000001")).await.unwrap();
+    jobs.until(1, T, "the job the matcher made").await;
+    drop(matcher);
+    drop(jobs);
+
+    // The policies apply to exactly the work queues.
+    {
+        for (name, pattern, definition) in stack.topology.delivery_limit_policies() {
+            let out = std::process::Command::new("timeout")
+                .args(["30", "rabbitmqctl", "set_policy", "--apply-to", "queues"])
+                .args([name.as_str(), pattern.as_str(), definition.as_str()])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "set_policy {name}: {out:?}");
+        }
+        let listed = wait_for(T, "the policies on the work queues", || async {
+            let out = std::process::Command::new("timeout")
+                .args(["30", "rabbitmqctl", "list_queues", "-q", "name", "policy"])
+                .output()
+                .ok()?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let with_policy = stack
+                .topology
+                .work_queues()
+                .iter()
+                .filter(|(q, _)| {
+                    text.lines()
+                        .any(|l| l.starts_with(&format!("{q}\t")) && l.contains("delivery-limit"))
+                })
+                .count();
+            (with_policy == stack.topology.work_queues().len()).then_some(text)
+        })
+        .await;
+        for dead in [
+            stack.topology.events_invalid_queue(),
+            stack.topology.deliveries_dead_queue(),
+        ] {
+            let line = listed
+                .lines()
+                .find(|l| l.starts_with(&format!("{dead}\t")))
+                .unwrap_or("");
+            assert!(!line.contains("delivery-limit"), "no policy on {dead}: {line}");
+        }
+        for (name, ..) in stack.topology.delivery_limit_policies() {
+            let _ = std::process::Command::new("timeout")
+                .args(["30", "rabbitmqctl", "clear_policy", name.as_str()])
+                .output();
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
