@@ -70,6 +70,43 @@ pub async fn listen(
     }))
 }
 
+/// Chat events as they are published to `<prefix>.events` (a private
+/// queue bound with `#`): where `listen` learns the channels' names.
+pub async fn events(
+    connection: &Connection,
+    topology: &Topology,
+) -> anyhow::Result<impl futures_util::Stream<Item = serde_json::Value> + use<>> {
+    let channel = connection.create_channel().await?;
+    let consumer = broker::subscribe(&channel, &topology.events_exchange(), "#").await?;
+    Ok(consumer.filter_map(move |d| {
+        let _keep = &channel;
+        let v = d.ok().and_then(|d| serde_json::from_slice(&d.data).ok());
+        async move { v }
+    }))
+}
+
+/// The channels' names, by id, as the events seen so far gave them.
+#[derive(Debug, Default)]
+pub struct ChannelNames(std::collections::HashMap<String, String>);
+
+impl ChannelNames {
+    /// Notes the channel name an event carries.
+    pub fn learn(&mut self, event: &serde_json::Value) {
+        if let (Some(id), Some(name)) = (event["channel_id"].as_str(), event["channel_name"].as_str())
+            && !name.is_empty()
+        {
+            self.0.insert(id.to_owned(), name.to_owned());
+        }
+    }
+
+    /// One line for a reply, its channel shown by name when an event gave
+    /// it (`#test googlebot: African or European?`), else by id.
+    pub fn show(&self, reply: &serde_json::Value) -> String {
+        let id = reply["channel_id"].as_str().unwrap_or("?");
+        show_reply_channel(reply, self.0.get(id).map_or(id, String::as_str))
+    }
+}
+
 /// One line for a reply: `#C2147483705 googlebot: African or European?`.
 pub fn show_reply(reply: &serde_json::Value) -> String {
     show_reply_channel(reply, reply["channel_id"].as_str().unwrap_or("?"))
@@ -112,6 +149,10 @@ mod tests {
             serde_json::json!({"channel_id": "C2147483705", "username": "googlebot", "text": "African or European?"});
         assert_eq!(show_reply_in(&reply, &say), "#test googlebot: African or European?");
         assert_eq!(show_reply(&reply), "#C2147483705 googlebot: African or European?");
+        let mut names = ChannelNames::default();
+        assert_eq!(names.show(&reply), "#C2147483705 googlebot: African or European?");
+        names.learn(&serde_json::json!({"channel_id": "C2147483705", "channel_name": "test"}));
+        assert_eq!(names.show(&reply), "#test googlebot: African or European?");
         let elsewhere = serde_json::json!({"channel_id": "C9", "username": "googlebot", "text": "hi"});
         assert_eq!(show_reply_in(&elsewhere, &say), "#C9 googlebot: hi");
     }

@@ -82,6 +82,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Listen => {
             let mut replies = Box::pin(chat::listen(&connection, &topology).await?);
+            // Replies carry the channel's id; the events said in it carry its
+            // name, so replies are shown by name as the messages were.
+            let mut events = Box::pin(chat::events(&connection, &topology).await?);
+            let mut names = chat::ChannelNames::default();
             eprintln!(
                 "listening for replies on {} (Ctrl-C stops)",
                 topology.chat_outbound_exchange()
@@ -89,8 +93,9 @@ async fn main() -> anyhow::Result<()> {
             loop {
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => break,
+                    Some(event) = events.next() => names.learn(&event),
                     next = replies.next() => match next {
-                        Some(reply) => println!("{}", chat::show_reply(&reply)),
+                        Some(reply) => println!("{}", names.show(&reply)),
                         None => anyhow::bail!("the broker closed the connection"),
                     },
                 }
