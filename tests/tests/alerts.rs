@@ -149,7 +149,7 @@ async fn alerts_fire_and_resolve_and_the_dashboard_has_data_in_a_real_prometheus
     .await;
     // A chat platform takes the replies (an unroutable reply is retried).
     let _replies = listen_outbound(&stack).await.unwrap();
-    let dir = tempdir("alerts");
+    let dir = TempDir::new("alerts");
     let good = config_text(&stack, &handler);
     let path = write_config(&dir, &good);
     let mut stages = Stages::start(&path).await;
@@ -326,5 +326,4 @@ async fn alerts_fire_and_resolve_and_the_dashboard_has_data_in_a_real_prometheus
         started.elapsed()
     );
     drop(stages);
-    let _ = std::fs::remove_dir_all(dir);
 }

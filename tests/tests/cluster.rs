@@ -4,7 +4,6 @@
 
 use std::time::{Duration, Instant};
 
-use swallow_tests::cluster::*;
 use swallow_tests::handler::{Answer, HandlerServer};
 use swallow_tests::tls::TestCa;
 use swallow_tests::*;
@@ -27,7 +26,7 @@ async fn a_stage_skips_an_address_that_refuses_and_logs_no_password() {
         live.contains("guest:guest@"),
         "the shared broker's URL carries a password"
     );
-    let dir = tempdir("addrs");
+    let dir = TempDir::new("addrs");
     let broker = format!("[broker]\nurl = \"{dead},{live}\"\nprefix = \"{}\"\n", stack.prefix);
     let path = write_config(&dir, &config_with_broker(&broker, "http://127.0.0.1:9/unused"));
     // Each starts at a random address: with four, one starting at the
@@ -58,7 +57,6 @@ async fn a_stage_skips_an_address_that_refuses_and_logs_no_password() {
         2,
         "both addresses, redacted: {starting}"
     );
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,7 +75,7 @@ async fn a_confirm_that_never_comes_fails_the_attempt_and_the_job_comes_back() {
         Answer::text("ok")
     })
     .await;
-    let dir = tempdir("unconfirmed");
+    let dir = TempDir::new("unconfirmed");
     let broker = |url: &str| {
         format!(
             "[broker]\nurl = \"{url}\"\nprefix = \"{}\"\nheartbeat_s = 2\n",
@@ -128,7 +126,6 @@ async fn a_confirm_that_never_comes_fails_the_attempt_and_the_job_comes_back() {
     let log = deliverer.log_text();
     assert!(log.contains("broker session ended"), "{log}");
     drop(handler);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,7 +177,7 @@ async fn a_publish_whose_confirm_never_comes_fails_after_two_heartbeats() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqps_with_a_ca_and_a_client_certificate_and_a_wrong_ca_is_a_clear_error() {
-    let certs = tempdir("tls-certs");
+    let certs = TempDir::new("tls-certs");
     let ca = TestCa::new("swallow test CA");
     let ca_file = ca.write(&certs, "ca");
     let (server_pem, server_key) = ca.sign(&certs, "server", &["localhost", "127.0.0.1"]);
@@ -215,7 +212,7 @@ async fn amqps_with_a_ca_and_a_client_certificate_and_a_wrong_ca_is_a_clear_erro
         .expect("connecting over TLS with the CA and the client certificate");
     let channel = connection.create_channel().await.unwrap();
     drop(channel);
-    let dir = tempdir("tls");
+    let dir = TempDir::new("tls");
     let path = write_config(
         &dir,
         &config_with_broker(&broker_toml(&ca_file), "http://127.0.0.1:9/unused"),
@@ -249,8 +246,6 @@ async fn amqps_with_a_ca_and_a_client_certificate_and_a_wrong_ca_is_a_clear_erro
     let _ = connection.close(200, "".into()).await;
     drop(matcher);
     drop(node);
-    let _ = std::fs::remove_dir_all(dir);
-    let _ = std::fs::remove_dir_all(certs);
 }
 
 /// What one fault cost, measured under load.
@@ -394,7 +389,7 @@ async fn a_three_node_cluster_loses_nothing_when_nodes_fail_under_load() {
     let handler = HandlerServer::start(|_, _| Answer::text("ok")).await;
     let node_urls: Vec<String> = cluster.nodes.iter().map(Node::url).collect();
     let chat = ChatSide::start(&node_urls, &prefix).await.unwrap();
-    let dir = tempdir("cluster");
+    let dir = TempDir::new("cluster");
     let broker = format!(
         "[broker]\nurl = \"{}\"\nprefix = \"{prefix}\"\nheartbeat_s = 2\nprefetch = 64\n",
         cluster.urls()
@@ -545,7 +540,6 @@ async fn a_three_node_cluster_loses_nothing_when_nodes_fail_under_load() {
     drop(stages);
     drop(chat);
     drop(cluster);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// A stage's connection asks for frames of at most 16 KiB (lapin keeps room

@@ -559,7 +559,7 @@ async fn a_waiting_retry_survives_sigkill_and_replay_brings_dead_jobs_back() {
         }
     })
     .await;
-    let dir = tempdir("deliverer");
+    let dir = TempDir::new("deliverer");
     let text = format!(
         "{}[deliverer]\n{LOOPBACK}\n{}{}",
         stack.broker_toml(),
@@ -637,7 +637,6 @@ async fn a_waiting_retry_survives_sigkill_and_replay_brings_dead_jobs_back() {
         stack.queue_len(&stack.topology.deliveries_dead_queue()).await.unwrap(),
         0
     );
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// A handler that speaks HTTP/2 over TLS gets the deliverer's requests in
@@ -715,12 +714,11 @@ async fn recording_tls_handler(
             "{\"text\":\"ok\"}"
         }),
     );
-    let dir = tempdir(name);
+    let dir = TempDir::new(name);
     let server = swallow_tests::tls::serve_tls(hyper_util::service::TowerToHyperService::new(app), &dir, version)
         .await
         .unwrap();
     let client = client_trusting(&server.ca_file);
-    let _ = std::fs::remove_dir_all(&dir);
     (server, versions, client)
 }
 

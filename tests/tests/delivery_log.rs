@@ -79,7 +79,7 @@ fn config_text(stack: &TestStack, integrations: &[String]) -> String {
 async fn one_integration(name: &str) -> (TestStack, HandlerServer, std::path::PathBuf, std::path::PathBuf) {
     let stack = TestStack::new(name).await.unwrap();
     let handler = HandlerServer::start(|_, _| Answer::status(200)).await;
-    let dir = tempdir(name);
+    let dir = TempDir::new(name);
     let path = write_config(
         &dir,
         &config_text(&stack, &[integration("googlebot", "googlebot:", &handler.url("/"), "")]),
@@ -99,7 +99,7 @@ async fn the_log_tells_what_happened_to_each_delivery() {
         _ => Answer::status(500).body(BODY),
     })
     .await;
-    let dir = tempdir("dlog-e2e");
+    let dir = TempDir::new("dlog-e2e");
     let path = write_config(
         &dir,
         &config_text(
@@ -293,7 +293,6 @@ async fn the_log_tells_what_happened_to_each_delivery() {
         assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
         assert!(stderr.contains(args[0]), "{stderr}");
     }
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -353,7 +352,6 @@ async fn follow_prints_a_new_record_within_a_second() {
         .expect("--follow did not stop on SIGINT")
         .unwrap();
     assert!(status.success(), "{status}");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// When `--follow` printed the `delivered` record of the event `ts`.
@@ -383,7 +381,7 @@ fn job(delivery_id: &str) -> swallow_shared::messages::DeliveryJob {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_records_go_and_the_command_still_works() {
     let stack = TestStack::new("dlog-retention").await.unwrap();
-    let dir = tempdir("dlog-retention");
+    let dir = TempDir::new("dlog-retention");
     let path = write_config(&dir, &stack.broker_toml());
     // 64 KiB kept, in 8 KiB segments; about 700 KiB written in small batches.
     let registry = ::prometheus::Registry::new();
@@ -427,7 +425,6 @@ async fn old_records_go_and_the_command_still_works() {
         "{} of {n} records kept with max_bytes = 64 KiB",
         kept.len()
     );
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -490,7 +487,6 @@ async fn a_killed_deliverer_loses_at_most_its_unflushed_records_and_no_delivery(
             );
         }
     }
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

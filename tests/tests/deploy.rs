@@ -58,7 +58,7 @@ fn used_metrics(path: &Path) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stage_metrics_pass_promtool_and_cover_the_rules_and_dashboard() {
     let stack = TestStack::new("deploy").await.unwrap();
-    let dir = tempdir("deploy");
+    let dir = TempDir::new("deploy");
     let path = write_config(
         &dir,
         &format!(
@@ -115,5 +115,4 @@ async fn stage_metrics_pass_promtool_and_cover_the_rules_and_dashboard() {
         let unknown: Vec<_> = used.difference(&exported).collect();
         assert!(unknown.is_empty(), "{file} uses metrics no stage exports: {unknown:?}");
     }
-    let _ = std::fs::remove_dir_all(dir);
 }

@@ -72,7 +72,7 @@ async fn hanging_handlers_open_their_circuits_and_delay_no_one_else() {
             limits,
         ));
     }
-    let dir = tempdir("circuits");
+    let dir = TempDir::new("circuits");
     let path = write_config(
         &dir,
         &format!(
@@ -238,7 +238,6 @@ async fn hanging_handlers_open_their_circuits_and_delay_no_one_else() {
         .await
         .unwrap();
     assert!(closed >= HANGING as f64, "{closed} transitions to closed");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -246,7 +245,7 @@ async fn a_dead_delivery_posts_one_notice_per_interval() {
     let stack = TestStack::new("notice").await.unwrap();
     // The handler's body must never reach the channel.
     let handler = HandlerServer::start(|_, _| Answer::status(500).body("<!channel> the handler's own words")).await;
-    let dir = tempdir("notice");
+    let dir = TempDir::new("notice");
     let path = write_config(
         &dir,
         &format!(
@@ -286,14 +285,13 @@ async fn a_dead_delivery_posts_one_notice_per_interval() {
     dead.until(2, T, "the second delivery dead-lettered").await;
     let quiet = out.settle(Duration::from_secs(3)).await;
     assert_eq!(quiet.len(), 1, "one notice per integration per channel per interval");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_that_ages_out_behind_an_open_circuit_is_dead_with_circuit_open() {
     let stack = TestStack::new("circuit-age").await.unwrap();
     let url = format!("http://{}/nobody", refused_addr());
-    let dir = tempdir("circuit-age");
+    let dir = TempDir::new("circuit-age");
     let path = write_config(
         &dir,
         &format!(
@@ -334,5 +332,4 @@ async fn a_job_that_ages_out_behind_an_open_circuit_is_dead_with_circuit_open() 
             assert!(error.contains("connect"), "the last real error is kept: {error}");
         }
     }
-    let _ = std::fs::remove_dir_all(dir);
 }

@@ -81,7 +81,7 @@ fn respawn(bin: &str, path: &Path) -> StageProcess {
 async fn sigkill_each_stage_under_load_loses_nothing() {
     let stack = TestStack::new("fault-kill").await.unwrap();
     let handler = HandlerServer::start(|_, _| Answer::text("ok")).await;
-    let dir = tempdir("fault-kill");
+    let dir = TempDir::new("fault-kill");
     let path = write_config(&dir, &config_text(&stack, &handler.url("/load"), ""));
     let mut out = listen_outbound(&stack).await.unwrap();
     let mut p = Pipeline::spawn(&path).await.unwrap();
@@ -104,14 +104,13 @@ async fn sigkill_each_stage_under_load_loses_nothing() {
     };
     tokio::join!(load, chaos);
     expect_all("sigkill each stage", N, &handler, &mut out, Duration::from_secs(120)).await;
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forced_closed_connections_are_recovered_under_load() {
     let stack = TestStack::new("fault-close").await.unwrap();
     let handler = HandlerServer::start(|_, _| Answer::text("ok")).await;
-    let dir = tempdir("fault-close");
+    let dir = TempDir::new("fault-close");
     let path = write_config(&dir, &config_text(&stack, &handler.url("/load"), ""));
     let mut out = listen_outbound(&stack).await.unwrap();
     let p = Pipeline::spawn(&path).await.unwrap();
@@ -141,7 +140,6 @@ async fn forced_closed_connections_are_recovered_under_load() {
                 >= 1.0
         );
     }
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,7 +149,7 @@ async fn a_broker_restart_is_survived_and_readyz_tells() {
         .expect("starting a broker node of the test's own");
     let stack = TestStack::on("fault-restart", broker.url()).await.unwrap();
     let handler = HandlerServer::start(|_, _| Answer::text("ok")).await;
-    let dir = tempdir("fault-restart");
+    let dir = TempDir::new("fault-restart");
     let path = write_config(&dir, &config_text(&stack, &handler.url("/load"), ""));
     let (queue, mut out) = listen_outbound_durable(&stack).await.unwrap();
     let p = Pipeline::spawn(&path).await.unwrap();
@@ -189,7 +187,6 @@ async fn a_broker_restart_is_survived_and_readyz_tells() {
     drop(stack2);
     drop(stack);
     drop(broker);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -208,7 +205,7 @@ async fn a_chaos_handler_ends_every_delivery_delivered_or_dead() {
         }
     })
     .await;
-    let dir = tempdir("fault-chaos");
+    let dir = TempDir::new("fault-chaos");
     let path = write_config(
         &dir,
         &config_text(
@@ -256,14 +253,13 @@ async fn a_chaos_handler_ends_every_delivery_delivered_or_dead() {
     assert_eq!(delivered_metric as usize, delivered.len());
     assert_eq!(dead_metric as usize, dead_ids.len());
     assert!(dead_ids.len() > 10, "with 45% failures and 3 attempts some must die");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_exits_zero_quickly_and_loses_nothing() {
     let stack = TestStack::new("fault-term").await.unwrap();
     let handler = HandlerServer::start(|_, _| Answer::text("ok").after(Duration::from_millis(50))).await;
-    let dir = tempdir("fault-term");
+    let dir = TempDir::new("fault-term");
     let path = write_config(&dir, &config_text(&stack, &handler.url("/load"), ""));
     let mut out = listen_outbound(&stack).await.unwrap();
     let mut p = Pipeline::spawn(&path).await.unwrap();
@@ -318,7 +314,6 @@ async fn sigterm_under_load_exits_zero_quickly_and_loses_nothing() {
         "SIGTERM made {} duplicate replies",
         out.got.len() - N
     );
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,7 +330,7 @@ async fn a_second_sigterm_ends_a_stopping_deliverer_and_its_job_is_delivered_lat
         }
     })
     .await;
-    let dir = tempdir("fault-term2");
+    let dir = TempDir::new("fault-term2");
     let path = write_config(&dir, &config_text(&stack, &handler.url("/load"), "timeout_ms = 90000"));
     let mut out = listen_outbound(&stack).await.unwrap();
     let mut p = Pipeline::spawn(&path).await.unwrap();
@@ -357,14 +352,13 @@ async fn a_second_sigterm_ends_a_stopping_deliverer_and_its_job_is_delivered_lat
     let _again = respawn("swallow-deliverer", &path);
     expect_all("second sigterm", 1, &handler, &mut out, Duration::from_secs(60)).await;
     assert_eq!(handler.count(), 2, "the hung POST, then the one that was answered");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stage_whose_broker_stops_answering_still_exits_after_its_grace_period() {
     let stack = TestStack::new("fault-stuck").await.unwrap();
     let relay = FreezableRelay::start(&stack.url).await.unwrap();
-    let dir = tempdir("fault-stuck");
+    let dir = TempDir::new("fault-stuck");
     let config = config_text(&stack, "http://127.0.0.1:9/unused", "")
         .replace(&format!("url = \"{}\"", stack.url), &format!("url = \"{}\"", relay.url));
     assert!(config.contains(&relay.url), "the matcher connects through the relay");
@@ -387,7 +381,6 @@ async fn a_stage_whose_broker_stops_answering_still_exits_after_its_grace_period
         took >= Duration::from_secs(14),
         "the matcher waited out its grace and margin first (exited after {took:?})"
     );
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// A handler task that panics does not lose or strand its delivery: the

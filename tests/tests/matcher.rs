@@ -290,7 +290,7 @@ async fn headers_that_are_not_utf8_are_carried_and_never_drop_the_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_reload_while_events_flow_loses_none() {
     let stack = TestStack::new("match-reload").await.unwrap();
-    let dir = tempdir("matcher");
+    let dir = TempDir::new("matcher");
     let first = format!(
         "reload_interval_ms = 50\n{}[matcher]\nhttp_addr = \"127.0.0.1:0\"\n{}",
         stack.broker_toml(),
@@ -369,7 +369,7 @@ async fn config_reload_while_events_flow_loses_none() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_loses_no_event() {
     let stack = TestStack::new("match-kill").await.unwrap();
-    let dir = tempdir("matcher");
+    let dir = TempDir::new("matcher");
     let path = write_config(&dir, &format!("{}{}", stack.broker_toml(), integrations()));
     let mut jobs = stack.drain_jobs().await.unwrap();
     let mut matcher = StageProcess::spawn("swallow-matcher", &path, &HashMap::new()).unwrap();

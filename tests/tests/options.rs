@@ -47,7 +47,7 @@ fn event_in(channel_type: Option<&str>, ts: &str) -> serde_json::Value {
 async fn private_channels_and_dms_fire_only_the_integrations_that_allow_them() {
     let stack = TestStack::new("opt-types").await.unwrap();
     let handler = HandlerServer::start(|_, _| Answer::status(200)).await;
-    let dir = tempdir("opt-types");
+    let dir = TempDir::new("opt-types");
     let text = [
         integration("public", &handler.url("/public"), "token = \"t\""),
         integration(
@@ -106,7 +106,6 @@ async fn private_channels_and_dms_fire_only_the_integrations_that_allow_them() {
         got, want,
         "each event fired only the integration that allows its channel type"
     );
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Replaces `path`'s content at once, as a Kubernetes Secret update does.
@@ -168,7 +167,7 @@ impl Rotation<'_> {
 async fn a_token_file_changed_is_the_token_of_the_next_post_and_a_bad_one_keeps_the_old() {
     let stack = TestStack::new("opt-tokfile").await.unwrap();
     let handler = HandlerServer::start(|_, _| Answer::status(200)).await;
-    let dir = tempdir("opt-tokfile");
+    let dir = TempDir::new("opt-tokfile");
     let token = dir.join("token");
     std::fs::write(&token, "first-token\n").unwrap();
     let text = integration("filed", &handler.url("/filed"), "token_file = \"token\"");
@@ -190,7 +189,6 @@ async fn a_token_file_changed_is_the_token_of_the_next_post_and_a_bad_one_keeps_
             ],
         )
         .await;
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,7 +196,7 @@ async fn a_slack_token_file_changed_is_the_token_of_the_next_reply_and_a_bad_one
     let stack = TestStack::new("opt-slacktok").await.unwrap();
     let handler = HandlerServer::start(|_, _| Answer::json(serde_json::json!({"text": "hi"}))).await;
     let slack = HandlerServer::start(|_, _| Answer::json(serde_json::json!({"ok": true}))).await;
-    let dir = tempdir("opt-slacktok");
+    let dir = TempDir::new("opt-slacktok");
     let token = dir.join("slack-token");
     std::fs::write(&token, "xoxb-first\n").unwrap();
     let responder = format!(
@@ -226,7 +224,6 @@ async fn a_slack_token_file_changed_is_the_token_of_the_next_reply_and_a_bad_one
             ],
         )
         .await;
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 const SECRET_1: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -237,7 +234,7 @@ const SECRET_3: &str = "whsec_dGhpcmQgc2VjcmV0LCBub3QgY29uZmlndXJlZA==";
 async fn a_post_signed_with_two_secrets_verifies_with_each_and_carries_custom_headers() {
     let stack = TestStack::new("opt-sign").await.unwrap();
     let handler = HandlerServer::start(|_, _| Answer::status(200)).await;
-    let dir = tempdir("opt-sign");
+    let dir = TempDir::new("opt-sign");
     std::fs::write(dir.join("secrets"), format!("{SECRET_2}\n")).unwrap();
     let text = [
         integration(
@@ -286,12 +283,11 @@ async fn a_post_signed_with_two_secrets_verifies_with_each_and_carries_custom_he
     verify(filed, SECRET_2).unwrap();
     assert!(verify(filed, SECRET_1).is_err());
     assert_eq!(filed.header("x-api-key"), None);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn each_bad_option_is_refused_at_start_with_its_exact_line() {
-    let dir = tempdir("opt-refuse");
+    let dir = TempDir::new("opt-refuse");
     std::fs::write(dir.join("empty"), "\n").unwrap();
     let path = dir.join("swallow.toml");
     let d = dir.display();
@@ -351,7 +347,6 @@ fn each_bad_option_is_refused_at_start_with_its_exact_line() {
             assert_eq!(out.status.code(), Some(2));
         }
     }
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Runs the matcher with stderr to a file through a start, an invalid event
@@ -402,7 +397,7 @@ async fn stderr_of_a_run(stack: &TestStack, dir: &Path, log_format: Option<&str>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_to_a_file_have_no_escape_codes_and_json_lines_parse() {
     let stack = TestStack::new("opt-logs").await.unwrap();
-    let dir = tempdir("opt-logs");
+    let dir = TempDir::new("opt-logs");
 
     let text = stderr_of_a_run(&stack, &dir, None).await;
     assert!(text.lines().count() >= 4, "{text}");
@@ -454,5 +449,4 @@ async fn logs_to_a_file_have_no_escape_codes_and_json_lines_parse() {
     );
     let message = line["message"].as_str().unwrap_or_default();
     assert!(message.contains("broker.prefetch"), "{line}");
-    let _ = std::fs::remove_dir_all(dir);
 }

@@ -25,7 +25,7 @@ async fn the_seed_example_start_to_finish() {
         }
     })
     .await;
-    let dir = tempdir("e2e-seed");
+    let dir = TempDir::new("e2e-seed");
     let path = write_config(
         &dir,
         &format!(
@@ -73,7 +73,6 @@ async fn the_seed_example_start_to_finish() {
         "the answer's username overrides bot_name"
     );
     assert_eq!(out.json()[1]["text"], "Ni!");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,7 +80,7 @@ async fn a_reply_never_triggers_an_integration() {
     let stack = TestStack::new("e2e-loop").await.unwrap();
     // A channel-only integration that answers every message it gets.
     let handler = HandlerServer::start(|_, _| Answer::text("I answer everything")).await;
-    let dir = tempdir("e2e-loop");
+    let dir = TempDir::new("e2e-loop");
     let path = write_config(
         &dir,
         &format!(
@@ -123,7 +122,6 @@ async fn a_reply_never_triggers_an_integration() {
     out.settle(Duration::from_millis(500)).await;
     assert_eq!(handler.count(), 1, "the handler saw the human message only");
     assert_eq!(out.got.len(), 1, "one reply, no loop");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -133,7 +131,7 @@ async fn threads_and_multiple_urls_end_to_end() {
         HandlerServer::start(|_, _| Answer::json(serde_json::json!({"text": "from a", "response_type": "comment"})))
             .await;
     let b = HandlerServer::start(|_, _| Answer::text("from b")).await;
-    let dir = tempdir("e2e-threads");
+    let dir = TempDir::new("e2e-threads");
     let path = write_config(
         &dir,
         &format!(
@@ -191,7 +189,6 @@ async fn threads_and_multiple_urls_end_to_end() {
         "a message in a thread is answered there"
     );
     assert_eq!(thread_of("from b", "11.000001"), "9.000001");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -208,7 +205,7 @@ async fn dead_letters_replay_and_reload_end_to_end() {
     })
     .await;
     let late = HandlerServer::start(|_, _| Answer::status(200)).await;
-    let dir = tempdir("e2e-dead");
+    let dir = TempDir::new("e2e-dead");
     let base = format!(
         "reload_interval_ms = 200\n{}[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n[responder]\nper_channel_per_second = 10000.0\nper_channel_burst = 10000\n\n[[integrations]]\nid = \"flaky\"\nteam_id = \"T0001\"\nchannel = \"C2147483705\"\nurls = [\"{}\"]\ntoken = \"t\"\nmax_attempts = 1\nrate_limit = {{ per_second = 10000.0, burst = 10000 }}\n",
         stack.broker_toml(),
@@ -271,5 +268,4 @@ async fn dead_letters_replay_and_reload_end_to_end() {
             .unwrap();
         assert!(ok >= 1.0, "every stage reloaded the file");
     }
-    let _ = std::fs::remove_dir_all(dir);
 }

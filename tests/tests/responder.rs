@@ -361,7 +361,7 @@ async fn webhook_sink_and_per_channel_pacing() {
 async fn sigkill_mid_stream_loses_no_reply() {
     let stack = TestStack::new("rsp-kill").await.unwrap();
     let mut out = outbound_queue(&stack).await;
-    let dir = tempdir("responder");
+    let dir = TempDir::new("responder");
     let path = write_config(
         &dir,
         &format!(
@@ -395,5 +395,4 @@ async fn sigkill_mid_stream_loses_no_reply() {
     })
     .await;
     println!("responder sigkill: {} posted, {} unique", out.got.len(), unique(&out));
-    let _ = std::fs::remove_dir_all(dir);
 }
