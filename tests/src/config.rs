@@ -203,7 +203,7 @@ impl std::fmt::Display for ConfigToml {
         }
         for integration in &self.integrations {
             out.push_str("\n[[integrations]]\n");
-            integration.lines.write(&mut out);
+            out.push_str(&integration.to_string());
         }
         if !self.raw.is_empty() {
             out.push('\n');
@@ -218,6 +218,7 @@ impl std::fmt::Display for ConfigToml {
 #[derive(Clone)]
 pub struct Integration {
     lines: Lines,
+    raw: String,
 }
 
 impl Integration {
@@ -225,7 +226,11 @@ impl Integration {
         let mut lines = Lines::default();
         lines.set("id", id.toml());
         lines.set("team_id", "T0001".toml());
-        Integration { lines }.token("t")
+        Integration {
+            lines,
+            raw: String::new(),
+        }
+        .token("t")
     }
 
     /// Any key of the table.
@@ -259,9 +264,35 @@ impl Integration {
         self.set("token", token)
     }
 
+    /// Leaves `key` out (`token`, say, for a test of `token_file`).
+    pub fn unset(mut self, key: &str) -> Integration {
+        self.lines.0.retain(|(k, _)| k != key);
+        self
+    }
+
+    /// Lines of TOML written as given at the table's end: for the tests of
+    /// what an invalid or unusual integration does.
+    pub fn raw(mut self, lines: &str) -> Integration {
+        self.raw.push_str(lines);
+        if !lines.ends_with('\n') {
+            self.raw.push('\n');
+        }
+        self
+    }
+
     /// `rate_limit = { per_second, burst }`.
     pub fn rate_limit(self, per_second: f64, burst: u32) -> Integration {
         self.set("rate_limit", rate_limit(per_second, burst))
+    }
+}
+
+impl std::fmt::Display for Integration {
+    /// The table's keys (without its `[[integrations]]` header).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut out = String::new();
+        self.lines.write(&mut out);
+        out.push_str(&self.raw);
+        f.write_str(&out)
     }
 }
 

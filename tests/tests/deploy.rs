@@ -59,13 +59,14 @@ fn used_metrics(path: &Path) -> BTreeSet<String> {
 async fn stage_metrics_pass_promtool_and_cover_the_rules_and_dashboard() {
     let stack = TestStack::new("deploy").await.unwrap();
     let dir = TempDir::new("deploy");
-    let path = write_config(
-        &dir,
-        &format!(
-            "{}[[integrations]]\nid = \"a\"\nteam_id = \"T1\"\nchannel = \"C1\"\nurls = [\"http://127.0.0.1:9/\"]\ntoken = \"t\"\n",
-            stack.broker_toml()
-        ),
-    );
+    let path = ConfigToml::on(&stack)
+        .integration(
+            Integration::new("a")
+                .team("T1")
+                .channel("C1")
+                .url("http://127.0.0.1:9/"),
+        )
+        .write(&dir);
     let p = Pipeline::spawn(&path).await.unwrap();
     let mut exported = BTreeSet::new();
     let promtool = tools_installed(&[PROMTOOL]);

@@ -13,11 +13,18 @@ use swallow_tests::*;
 
 /// A configuration where one channel-only integration matches every event,
 /// with limits out of the way so the faults are what is tested.
-fn config_text(stack: &TestStack, url: &str, extra: &str) -> String {
-    format!(
-        "reload_interval_ms = 500\n{}prefetch = 64\n[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n[responder]\nper_channel_per_second = 100000.0\nper_channel_burst = 100000\n\n[[integrations]]\nid = \"load\"\nteam_id = \"T0001\"\nchannel = \"C2147483705\"\nurls = [\"{url}\"]\ntoken = \"t\"\nrate_limit = {{ per_second = 100000.0, burst = 100000 }}\n{extra}\n",
-        stack.broker_toml()
-    )
+fn config(stack: &TestStack, url: &str, load: impl FnOnce(Integration) -> Integration) -> ConfigToml {
+    ConfigToml::on(stack)
+        .top("reload_interval_ms", 500)
+        .set("broker", "prefetch", 64)
+        .loopback()
+        .responder_rate(100000.0)
+        .integration(load(
+            Integration::new("load")
+                .channel("C2147483705")
+                .url(url)
+                .rate_limit(100000.0, 100000),
+        ))
 }
 
 fn events(range: std::ops::Range<usize>) -> Vec<Vec<u8>> {
@@ -82,7 +89,7 @@ async fn sigkill_each_stage_under_load_loses_nothing() {
     let stack = TestStack::new("fault-kill").await.unwrap();
     let handler = HandlerServer::start(|_, _| Answer::text("ok")).await;
     let dir = TempDir::new("fault-kill");
-    let path = write_config(&dir, &config_text(&stack, &handler.url("/load"), ""));
+    let path = write_config(&dir, &config(&stack, &handler.url("/load"), |i| i).to_string());
     let mut out = listen_outbound(&stack).await.unwrap();
     let mut p = Pipeline::spawn(&path).await.unwrap();
     const N: usize = 5000;
@@ -111,7 +118,7 @@ async fn forced_closed_connections_are_recovered_under_load() {
     let stack = TestStack::new("fault-close").await.unwrap();
     let handler = HandlerServer::start(|_, _| Answer::text("ok")).await;
     let dir = TempDir::new("fault-close");
-    let path = write_config(&dir, &config_text(&stack, &handler.url("/load"), ""));
+    let path = write_config(&dir, &config(&stack, &handler.url("/load"), |i| i).to_string());
     let mut out = listen_outbound(&stack).await.unwrap();
     let p = Pipeline::spawn(&path).await.unwrap();
     const N: usize = 2000;
@@ -150,7 +157,7 @@ async fn a_broker_restart_is_survived_and_readyz_tells() {
     let stack = TestStack::on("fault-restart", broker.url()).await.unwrap();
     let handler = HandlerServer::start(|_, _| Answer::text("ok")).await;
     let dir = TempDir::new("fault-restart");
-    let path = write_config(&dir, &config_text(&stack, &handler.url("/load"), ""));
+    let path = write_config(&dir, &config(&stack, &handler.url("/load"), |i| i).to_string());
     let (queue, mut out) = listen_outbound_durable(&stack).await.unwrap();
     let p = Pipeline::spawn(&path).await.unwrap();
     const N: usize = 1000;
@@ -206,18 +213,16 @@ async fn a_chaos_handler_ends_every_delivery_delivered_or_dead() {
     })
     .await;
     let dir = TempDir::new("fault-chaos");
-    let path = write_config(
-        &dir,
-        &config_text(
-            &stack,
-            &format!("http://{addr}/chaos"),
-            // The breaker off: a handler failing 45% of the time opens it
-            // often, and jobs waiting for its probes would outlast this
-            // test's deadline (they are not lost; `failing_handlers.rs`
-            // tests the breaker). Here: retries and dead letters alone.
-            "max_attempts = 3\ntimeout_ms = 300\ncircuit_failures = 0",
-        ),
-    );
+    // The breaker off: a handler failing 45% of the time opens it often,
+    // and jobs waiting for its probes would outlast this test's deadline
+    // (they are not lost; `failing_handlers.rs` tests the breaker). Here:
+    // retries and dead letters alone.
+    let path = config(&stack, &format!("http://{addr}/chaos"), |i| {
+        i.set("max_attempts", 3)
+            .set("timeout_ms", 300)
+            .set("circuit_failures", 0)
+    })
+    .write(&dir);
     let mut out = listen_outbound(&stack).await.unwrap();
     let mut dead = stack.drain(&stack.topology.deliveries_dead_queue()).await.unwrap();
     let p = Pipeline::spawn(&path).await.unwrap();
@@ -260,7 +265,7 @@ async fn sigterm_under_load_exits_zero_quickly_and_loses_nothing() {
     let stack = TestStack::new("fault-term").await.unwrap();
     let handler = HandlerServer::start(|_, _| Answer::text("ok").after(Duration::from_millis(50))).await;
     let dir = TempDir::new("fault-term");
-    let path = write_config(&dir, &config_text(&stack, &handler.url("/load"), ""));
+    let path = write_config(&dir, &config(&stack, &handler.url("/load"), |i| i).to_string());
     let mut out = listen_outbound(&stack).await.unwrap();
     let mut p = Pipeline::spawn(&path).await.unwrap();
     const N: usize = 2000;
@@ -331,7 +336,10 @@ async fn a_second_sigterm_ends_a_stopping_deliverer_and_its_job_is_delivered_lat
     })
     .await;
     let dir = TempDir::new("fault-term2");
-    let path = write_config(&dir, &config_text(&stack, &handler.url("/load"), "timeout_ms = 90000"));
+    let path = write_config(
+        &dir,
+        &config(&stack, &handler.url("/load"), |i| i.set("timeout_ms", 90000)).to_string(),
+    );
     let mut out = listen_outbound(&stack).await.unwrap();
     let mut p = Pipeline::spawn(&path).await.unwrap();
     stack.publish_events_bytes(&events(0..1)).await.unwrap();
@@ -359,10 +367,9 @@ async fn a_stage_whose_broker_stops_answering_still_exits_after_its_grace_period
     let stack = TestStack::new("fault-stuck").await.unwrap();
     let relay = FreezableRelay::start(&stack.url).await.unwrap();
     let dir = TempDir::new("fault-stuck");
-    let config = config_text(&stack, "http://127.0.0.1:9/unused", "")
-        .replace(&format!("url = \"{}\"", stack.url), &format!("url = \"{}\"", relay.url));
-    assert!(config.contains(&relay.url), "the matcher connects through the relay");
-    let path = write_config(&dir, &config);
+    // The matcher connects through the relay.
+    let config = config(&stack, "http://127.0.0.1:9/unused", |i| i).set("broker", "url", &relay.url);
+    let path = config.write(&dir);
     let mut matcher = StageProcess::spawn("swallow-matcher", &path, &HashMap::new()).unwrap();
     matcher.ready(Duration::from_secs(30)).await;
 

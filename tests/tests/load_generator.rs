@@ -77,7 +77,7 @@ async fn a_stack_or_floor_dropped_without_stop_deletes_its_queues() {
     let stack = Stack {
         prefix: prefix.clone(),
         children: Vec::new(),
-        dir: std::env::temp_dir().join(&prefix),
+        dir: swallow_tests::TempDir::new(&prefix),
         url: url.clone(),
         env: Vec::new(),
     };
