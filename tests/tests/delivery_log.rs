@@ -1,4 +1,4 @@
-//! The delivery log end to end (issue #15): the three real binaries append
+//! The delivery log end to end: the three real binaries append
 //! records to the stream `<prefix>.log`, and `swallow-deliverer log` reads
 //! them back: outcomes and statuses in order, filters, --follow, retention,
 //! and what a SIGKILL may cost.

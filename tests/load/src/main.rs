@@ -274,7 +274,7 @@ async fn memory_step(
         ("all_at_once", Some(12_000), Http::One),
         ("all_at_once_http2", Some(12_000), Http::Two),
         // One integration may hold three quarters of the permits: 13,400
-        // lets all 10,000 be under way at once, the figure issue #18 names.
+        // lets all 10,000 be under way at once, the figure the memory step is about.
         ("ten_thousand_http2", Some(13_400), Http::Two),
     ];
     for (label, concurrency, http) in cases {
@@ -327,7 +327,7 @@ async fn memory(
         (Some(_), Http::Two) => "mem-h2",
     };
     let stages = ["swallow-matcher", "swallow-responder"];
-    let mut stack = Stack::start_at(url, &handler_url, name, concurrency, &stages, "").await?;
+    let mut stack = Stack::start_at(url, &handler_url, name, concurrency, &stages, true).await?;
     if let Some(ca_file) = &ca_file {
         // The deliverer trusts the platform's roots, and these (rustls reads
         // `SSL_CERT_FILE` on Linux).
@@ -777,8 +777,7 @@ async fn log_cost(url: &str, seconds: u64, window: usize, rounds: usize) -> anyh
     for round in 0..rounds {
         for enabled in [false, true] {
             let name = format!("log-{}-{round}", if enabled { "on" } else { "off" });
-            let tables = format!("[log]\nenabled = {enabled}\n");
-            let stack = Stack::start_configured(url, addr, &name, Some(512), ALL_STAGES, &tables).await?;
+            let stack = Stack::start_configured(url, addr, &name, Some(512), ALL_STAGES, enabled).await?;
             let topology = Topology::new(&stack.prefix);
             let (replies, _) = listen_replies(url, &topology).await?;
             let mut processes = stack.pids();

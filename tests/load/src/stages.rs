@@ -20,7 +20,7 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, 
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use swallow_shared::Topology;
-use swallow_tests::TempDir;
+use swallow_tests::{ConfigToml, Integration, TempDir};
 
 pub(crate) fn event_body(i: u64, text: &str) -> Vec<u8> {
     let now = std::time::SystemTime::now()
@@ -133,17 +133,22 @@ impl Stack {
         Self::start_stages(url, handler, name, concurrency, ALL_STAGES).await
     }
 
-    /// The three stages with these `[[integrations]]` tables (and the
-    /// deliverer's default limits).
-    pub(crate) async fn with_integrations(url: &str, name: &str, integrations: &str) -> anyhow::Result<Stack> {
+    /// The three stages with these integrations (and the deliverer's
+    /// default limits).
+    pub(crate) async fn with_integrations(
+        url: &str,
+        name: &str,
+        integrations: impl IntoIterator<Item = Integration>,
+    ) -> anyhow::Result<Stack> {
         let prefix = format!("load-{name}-{}", std::process::id());
         let dir = TempDir::new(&prefix);
-        std::fs::write(
-            dir.join("swallow.toml"),
-            format!(
-                "[broker]\nurl = \"{url}\"\nprefix = \"{prefix}\"\n[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n\n{integrations}"
-            ),
-        )?;
+        integrations
+            .into_iter()
+            .fold(
+                ConfigToml::new().broker(url, &prefix).loopback(),
+                ConfigToml::integration,
+            )
+            .write(&dir);
         let mut stack = Stack {
             prefix,
             children: Vec::new(),
@@ -164,19 +169,19 @@ impl Stack {
         concurrency: Option<usize>,
         stages: &[&str],
     ) -> anyhow::Result<Stack> {
-        Self::start_configured(url, handler, name, concurrency, stages, "").await
+        Self::start_configured(url, handler, name, concurrency, stages, true).await
     }
 
-    /// Like `start_stages`, with `tables` (TOML) added to the configuration.
+    /// Like `start_stages`, with the delivery log on or off (`[log] enabled`).
     pub(crate) async fn start_configured(
         url: &str,
         handler: std::net::SocketAddr,
         name: &str,
         concurrency: Option<usize>,
         stages: &[&str],
-        tables: &str,
+        log: bool,
     ) -> anyhow::Result<Stack> {
-        Self::start_at(url, &format!("http://{handler}"), name, concurrency, stages, tables).await
+        Self::start_at(url, &format!("http://{handler}"), name, concurrency, stages, log).await
     }
 
     /// Like `start_configured`, with the handler at `handler_url` (a
@@ -187,24 +192,29 @@ impl Stack {
         name: &str,
         concurrency: Option<usize>,
         stages: &[&str],
-        tables: &str,
+        log: bool,
     ) -> anyhow::Result<Stack> {
         let prefix = format!("load-{name}-{}", std::process::id());
         let dir = TempDir::new(&prefix);
-        let path = dir.join("swallow.toml");
+        let mut config = ConfigToml::new()
+            .broker(url, &prefix)
+            .loopback()
+            .responder_rate(1000000.0)
+            .set("log", "enabled", log)
+            .integration(
+                Integration::new("load")
+                    .trigger_words(&["load"])
+                    .set("trigger_match", "word")
+                    .url(format!("{handler_url}/load"))
+                    .rate_limit(1000000.0, 1000000),
+            );
         // No `concurrency` keeps the deliverer's defaults.
-        let limits = concurrency
-            .map(|c| format!("concurrency = {c}\nper_integration_concurrency = {c}\n"))
-            .unwrap_or_default();
-        std::fs::write(
-            &path,
-            format!(
-                "[broker]\nurl = \"{url}\"\nprefix = \"{prefix}\"\n[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n{limits}\
-                 [responder]\nper_channel_per_second = 1000000.0\nper_channel_burst = 1000000\n{tables}\n\
-                 [[integrations]]\nid = \"load\"\nteam_id = \"T0001\"\ntrigger_words = [\"load\"]\ntrigger_match = \"word\"\n\
-                 urls = [\"{handler_url}/load\"]\ntoken = \"t\"\nrate_limit = {{ per_second = 1000000.0, burst = 1000000 }}\n"
-            ),
-        )?;
+        if let Some(c) = concurrency {
+            config = config
+                .set("deliverer", "concurrency", c)
+                .set("deliverer", "per_integration_concurrency", c);
+        }
+        config.write(&dir);
         let mut stack = Stack {
             prefix,
             children: Vec::new(),

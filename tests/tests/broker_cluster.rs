@@ -1,4 +1,4 @@
-//! A RabbitMQ cluster and what a stage must do about it (issue #14):
+//! A RabbitMQ cluster and what a stage must do about it:
 //! several broker addresses, a confirm that never comes, TLS, and a
 //! three-node cluster of private nodes losing a node under load.
 

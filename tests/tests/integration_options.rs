@@ -1,4 +1,4 @@
-//! Integration options end to end with the real binaries (issue #16):
+//! Integration options end to end with the real binaries:
 //! `channel_types`, secrets read from files and re-read at reload, several
 //! signing secrets, custom headers, and logs a pipeline can read. Each bad
 //! value is refused with its exact line, and nothing is lost.
