@@ -30,10 +30,11 @@
 //!     per round and as medians.
 //!
 //! Built and run with the benchmarks' profile (`dist`, as the image), the
-//! stages first so that they sit next to it:
+//! stages first (the image's package set, whose dependencies are built as
+//! this one's) so that they sit next to it:
 //!
 //! ```text
-//! cargo build --profile dist -p swallow-matcher -p swallow-deliverer -p swallow-responder
+//! cargo build --profile dist -p swallow-matcher -p swallow-deliverer -p swallow-responder -p swallow-tools
 //! cargo run --profile dist -p swallow-load -- [FLAGS]
 //! ```
 //!

@@ -241,7 +241,7 @@ impl Stack {
         anyhow::ensure!(
             bin.exists(),
             "{} is not built: build the stages with the same profile first, e.g. \
-             `cargo build --profile dist -p swallow-matcher -p swallow-deliverer -p swallow-responder` \
+             `cargo build --profile dist -p swallow-matcher -p swallow-deliverer -p swallow-responder -p swallow-tools` \
              (or give --bin-dir)",
             bin.display()
         );
