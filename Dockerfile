@@ -7,20 +7,20 @@ WORKDIR /src
 COPY . .
 # Only what the image runs: the stages and swallow-tools (not the test
 # harness). The crate registry and the target directory are build caches
-# (BuildKit, buildah), so a rebuild compiles only what changed. The
-# release profile (Cargo.toml) already optimises the whole program (fat
-# LTO, one codegen unit); the image drops its line tables
-# (profile.release.debug) and its symbol tables: it stays small (a panic
+# (BuildKit, buildah), so a rebuild compiles only what changed. The `dist`
+# profile (Cargo.toml), what the benchmarks measure, optimises the whole
+# program (fat LTO, one codegen unit); the image drops its line tables
+# (profile.dist.debug) and its symbol tables: it stays small (a panic
 # still prints its message and source location, and still unwinds: a
 # stage hands a panicking task's delivery back).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    CARGO_PROFILE_RELEASE_DEBUG=0 \
-    cargo build --release --locked --bins \
+    CARGO_PROFILE_DIST_DEBUG=0 \
+    cargo build --profile dist --locked --bins \
       -p swallow-matcher -p swallow-deliverer -p swallow-responder -p swallow-tools \
  && mkdir /out \
- && cp target/release/swallow-matcher target/release/swallow-deliverer target/release/swallow-responder \
-       target/release/swallow-chat target/release/swallow-googlebot /out/ \
+ && cp target/dist/swallow-matcher target/dist/swallow-deliverer target/dist/swallow-responder \
+       target/dist/swallow-chat target/dist/swallow-googlebot /out/ \
  && strip --strip-all /out/*
 
 FROM gcr.io/distroless/cc-debian12:nonroot

@@ -18,6 +18,9 @@ if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null && command -v rabbitmq-server
   for _ in $(seq 1 60); do (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null && break; sleep 1; done
 fi
 # Only what runs: the stages and swallow-tools (chat tool, example handler,
-# quick start), not the test harness or the load generator.
+# quick start), not the test harness or the load generator. The release
+# profile builds quickly (Cargo.toml); the packages ask the same features
+# of their dependencies as `cargo build --release --workspace` does, so
+# alternating with it rebuilds nothing.
 cargo build --release --bins -p swallow-matcher -p swallow-deliverer -p swallow-responder -p swallow-tools
 exec target/release/swallow-quickstart --config deploy/example.toml "$@"

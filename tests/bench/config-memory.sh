@@ -5,8 +5,8 @@
 # changed RELOADS times (each waited for until it is reloaded, then 5 s),
 # and read again. Prints the peak RSS (VmHWM) and the RSS (VmRSS) at
 # both reads.
-# Usage: cargo build --release --bins &&
-#        bash tests/bench/config-memory.sh target/release/swallow-matcher [OTHER-BINARY…]
+# Usage: cargo build --profile dist --bins &&
+#        bash tests/bench/config-memory.sh target/dist/swallow-matcher [OTHER-BINARY…]
 # Environment: N (integrations), RELOADS (3), AMQP_URL.
 set -euo pipefail
 [ $# -ge 1 ] || { echo "usage: $0 BINARY [OTHER-BINARY…]"; exit 2; }

@@ -9,16 +9,17 @@
 # deliverer under heaptrack (Debian's `heaptrack` package), then sums the
 # peak heap of each all-at-once deliverer by the innermost frames that are
 # not the allocator.
-# Usage: cargo build --release --workspace --bins && bash tests/bench/heap.sh
+# Usage: cargo build --profile dist --bins -p swallow-matcher -p swallow-deliverer -p swallow-responder -p swallow-tools -p swallow-load &&
+#        bash tests/bench/heap.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . tests/bench/stages.sh
 command -v heaptrack >/dev/null || { echo "heaptrack is not installed (apt-get install heaptrack)"; exit 1; }
-cargo build --release -p swallow-deliverer --features system-allocator --target-dir target/heap
+cargo build --profile dist -p swallow-deliverer --features system-allocator --target-dir target/heap
 dir=$(mktemp -d)
-cp target/release/swallow-{load,matcher,responder} "$dir/"
-cp target/heap/release/swallow-deliverer "$dir/swallow-deliverer.real"
-# Each deliverer's profile is named after its stack (`--config /tmp/load-<step>-<pid>/…`).
+cp target/dist/swallow-{load,matcher,responder} "$dir/"
+cp target/heap/dist/swallow-deliverer "$dir/swallow-deliverer.real"
+# Each deliverer's profile is named after its stack's directory (`--config /tmp/swallow-load-<step>-<pid>-<random>/…`).
 printf '#!/bin/bash\nstack=$(basename "$(dirname "$2")")\nexec heaptrack -o %s/heap.$stack %s/swallow-deliverer.real "$@" > %s/heaptrack.$stack.log 2>&1\n' \
   "$dir" "$dir" "$dir" > "$dir/swallow-deliverer"
 chmod +x "$dir/swallow-deliverer"
@@ -36,7 +37,7 @@ for stack in default all h2; do delete_prefix "load-mem-$stack-$load"; done
 sleep 2
 for case in all:all_at_once h2:all_at_once_http2; do
   stack=${case%%:*} label=${case#*:}
-  profile=$(ls "$dir"/heap.load-mem-"$stack"-*.zst | head -1)
+  profile=$(ls "$dir"/heap.swallow-load-mem-"$stack"-*.zst | head -1)
   echo "== $label: $profile"
   heaptrack_print -f "$profile" --flamegraph-cost-type peak -F "$dir/stacks.$stack.txt" >/dev/null
   python3 - "$dir/stacks.$stack.txt" "$(python3 -c "import json,sys; print(json.load(open('$dir/load.json'))['in_flight_max_$label'])")" <<'PY'

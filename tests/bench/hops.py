@@ -13,7 +13,7 @@ times each hop from the wire:
 
 Usage (root, for tcpdump; standard library only):
 
-  target/release/swallow-load --seconds 30 > load.log &
+  target/dist/swallow-load --seconds 30 > load.log &
   until grep -q 4/5 load.log; do sleep 0.2; done
   tcpdump -i lo -s 0 -B 65536 -w cap.pcap tcp & sleep 1
   until grep -q 5/5 load.log; do sleep 0.2; done; kill %2

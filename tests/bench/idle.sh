@@ -4,8 +4,8 @@
 # it in reload checks (every reload_interval_ms, 2 s by default). Run with
 # one matcher binary or two (say, before and after a change): they are run
 # in turn, ROUNDS times each, and the CPU seconds of every run printed.
-# Usage: cargo build --release --bins -p swallow-matcher &&
-#        bash tests/bench/idle.sh target/release/swallow-matcher [OTHER-MATCHER]
+# Usage: cargo build --profile dist --bins -p swallow-matcher &&
+#        bash tests/bench/idle.sh target/dist/swallow-matcher [OTHER-MATCHER]
 # Environment: N (integrations), SECONDS_IDLE (30), ROUNDS (3), AMQP_URL.
 set -euo pipefail
 [ $# -ge 1 ] || { echo "usage: $0 MATCHER [OTHER-MATCHER]"; exit 2; }

@@ -9,8 +9,8 @@
 # the responder's swallow_replies_total), so start-up and shut-down are left
 # out. Prints each run's instructions per message, and keeps the profiles
 # in KEEP (a directory) when set, for callgrind_annotate.
-# Usage: cargo build --release --workspace --bins &&
-#        bash tests/bench/instructions.sh STAGE target/release/swallow-STAGE [OTHER-BINARY]
+# Usage: cargo build --profile dist --bins -p swallow-matcher -p swallow-deliverer -p swallow-responder -p swallow-tools -p swallow-load &&
+#        bash tests/bench/instructions.sh STAGE target/dist/swallow-STAGE [OTHER-BINARY]
 # STAGE is matcher, deliverer or responder.
 # Environment: RATE (events/s, 100), SECONDS_LOAD (10), ROUNDS (2), AMQP_URL.
 # Needs valgrind (callgrind_control, callgrind_annotate) and curl.
@@ -30,22 +30,22 @@ rate=${RATE:-100}
 seconds=${SECONDS_LOAD:-10}
 rounds=${ROUNDS:-2}
 root=$(cd "$(dirname "$0")/../.." && pwd)
-load="$root/target/release/swallow-load"
+load="$root/target/dist/swallow-load"
 for tool in valgrind callgrind_control callgrind_annotate curl; do
   command -v "$tool" >/dev/null || { echo "$0: $tool is not installed"; exit 1; }
 done
-[ -x "$load" ] || { echo "$0: build first: cargo build --release --workspace --bins"; exit 1; }
+[ -x "$load" ] || { echo "$0: build first: cargo build --profile dist --bins -p swallow-matcher -p swallow-deliverer -p swallow-responder -p swallow-tools -p swallow-load"; exit 1; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 want=$((rate * seconds))
 
-# A bin dir per binary: the other two stages' release builds, and the
+# A bin dir per binary: the other two stages' dist builds, and the
 # stage measured as valgrind running the binary given.
 for i in $(seq $#); do
   bin=$(realpath "${!i}")
   mkdir -p "$work/bins$i"
   for other in $stages; do
-    [ "$other" = "swallow-$stage" ] || ln -s "$root/target/release/$other" "$work/bins$i/"
+    [ "$other" = "swallow-$stage" ] || ln -s "$root/target/dist/$other" "$work/bins$i/"
   done
   cat > "$work/bins$i/swallow-$stage" <<EOF
 #!/bin/sh

@@ -42,7 +42,8 @@ pub fn delete_declared_blocking(url: &str, queues: Vec<String>, exchanges: Vec<S
 }
 
 /// The broker tests use: `AMQP_URL`, else `127.0.0.1:5672` when it answers,
-/// else a RabbitMQ container started with testcontainers (needs Docker).
+/// else a RabbitMQ container started with testcontainers (needs Docker;
+/// the tests turn on the feature `docker` this takes).
 pub async fn broker_url() -> String {
     BROKER
         .get_or_init(|| async {
@@ -64,6 +65,12 @@ pub async fn broker_url() -> String {
         .clone()
 }
 
+#[cfg(not(feature = "docker"))]
+async fn start_container() -> String {
+    panic!("no broker at AMQP_URL or 127.0.0.1:5672 (this build has no Docker fallback: feature `docker`)")
+}
+
+#[cfg(feature = "docker")]
 async fn start_container() -> String {
     use testcontainers::core::{IntoContainerPort, WaitFor};
     use testcontainers::runners::AsyncRunner;

@@ -1,35 +1,42 @@
-//! Test support shared by swallow's integration, end-to-end and fault tests:
-//! finding a real broker, an isolated prefix per test (deleted afterwards),
-//! publishing chat events, draining queues, spawning the real binaries and
-//! bounded waits with clear failure messages.
+//! Test support shared by swallow's end-to-end and fault tests and the load
+//! generator: finding a real broker, an isolated prefix per test (deleted
+//! afterwards), publishing chat events, draining queues, spawning the real
+//! binaries and bounded waits with clear failure messages. tests/README.md
+//! maps the modules.
 //!
-//! One module per concern, everything re-exported here: `broker` (finding
-//! it, forcing connections closed), `stack` (`TestStack`), `collector`,
-//! `processes` (the real binaries, configs, metrics), `own_broker` (a private
-//! node), `relay` (a freezable relay), `timing` (waits and rate assertions),
-//! `tls` (a test CA), `watchdog` (a test that hangs fails its binary), and
-//! the handler, chat and googlebot helpers.
+//! One module per concern; what the tests use is re-exported here by name.
 
 mod broker;
-pub mod cluster;
+mod chat_side;
+mod cluster;
 mod collector;
+mod config;
 pub mod handler;
+mod logged_stage;
+mod node;
 mod own_broker;
 mod processes;
 pub mod prometheus;
 mod relay;
 pub mod slack_api;
 mod stack;
+mod temp;
 mod timing;
 pub mod tls;
 mod watchdog;
 
-pub use broker::*;
-pub use collector::*;
-pub use own_broker::*;
-pub use processes::*;
-pub use relay::*;
-pub use stack::*;
+pub use broker::{broker_url, close_connection_named, close_connections_matching, delete_declared_blocking};
+pub use chat_side::ChatSide;
+pub use cluster::{Cluster, busiest};
+pub use collector::{Collector, header, listen_outbound, listen_outbound_durable, listen_outbound_for};
+pub use config::{ConfigToml, Integration, LOOPBACK, Raw, TomlValue, rate_limit};
+pub use logged_stage::LoggedStage;
+pub use node::{Node, chown_to_rabbitmq, node_stem};
+pub use own_broker::OwnBroker;
+pub use processes::{Pipeline, StageProcess, bin_path, chat_event, free_addr, metric, metric_in, write_config};
+pub use relay::{ConfirmSwallowingRelay, FreezableRelay};
+pub use stack::TestStack;
 pub use swallow_shared::Topology;
 pub use swallow_tools::{chat, googlebot, wait_ready};
-pub use timing::*;
+pub use temp::TempDir;
+pub use timing::{ARRIVAL_JITTER, LADDER_LATENESS, assert_paced, assert_within_limit, wait_for};

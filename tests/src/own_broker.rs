@@ -1,6 +1,6 @@
 //! A private RabbitMQ node for a test that must stop its broker.
 
-use crate::cluster::{Node, node_stem};
+use crate::{Node, node_stem};
 
 /// A RabbitMQ node of a test's own, on free ports, that the test may stop
 /// and start again without disturbing the shared broker. Every step is

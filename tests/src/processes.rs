@@ -156,10 +156,3 @@ impl Pipeline {
         Ok(p)
     }
 }
-
-/// A fresh temporary directory for a test's files.
-pub fn tempdir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("swallow-{name}-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).expect("creating a temporary directory");
-    dir
-}

@@ -8,7 +8,7 @@
 //! production.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -157,7 +157,7 @@ fn minutes_as_seconds(text: &str) -> String {
 pub struct Prometheus {
     pub addr: std::net::SocketAddr,
     child: tokio::process::Child,
-    dir: PathBuf,
+    dir: crate::TempDir,
     http: reqwest::Client,
 }
 
@@ -174,7 +174,7 @@ impl Prometheus {
     /// each on `/metrics`) every second and evaluating `rules` (a rule
     /// file's text) every second; waits until it is ready.
     pub async fn start(jobs: &[(&str, Vec<String>)], rules: &str) -> anyhow::Result<Prometheus> {
-        let dir = crate::tempdir("prometheus");
+        let dir = crate::TempDir::new("prometheus");
         std::fs::write(dir.join("rules.yaml"), rules)?;
         let mut config = format!(
             "global: {{scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}}\nrule_files: [{}]\nscrape_configs:\n",
@@ -323,7 +323,7 @@ impl Prometheus {
 impl Drop for Prometheus {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // `dir` goes after this, with the fields.
     }
 }
 

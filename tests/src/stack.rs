@@ -58,11 +58,6 @@ impl TestStack {
         })
     }
 
-    /// A configuration file's `[broker]` table for this stack.
-    pub fn broker_toml(&self) -> String {
-        format!("[broker]\nurl = \"{}\"\nprefix = \"{}\"\n", self.url, self.prefix)
-    }
-
     /// Publishes raw bytes to `<prefix>.events`, persistent, confirmed.
     pub async fn publish_event_bytes(&self, body: &[u8]) -> anyhow::Result<()> {
         self.publish_events_bytes(&[body.to_vec()]).await

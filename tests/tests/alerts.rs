@@ -40,21 +40,22 @@ fn overlay(file: &str) -> String {
 /// The configuration: three integrations on one handler, answering a text
 /// at once, with 500 (one attempt, so each is dead-lettered), and after 1.5 s.
 fn config_text(stack: &TestStack, handler: &HandlerServer) -> String {
-    let integration = |id: &str, extra: &str| {
-        format!(
-            "\n[[integrations]]\nid = \"{id}\"\nteam_id = \"T0001\"\ntrigger_words = [\"{id}:\"]\nurls = [\"{}\"]\ntoken = \"t\"\nrate_limit = {{ per_second = 100000.0, burst = 100000 }}\n{extra}",
-            handler.url(&format!("/{id}"))
-        )
+    let integration = |id: &str| {
+        Integration::new(id)
+            .trigger_words(&[&format!("{id}:")])
+            .url(handler.url(&format!("/{id}")))
+            .rate_limit(100000.0, 100000)
     };
-    format!(
-        "reload_interval_ms = 200\n{}[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n[responder]\nper_channel_per_second = 100000.0\nper_channel_burst = 100000\n{}{}{}{}",
-        stack.broker_toml(),
-        integration("ok", ""),
+    ConfigToml::on(stack)
+        .top("reload_interval_ms", 200)
+        .loopback()
+        .responder_rate(100000.0)
+        .integration(integration("ok"))
         // Its circuit off, so that every event dies at once.
-        integration("dead", "max_attempts = 1\ncircuit_failures = 0\n"),
-        integration("broken", "circuit_failures = 1\ntimeout_ms = 1000\n"),
-        integration("slow", "timeout_ms = 10000\n"),
-    )
+        .integration(integration("dead").set("max_attempts", 1).set("circuit_failures", 0))
+        .integration(integration("broken").set("circuit_failures", 1).set("timeout_ms", 1000))
+        .integration(integration("slow").set("timeout_ms", 10000))
+        .to_string()
 }
 
 /// Events whose `ts` is now, so that the end-to-end latency is real.
@@ -149,7 +150,7 @@ async fn alerts_fire_and_resolve_and_the_dashboard_has_data_in_a_real_prometheus
     .await;
     // A chat platform takes the replies (an unroutable reply is retried).
     let _replies = listen_outbound(&stack).await.unwrap();
-    let dir = tempdir("alerts");
+    let dir = TempDir::new("alerts");
     let good = config_text(&stack, &handler);
     let path = write_config(&dir, &good);
     let mut stages = Stages::start(&path).await;
@@ -326,5 +327,4 @@ async fn alerts_fire_and_resolve_and_the_dashboard_has_data_in_a_real_prometheus
         started.elapsed()
     );
     drop(stages);
-    let _ = std::fs::remove_dir_all(dir);
 }

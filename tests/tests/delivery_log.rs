@@ -1,4 +1,4 @@
-//! The delivery log end to end (issue #15): the three real binaries append
+//! The delivery log end to end: the three real binaries append
 //! records to the stream `<prefix>.log`, and `swallow-deliverer log` reads
 //! them back: outcomes and statuses in order, filters, --follow, retention,
 //! and what a SIGKILL may cost.
@@ -60,30 +60,25 @@ fn outcomes(records: &[LogRecord], event_ts: &str) -> Vec<String> {
         .collect()
 }
 
-fn integration(id: &str, word: &str, url: &str, extra: &str) -> String {
-    format!(
-        "[[integrations]]\nid = \"{id}\"\nteam_id = \"T0001\"\nchannel = \"#test\"\ntrigger_words = [\"{word}\"]\nurls = [\"{url}\"]\ntoken = \"{TOKEN}\"\nrate_limit = {{ per_second = 100.0, burst = 100 }}\n{extra}\n"
-    )
-}
-
-fn config_text(stack: &TestStack, integrations: &[String]) -> String {
-    format!(
-        "{}[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n\n{}",
-        stack.broker_toml(),
-        integrations.concat()
-    )
+fn integration(id: &str, word: &str, url: &str) -> Integration {
+    Integration::new(id)
+        .channel("#test")
+        .trigger_words(&[word])
+        .url(url)
+        .token(TOKEN)
+        .rate_limit(100.0, 100)
 }
 
 /// A stack with one integration, `googlebot`, whose handler answers 200:
 /// the stack, the handler, a directory and the configuration file in it.
-async fn one_integration(name: &str) -> (TestStack, HandlerServer, std::path::PathBuf, std::path::PathBuf) {
+async fn one_integration(name: &str) -> (TestStack, HandlerServer, TempDir, std::path::PathBuf) {
     let stack = TestStack::new(name).await.unwrap();
     let handler = HandlerServer::start(|_, _| Answer::status(200)).await;
-    let dir = tempdir(name);
-    let path = write_config(
-        &dir,
-        &config_text(&stack, &[integration("googlebot", "googlebot:", &handler.url("/"), "")]),
-    );
+    let dir = TempDir::new(name);
+    let path = ConfigToml::on(&stack)
+        .loopback()
+        .integration(integration("googlebot", "googlebot:", &handler.url("/")))
+        .write(&dir);
     (stack, handler, dir, path)
 }
 
@@ -99,18 +94,13 @@ async fn the_log_tells_what_happened_to_each_delivery() {
         _ => Answer::status(500).body(BODY),
     })
     .await;
-    let dir = tempdir("dlog-e2e");
-    let path = write_config(
-        &dir,
-        &config_text(
-            &stack,
-            &[
-                integration("okbot", "okbot:", &handler.url("/ok"), ""),
-                integration("flakybot", "flakybot:", &handler.url("/flaky"), ""),
-                integration("deadbot", "deadbot:", &handler.url("/down"), "max_attempts = 2"),
-            ],
-        ),
-    );
+    let dir = TempDir::new("dlog-e2e");
+    let path = ConfigToml::on(&stack)
+        .loopback()
+        .integration(integration("okbot", "okbot:", &handler.url("/ok")))
+        .integration(integration("flakybot", "flakybot:", &handler.url("/flaky")))
+        .integration(integration("deadbot", "deadbot:", &handler.url("/down")).set("max_attempts", 2))
+        .write(&dir);
     let mut out = listen_outbound(&stack).await.unwrap();
     let mut dead = stack.drain(&stack.topology.deliveries_dead_queue()).await.unwrap();
     let _pipeline = Pipeline::spawn(&path).await.unwrap();
@@ -303,12 +293,11 @@ async fn the_log_tells_what_happened_to_each_delivery() {
         assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
         assert!(stderr.contains(args[0]), "{stderr}");
     }
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follow_prints_a_new_record_within_a_second() {
-    let (stack, handler, dir, path) = one_integration("dlog-follow").await;
+    let (stack, handler, _dir, path) = one_integration("dlog-follow").await;
     let _pipeline = Pipeline::spawn(&path).await.unwrap();
     let stream = stack.topology.log_stream();
     wait_for(T, "the stages to declare the log stream", || async {
@@ -363,7 +352,6 @@ async fn follow_prints_a_new_record_within_a_second() {
         .expect("--follow did not stop on SIGINT")
         .unwrap();
     assert!(status.success(), "{status}");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// When `--follow` printed the `delivered` record of the event `ts`.
@@ -393,12 +381,12 @@ fn job(delivery_id: &str) -> swallow_shared::wire::messages::DeliveryJob {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_records_go_and_the_command_still_works() {
     let stack = TestStack::new("dlog-retention").await.unwrap();
-    let dir = tempdir("dlog-retention");
-    let path = write_config(&dir, &stack.broker_toml());
+    let dir = TempDir::new("dlog-retention");
+    let path = ConfigToml::on(&stack).write(&dir);
     // 64 KiB kept, in 8 KiB segments; about 700 KiB written in small batches.
     let registry = ::prometheus::Registry::new();
     let target = AppenderTarget {
-        broker: swallow_shared::Config::parse(&stack.broker_toml(), None)
+        broker: swallow_shared::Config::parse(&ConfigToml::on(&stack).to_string(), None)
             .unwrap()
             .broker,
         connection_name: format!("swallow-test-log {}", stack.prefix),
@@ -436,12 +424,11 @@ async fn old_records_go_and_the_command_still_works() {
         "{} of {n} records kept with max_bytes = 64 KiB",
         kept.len()
     );
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_deliverer_loses_at_most_its_unflushed_records_and_no_delivery() {
-    let (stack, handler, dir, path) = one_integration("dlog-kill").await;
+    let (stack, handler, _dir, path) = one_integration("dlog-kill").await;
     let mut pipeline = Pipeline::spawn(&path).await.unwrap();
     let events = 40;
     let publisher = async {
@@ -499,7 +486,6 @@ async fn a_killed_deliverer_loses_at_most_its_unflushed_records_and_no_delivery(
             );
         }
     }
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -507,7 +493,9 @@ async fn an_unreachable_log_drops_and_counts_and_never_waits() {
     let registry = ::prometheus::Registry::new();
     let target = AppenderTarget {
         broker: swallow_shared::Config::parse(
-            &format!("[broker]\nurl = \"amqp://guest:guest@{}/%2f\"\n", free_addr()),
+            &ConfigToml::new()
+                .set("broker", "url", format!("amqp://guest:guest@{}/%2f", free_addr()))
+                .to_string(),
             None,
         )
         .unwrap()

@@ -58,14 +58,15 @@ fn used_metrics(path: &Path) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stage_metrics_pass_promtool_and_cover_the_rules_and_dashboard() {
     let stack = TestStack::new("deploy").await.unwrap();
-    let dir = tempdir("deploy");
-    let path = write_config(
-        &dir,
-        &format!(
-            "{}[[integrations]]\nid = \"a\"\nteam_id = \"T1\"\nchannel = \"C1\"\nurls = [\"http://127.0.0.1:9/\"]\ntoken = \"t\"\n",
-            stack.broker_toml()
-        ),
-    );
+    let dir = TempDir::new("deploy");
+    let path = ConfigToml::on(&stack)
+        .integration(
+            Integration::new("a")
+                .team("T1")
+                .channel("C1")
+                .url("http://127.0.0.1:9/"),
+        )
+        .write(&dir);
     let p = Pipeline::spawn(&path).await.unwrap();
     let mut exported = BTreeSet::new();
     let promtool = tools_installed(&[PROMTOOL]);
@@ -115,5 +116,4 @@ async fn stage_metrics_pass_promtool_and_cover_the_rules_and_dashboard() {
         let unknown: Vec<_> = used.difference(&exported).collect();
         assert!(unknown.is_empty(), "{file} uses metrics no stage exports: {unknown:?}");
     }
-    let _ = std::fs::remove_dir_all(dir);
 }

@@ -34,10 +34,13 @@ fn event_in(channel: &str, text: &str, ts: &str) -> serde_json::Value {
 }
 
 /// An integration firing on every message in `channel`.
-fn channel_integration(id: &str, channel: &str, url: &str, extra: &str) -> String {
-    format!(
-        "[[integrations]]\nid = \"{id}\"\nteam_id = \"T0001\"\nchannel = \"{channel}\"\nurls = [\"{url}\"]\ntoken = \"t\"\n{extra}\n"
-    )
+/// (The one-second timeout and five a second of the circuits test.)
+fn channel_integration(id: &str, channel: &str, url: &str) -> Integration {
+    Integration::new(id)
+        .channel(channel)
+        .url(url)
+        .set("timeout_ms", 1000)
+        .rate_limit(5.0, 10)
 }
 
 fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
@@ -61,25 +64,16 @@ async fn hanging_handlers_open_their_circuits_and_delay_no_one_else() {
         .await
     };
     let healthy = HandlerServer::start(|_, _| Answer::status(200)).await;
-    let limits = "timeout_ms = 1000\nrate_limit = { per_second = 5.0, burst = 10 }";
-    let mut integrations = channel_integration("healthy", "COK", &healthy.url("/ok"), limits);
+    let mut config =
+        ConfigToml::on(&stack)
+            .loopback()
+            .integration(channel_integration("healthy", "COK", &healthy.url("/ok")));
     for i in 0..HANGING {
         let url = hanging.url(&format!("/h{i}"));
-        integrations.push_str(&channel_integration(
-            &format!("hang{i}"),
-            &format!("CH{i}"),
-            &url,
-            limits,
-        ));
+        config = config.integration(channel_integration(&format!("hang{i}"), &format!("CH{i}"), &url));
     }
-    let dir = tempdir("circuits");
-    let path = write_config(
-        &dir,
-        &format!(
-            "{}[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n\n{integrations}",
-            stack.broker_toml()
-        ),
-    );
+    let dir = TempDir::new("circuits");
+    let path = config.write(&dir);
     let pipeline = Pipeline::spawn(&path).await.unwrap();
     let deliverer = pipeline.deliverer.ops_addr;
 
@@ -238,7 +232,6 @@ async fn hanging_handlers_open_their_circuits_and_delay_no_one_else() {
         .await
         .unwrap();
     assert!(closed >= HANGING as f64, "{closed} transitions to closed");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -246,15 +239,18 @@ async fn a_dead_delivery_posts_one_notice_per_interval() {
     let stack = TestStack::new("notice").await.unwrap();
     // The handler's body must never reach the channel.
     let handler = HandlerServer::start(|_, _| Answer::status(500).body("<!channel> the handler's own words")).await;
-    let dir = tempdir("notice");
-    let path = write_config(
-        &dir,
-        &format!(
-            "{}[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n\n[[integrations]]\nid = \"googlebot\"\nteam_id = \"T0001\"\nchannel = \"#test\"\nurls = [\"{}\"]\ntoken = \"t\"\nbot_name = \"Google Bot\"\nmax_attempts = 2\non_failure = \"notify\"\n",
-            stack.broker_toml(),
-            handler.url("/googlebot")
-        ),
-    );
+    let dir = TempDir::new("notice");
+    let path = ConfigToml::on(&stack)
+        .loopback()
+        .integration(
+            Integration::new("googlebot")
+                .channel("#test")
+                .url(handler.url("/googlebot"))
+                .set("bot_name", "Google Bot")
+                .set("max_attempts", 2)
+                .set("on_failure", "notify"),
+        )
+        .write(&dir);
     let mut out = listen_outbound(&stack).await.unwrap();
     let mut dead = stack.drain(&stack.topology.deliveries_dead_queue()).await.unwrap();
     let _pipeline = Pipeline::spawn(&path).await.unwrap();
@@ -286,21 +282,23 @@ async fn a_dead_delivery_posts_one_notice_per_interval() {
     dead.until(2, T, "the second delivery dead-lettered").await;
     let quiet = out.settle(Duration::from_secs(3)).await;
     assert_eq!(quiet.len(), 1, "one notice per integration per channel per interval");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_that_ages_out_behind_an_open_circuit_is_dead_with_circuit_open() {
     let stack = TestStack::new("circuit-age").await.unwrap();
     let url = format!("http://{}/nobody", refused_addr());
-    let dir = tempdir("circuit-age");
-    let path = write_config(
-        &dir,
-        &format!(
-            "{}[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n\n[[integrations]]\nid = \"googlebot\"\nteam_id = \"T0001\"\nchannel = \"#test\"\nurls = [\"{url}\"]\ntoken = \"t\"\ncircuit_failures = 1\nmax_age_s = 4\n",
-            stack.broker_toml(),
-        ),
-    );
+    let dir = TempDir::new("circuit-age");
+    let path = ConfigToml::on(&stack)
+        .loopback()
+        .integration(
+            Integration::new("googlebot")
+                .channel("#test")
+                .url(&url)
+                .set("circuit_failures", 1)
+                .set("max_age_s", 4),
+        )
+        .write(&dir);
     let mut dead = stack.drain(&stack.topology.deliveries_dead_queue()).await.unwrap();
     let pipeline = Pipeline::spawn(&path).await.unwrap();
     stack
@@ -334,5 +332,4 @@ async fn a_job_that_ages_out_behind_an_open_circuit_is_dead_with_circuit_open() 
             assert!(error.contains("connect"), "the last real error is kept: {error}");
         }
     }
-    let _ = std::fs::remove_dir_all(dir);
 }

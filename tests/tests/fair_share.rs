@@ -27,21 +27,22 @@ fn job(integration: &str, text: &str, ts: &str, url: &str) -> Vec<u8> {
     DeliveryJob::encode_new(&event, integration, 0, url, "", now_millis())
 }
 
-fn config(stack: &TestStack, concurrency: usize, slow: &str, quick: &str) -> String {
+fn config(stack: &TestStack, concurrency: usize, slow: &str, quick: &str) -> ConfigToml {
     let integration = |id: &str, url: &str| {
-        format!(
-            "[[integrations]]\nid = \"{id}\"\nteam_id = \"T0001\"\nchannel = \"C2147483705\"\nurls = [\"{url}\"]\ntoken = \"t\"\n\
-             timeout_ms = 20000\nrate_limit = {{ per_second = 1000.0, burst = 1000 }}\n"
-        )
+        Integration::new(id)
+            .channel("C2147483705")
+            .url(url)
+            .set("timeout_ms", 20000)
+            .set("rate_limit", rate_limit(1000.0, 1000))
     };
-    format!(
-        "{}shards = 1\n[deliverer]\nconcurrency = {concurrency}\nper_integration_concurrency = {concurrency}\n\
-         allow_networks = [\"127.0.0.0/8\"]\n{}{}{}",
-        stack.broker_toml(),
-        integration("slow", slow),
-        integration("slow2", slow),
-        integration("quick", quick)
-    )
+    ConfigToml::on(stack)
+        .set("broker", "shards", 1)
+        .set("deliverer", "concurrency", concurrency)
+        .set("deliverer", "per_integration_concurrency", concurrency)
+        .loopback()
+        .integration(integration("slow", slow))
+        .integration(integration("slow2", slow))
+        .integration(integration("quick", quick))
 }
 
 /// Four permits, all held by two slow integrations' attempts (three, and
@@ -60,8 +61,8 @@ async fn jobs_waiting_for_a_permit_leave_for_the_ladder_on_shutdown_and_are_deli
     })
     .await;
     let (slow, quick) = (handler.url("/slow"), handler.url("/quick"));
-    let dir = tempdir("fair-drain");
-    let path = write_config(&dir, &config(&stack, 4, &slow, &quick));
+    let dir = TempDir::new("fair-drain");
+    let path = config(&stack, 4, &slow, &quick).write(&dir);
     let deliverer = StageProcess::spawn("swallow-deliverer", &path, &HashMap::new()).unwrap();
     deliverer.ready(T).await;
     let shard = stack.topology.delivery_shard_queue(0);
@@ -125,7 +126,6 @@ async fn jobs_waiting_for_a_permit_leave_for_the_ladder_on_shutdown_and_are_deli
     assert_eq!(quick_texts, (0..4).map(|i| format!("quick {i}")).collect::<Vec<_>>());
     assert_eq!(handler.count(), 8, "nothing delivered twice");
     drop(next);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Four permits, a slow integration with many jobs (each attempt 2 s), and
@@ -144,8 +144,8 @@ async fn a_quick_integrations_burst_is_served_between_a_slow_ones_attempts() {
     })
     .await;
     let (slow, quick) = (handler.url("/slow"), handler.url("/quick"));
-    let dir = tempdir("fair-burst");
-    let path = write_config(&dir, &config(&stack, 4, &slow, &quick));
+    let dir = TempDir::new("fair-burst");
+    let path = config(&stack, 4, &slow, &quick).write(&dir);
     let deliverer = StageProcess::spawn("swallow-deliverer", &path, &HashMap::new()).unwrap();
     deliverer.ready(T).await;
     let shard = stack.topology.delivery_shard_queue(0);
@@ -175,5 +175,4 @@ async fn a_quick_integrations_burst_is_served_between_a_slow_ones_attempts() {
         sent.elapsed()
     );
     drop(deliverer);
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -78,20 +78,23 @@ async fn a_job_that_kills_the_deliverer_is_set_aside_and_the_jobs_behind_it_go()
     })
     .await;
     let url = handler.url("/hook");
-    let dir = tempdir("poison");
+    let dir = TempDir::new("poison");
     // One shard, two attempts at a time: the jobs behind the poisoned one
     // go beside it; the deliverer is killed only once they are settled, so
     // that each crash returns the poisoned job alone (a crash counts a
     // delivery of every job the deliverer held).
-    let config = write_config(
-        &dir,
-        &format!(
-            "{}shards = 1\ndelivery_limit = {LIMIT}\n[deliverer]\nconcurrency = 2\nallow_networks = [\"127.0.0.0/8\"]\n\
-             [[integrations]]\nid = \"poisoned\"\nteam_id = \"T0001\"\nchannel = \"C2147483705\"\nurls = [\"{url}\"]\ntoken = \"t\"\n\
-             rate_limit = {{ per_second = 100.0, burst = 100 }}\n",
-            stack.broker_toml()
-        ),
-    );
+    let config = ConfigToml::on(&stack)
+        .set("broker", "shards", 1)
+        .set("broker", "delivery_limit", LIMIT)
+        .set("deliverer", "concurrency", 2)
+        .loopback()
+        .integration(
+            Integration::new("poisoned")
+                .channel("C2147483705")
+                .url(&url)
+                .set("rate_limit", rate_limit(100.0, 100)),
+        )
+        .write(&dir);
     let mut deliverer = StageProcess::spawn("swallow-deliverer", &config, &HashMap::new()).unwrap();
     deliverer.ready(T).await;
     let shard = stack.topology.delivery_shard_queue(0);
@@ -198,7 +201,6 @@ async fn a_job_that_kills_the_deliverer_is_set_aside_and_the_jobs_behind_it_go()
         .await
         .unwrap();
     assert_eq!((done.moved, done.past_delivery_limit, done.left), (1, 1, 0));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Queues declared the earlier way (quorum, no delivery limit): the stage
@@ -235,14 +237,10 @@ async fn a_stage_starts_against_work_queues_declared_without_a_limit() {
         .unwrap_err();
     assert!(refused.to_string().contains("PRECONDITION"), "{refused}");
 
-    let dir = tempdir("legacy");
-    let config = write_config(
-        &dir,
-        &format!(
-            "{}[[integrations]]\nid = \"g\"\nteam_id = \"T0001\"\nchannel = \"C2147483705\"\nurls = [\"http://127.0.0.1:9/x\"]\ntoken = \"t\"\n",
-            stack.broker_toml()
-        ),
-    );
+    let dir = TempDir::new("legacy");
+    let config = ConfigToml::on(&stack)
+        .integration(Integration::new("g").channel("C2147483705").url("http://127.0.0.1:9/x"))
+        .write(&dir);
     let mut env = HashMap::new();
     env.insert("RUST_LOG".to_owned(), "warn".to_owned());
     let matcher = StageProcess::spawn("swallow-matcher", &config, &env).unwrap();
@@ -297,5 +295,4 @@ async fn a_stage_starts_against_work_queues_declared_without_a_limit() {
                 .output();
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

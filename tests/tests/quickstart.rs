@@ -31,7 +31,7 @@ async fn ctrl_c_in_a_terminal_stops_every_stage_cleanly() {
         assert_eq!(text.matches(from).count(), 1, "deploy/example.toml has {from} once");
         text = text.replace(from, &to);
     }
-    let dir = tempdir("quickstart");
+    let dir = TempDir::new("quickstart");
     let path = write_config(&dir, &text);
 
     let mut quickstart = tokio::process::Command::new(bin_path("swallow-quickstart"))
@@ -108,5 +108,4 @@ async fn ctrl_c_in_a_terminal_stops_every_stage_cleanly() {
         exit.success(),
         "the quick start exits 0 on Ctrl-C ({exit}):\n{out}\n{err}"
     );
-    let _ = std::fs::remove_dir_all(dir);
 }

@@ -38,27 +38,24 @@ struct Setup {
     handler: HandlerServer,
     ingress: std::net::SocketAddr,
     pipeline: Pipeline,
-    dir: std::path::PathBuf,
+    _dir: TempDir,
 }
 
 impl Setup {
     /// `integration` is the `[[integrations]]` table's matching lines.
     async fn start(name: &str, broker: Option<String>, integration: &str) -> Setup {
-        let secrets = format!("signing_secret = [\"an-old-secret\", \"{SECRET}\"]\n");
-        Self::start_with(name, broker, integration, &secrets).await
+        let secrets = ("signing_secret", Raw(format!("[\"an-old-secret\", \"{SECRET}\"]")));
+        Self::start_in(TempDir::new(name), name, broker, integration, secrets).await
     }
 
-    /// As [`Setup::start`], with `[ingress.slack]`'s signing secret lines.
-    async fn start_with(name: &str, broker: Option<String>, integration: &str, secrets: &str) -> Setup {
-        Self::start_in(tempdir(name), name, broker, integration, secrets).await
-    }
-
+    /// As [`Setup::start`], in `dir`, with `[ingress.slack]`'s signing
+    /// secret field and its value.
     async fn start_in(
-        dir: std::path::PathBuf,
+        dir: TempDir,
         name: &str,
         broker: Option<String>,
         integration: &str,
-        secrets: &str,
+        secrets: (&str, Raw<String>),
     ) -> Setup {
         let stack = match broker {
             Some(url) => TestStack::on(name, url).await.unwrap(),
@@ -67,19 +64,22 @@ impl Setup {
         let api = SlackApi::start().await;
         let handler = googlebot().await;
         let ingress = free_addr();
-        let path = write_config(
-            &dir,
-            &format!(
-                "reload_interval_ms = 200\n{}heartbeat_s = 2\n[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n\n\
-                 [ingress]\nlisten = \"{ingress}\"\n[ingress.slack]\n{secrets}\
-                 bot_token = \"xoxb-test\"\napi_base = \"{}\"\n\n\
-                 [[integrations]]\nid = \"googlebot\"\nteam_id = \"T0001\"\n{integration}urls = [\"{}\"]\n\
-                 token = \"XXXXXXXXXXXXXXXXXX\"\nbot_name = \"Google Bot\"\nicon_emoji = \":bird:\"\n",
-                stack.broker_toml(),
-                api.api_base(),
-                handler.url("/googlebot")
-            ),
-        );
+        let path = ConfigToml::on(&stack)
+            .top("reload_interval_ms", 200)
+            .set("broker", "heartbeat_s", 2)
+            .loopback()
+            .set("ingress", "listen", ingress.to_string())
+            .set("ingress.slack", secrets.0, secrets.1)
+            .set("ingress.slack", "bot_token", "xoxb-test")
+            .set("ingress.slack", "api_base", api.api_base())
+            .integration(
+                Integration::new("googlebot")
+                    .raw(integration)
+                    .url(handler.url("/googlebot"))
+                    .set("bot_name", "Google Bot")
+                    .set("icon_emoji", ":bird:"),
+            )
+            .write(&dir);
         let pipeline = Pipeline::spawn(&path).await.unwrap();
         Setup {
             _stack: stack,
@@ -87,7 +87,7 @@ impl Setup {
             handler,
             ingress,
             pipeline,
-            dir,
+            _dir: dir,
         }
     }
 
@@ -118,12 +118,6 @@ impl Setup {
     }
 }
 
-impl Drop for Setup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -143,7 +137,7 @@ fn message(event_id: &str, text: &str, ts: &str) -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_seed_example_through_slack_and_back() {
+async fn the_documented_example_through_slack_and_back() {
     let s = Setup::start(
         "slack-seed",
         None,
@@ -358,7 +352,7 @@ async fn a_broker_away_is_a_503_and_the_retry_after_it_is_back_is_delivered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_signing_secret_file_is_read_again_without_a_restart() {
-    let dir = tempdir("slack-rotation");
+    let dir = TempDir::new("slack-rotation");
     let file = dir.join("slack-signing-secrets");
     std::fs::write(&file, "an-old-secret\n").unwrap();
     let s = Setup::start_in(
@@ -366,7 +360,7 @@ async fn a_rotated_signing_secret_file_is_read_again_without_a_restart() {
         "slack-rotation",
         None,
         "trigger_words = [\"googlebot:\"]\n",
-        "signing_secret_file = \"slack-signing-secrets\"\n",
+        ("signing_secret_file", Raw("\"slack-signing-secrets\"".into())),
     )
     .await;
     let event = |n: usize| message(&format!("Ev04{n:02}"), SEED, &format!("1355517900.{n:06}"));

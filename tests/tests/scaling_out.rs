@@ -11,21 +11,24 @@ use swallow_tests::*;
 
 const T: Duration = Duration::from_secs(30);
 
-fn config(stack: &TestStack, handler: &HandlerServer, integrations: &[(String, &str)]) -> String {
-    let mut text = format!(
-        "{}[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n",
-        stack.broker_toml()
-    );
-    for (id, limit) in integrations {
-        text.push_str(&format!(
-            "\n[[integrations]]\nid = \"{id}\"\nteam_id = \"T1\"\nchannel = \"C1\"\nurls = [\"{}\"]\ntoken = \"t\"\nrate_limit = {limit}\n",
-            handler.url(&format!("/{id}"))
-        ));
-    }
-    text
+/// Integrations in channel C1 of team T1, each with its rate limit
+/// (`per_second`, burst), on `handler` under `/<id>`.
+fn config(stack: &TestStack, handler: &HandlerServer, integrations: &[(String, (f64, u32))]) -> String {
+    integrations
+        .iter()
+        .fold(ConfigToml::on(stack).loopback(), |toml, (id, (per_second, burst))| {
+            toml.integration(
+                Integration::new(id)
+                    .team("T1")
+                    .channel("C1")
+                    .url(handler.url(&format!("/{id}")))
+                    .rate_limit(*per_second, *burst),
+            )
+        })
+        .to_string()
 }
 
-const FAST: &str = "{ per_second = 10000.0, burst = 10000 }";
+const FAST: (f64, u32) = (10000.0, 10000);
 
 async fn publish(stack: &TestStack, handler: &HandlerServer, id: &str, from: usize, n: usize) {
     let mut confirms = Vec::new();
@@ -87,9 +90,9 @@ async fn settled(replicas: &[&StageProcess], shards: u32, within: Duration) {
 async fn a_rate_limit_holds_across_three_replicas() {
     let stack = TestStack::new("scale-rate").await.unwrap();
     let handler = HandlerServer::start(|_, _| Answer::status(200)).await;
-    let mut integrations = vec![("limited".to_owned(), "{ per_second = 2.0, burst = 5 }")];
+    let mut integrations = vec![("limited".to_owned(), (2.0, 5))];
     integrations.extend((0..20).map(|i| (format!("other{i}"), FAST)));
-    let dir = tempdir("scale-rate");
+    let dir = TempDir::new("scale-rate");
     let path = write_config(&dir, &config(&stack, &handler, &integrations));
     let replicas = [spawn(&path), spawn(&path), spawn(&path)];
     for r in &replicas {
@@ -126,7 +129,6 @@ async fn a_rate_limit_holds_across_three_replicas() {
     );
     assert!(limited >= 50, "the limited integration kept flowing ({limited})");
     assert_eq!(others, 1000, "the other integrations flowed meanwhile");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,7 +136,7 @@ async fn work_spreads_evenly_over_three_replicas() {
     let stack = TestStack::new("scale-spread").await.unwrap();
     let handler = HandlerServer::start(|_, _| Answer::status(200)).await;
     let integrations: Vec<_> = (0..30).map(|i| (format!("busy{i}"), FAST)).collect();
-    let dir = tempdir("scale-spread");
+    let dir = TempDir::new("scale-spread");
     let path = write_config(&dir, &config(&stack, &handler, &integrations));
     let replicas = [spawn(&path), spawn(&path), spawn(&path)];
     for r in &replicas {
@@ -164,7 +166,6 @@ async fn work_spreads_evenly_over_three_replicas() {
             f * 100.0
         );
     }
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,7 +173,7 @@ async fn a_killed_replica_is_replaced_and_a_new_one_takes_its_share() {
     let stack = TestStack::new("scale-kill").await.unwrap();
     let handler = HandlerServer::start(|_, _| Answer::status(200)).await;
     let integrations: Vec<_> = (0..30).map(|i| (format!("busy{i}"), FAST)).collect();
-    let dir = tempdir("scale-kill");
+    let dir = TempDir::new("scale-kill");
     let path = write_config(&dir, &config(&stack, &handler, &integrations));
     let mut replicas = vec![spawn(&path), spawn(&path), spawn(&path)];
     for r in &replicas {
@@ -236,20 +237,23 @@ async fn a_killed_replica_is_replaced_and_a_new_one_takes_its_share() {
         (n > 0.0).then_some(())
     })
     .await;
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn matchers_and_responders_scale_out_without_duplicates() {
     let stack = TestStack::new("scale-mr").await.unwrap();
     let handler = HandlerServer::start(|_, _| Answer::text("ok")).await;
-    let dir = tempdir("scale-mr");
-    let text = format!(
-        "{}[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n[responder]\nper_channel_per_second = 100000.0\nper_channel_burst = 100000\n\n[[integrations]]\nid = \"all\"\nteam_id = \"T0001\"\nchannel = \"C2147483705\"\nurls = [\"{}\"]\ntoken = \"t\"\nrate_limit = {FAST}\n",
-        stack.broker_toml(),
-        handler.url("/all")
-    );
-    let path = write_config(&dir, &text);
+    let dir = TempDir::new("scale-mr");
+    let path = ConfigToml::on(&stack)
+        .loopback()
+        .responder_rate(100000.0)
+        .integration(
+            Integration::new("all")
+                .channel("C2147483705")
+                .url(handler.url("/all"))
+                .rate_limit(FAST.0, FAST.1),
+        )
+        .write(&dir);
     let mut out = listen_outbound(&stack).await.unwrap();
     let stages: Vec<StageProcess> = [
         "swallow-matcher",
@@ -298,5 +302,4 @@ async fn matchers_and_responders_scale_out_without_duplicates() {
         matched.iter().all(|&m| m > 0.0) && posted.iter().all(|&p| p > 0.0),
         "both replicas of each stage worked"
     );
-    let _ = std::fs::remove_dir_all(dir);
 }

@@ -29,18 +29,24 @@
 //!     rounds (the stages, then the broker alone, at R events/s), reported
 //!     per round and as medians.
 //!
-//! `cargo build --release --workspace --bins && target/release/swallow-load`
+//! Built and run with the benchmarks' profile (`dist`, as the image), the
+//! stages first (the image's package set, whose dependencies are built as
+//! this one's) so that they sit next to it:
+//!
+//! ```text
+//! cargo build --profile dist -p swallow-matcher -p swallow-deliverer -p swallow-responder -p swallow-tools
+//! cargo run --profile dist -p swallow-load -- [FLAGS]
+//! ```
+//!
 //! Every loop is bounded in count and time; all traffic is on loopback.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::options::{BasicAckOptions, BasicPublishOptions};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use swallow_shared::Topology;
 
@@ -50,6 +56,9 @@ mod ladder;
 mod latency;
 mod plot;
 mod scale;
+mod stages;
+
+use stages::*;
 
 #[derive(Parser)]
 #[command(about = "Measure swallow against the broker's own ceiling")]
@@ -157,27 +166,6 @@ struct Args {
 /// The sweep's steps, as fractions of the measured pipeline throughput.
 const SWEEP: &[f64] = &[0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0];
 
-fn event_body(i: u64, text: &str) -> Vec<u8> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_micros();
-    serde_json::to_vec(&serde_json::json!({
-        "team_id": "T0001", "team_domain": "example", "channel_id": "C2147483705", "channel_name": "test",
-        "channel_type": "public", "user_id": "U2147483697", "user_name": "Steve",
-        "ts": format!("{}.{:06}", now / 1_000_000, now % 1_000_000),
-        "text": format!("{text} {i}"),
-    }))
-    .unwrap()
-}
-
-fn micros_now() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_micros()
-}
-
 /// CPU seconds (user + system) process `pid` has used so far, from
 /// `/proc/<pid>/stat` (`None` where there is no such process or no /proc).
 fn cpu_seconds(pid: u32) -> Option<f64> {
@@ -203,17 +191,6 @@ fn cpu_snapshot(pids: &[(String, u32)]) -> Vec<(String, f64)> {
     pids.iter()
         .filter_map(|(name, pid)| Some((name.clone(), cpu_seconds(*pid)?)))
         .collect()
-}
-
-/// Consumes `queue` on a channel of its own: manual acks, at most
-/// `prefetch` unacknowledged.
-async fn consume(conn: &Connection, queue: &str, prefetch: u16) -> anyhow::Result<lapin::Consumer> {
-    let ch = conn.create_channel().await?;
-    ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
-    let options = BasicConsumeOptions::default();
-    Ok(ch
-        .basic_consume(queue.into(), "".into(), options, FieldTable::default())
-        .await?)
 }
 
 /// The broker's ceiling: publish with confirms (a window in flight) into one
@@ -287,421 +264,6 @@ async fn ceiling(url: &str, seconds: u64, window: usize, size: usize) -> anyhow:
     Ok((rate, total))
 }
 
-/// When each POST's text reached the handler (µs since the epoch).
-type Seen = Arc<Mutex<HashMap<String, u128>>>;
-
-/// The handler's routes: each POST's text noted in the returned map with
-/// when it arrived, answered `{"text":"ok"}` after `delay`.
-fn handler_app(delay: Duration) -> (axum::Router, Seen) {
-    use axum::Router;
-    use axum::body::Bytes;
-    use axum::extract::State;
-    let seen: Seen = Arc::new(Mutex::new(HashMap::new()));
-    async fn handle(State((seen, delay)): State<(Seen, Duration)>, body: Bytes) -> impl axum::response::IntoResponse {
-        let at = micros_now();
-        let fields: Vec<(String, String)> = serde_urlencoded::from_bytes(&body).unwrap_or_default();
-        if let Some((_, text)) = fields.iter().find(|(k, _)| k == "text") {
-            seen.lock().unwrap().insert(text.clone(), at);
-        }
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
-        (
-            [(axum::http::header::CONTENT_TYPE, "application/json")],
-            "{\"text\":\"ok\"}",
-        )
-    }
-    let app = Router::new().fallback(handle).with_state((seen.clone(), delay));
-    (app, seen)
-}
-
-/// A keep-alive handler on loopback (HTTP/1.1): its address, and when
-/// each POST's text arrived.
-async fn handler(delay: Duration) -> (std::net::SocketAddr, Seen) {
-    let (app, seen) = handler_app(delay);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (addr, seen)
-}
-
-/// The same handler over TLS, speaking HTTP/2 only
-/// (`swallow_tests::tls::serve_tls`). The CA's certificate is written to a
-/// temporary directory of its own and its path returned, for the deliverer
-/// to trust (`SSL_CERT_FILE`); the caller removes the directory.
-async fn handler_h2(delay: Duration) -> anyhow::Result<(std::net::SocketAddr, Seen, PathBuf)> {
-    let dir = swallow_tests::tempdir("load-tls");
-    let (app, seen) = handler_app(delay);
-    let service = hyper_util::service::TowerToHyperService::new(app);
-    let server = swallow_tests::tls::serve_tls(service, &dir, hyper::Version::HTTP_2).await?;
-    Ok((server.addr, seen, server.ca_file))
-}
-
-/// `--bin-dir`, when given.
-static BIN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-
-const ALL_STAGES: &[&str] = &["swallow-matcher", "swallow-deliverer", "swallow-responder"];
-
-/// The three stages on a prefix of their own. Dropped (after `stop`, or
-/// when a step ends early on an error), it deletes what they declared, so
-/// no run leaves queues on the broker.
-struct Stack {
-    prefix: String,
-    children: Vec<(String, tokio::process::Child, u16)>,
-    dir: PathBuf,
-    url: String,
-    /// Environment for the stages started from now on.
-    env: Vec<(String, String)>,
-}
-
-impl Stack {
-    async fn start(
-        url: &str,
-        handler: std::net::SocketAddr,
-        name: &str,
-        concurrency: Option<usize>,
-    ) -> anyhow::Result<Stack> {
-        Self::start_stages(url, handler, name, concurrency, ALL_STAGES).await
-    }
-
-    /// The three stages with these `[[integrations]]` tables (and the
-    /// deliverer's default limits).
-    async fn with_integrations(url: &str, name: &str, integrations: &str) -> anyhow::Result<Stack> {
-        let prefix = format!("load-{name}-{}", std::process::id());
-        let dir = std::env::temp_dir().join(&prefix);
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(
-            dir.join("swallow.toml"),
-            format!(
-                "[broker]\nurl = \"{url}\"\nprefix = \"{prefix}\"\n[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n\n{integrations}"
-            ),
-        )?;
-        let mut stack = Stack {
-            prefix,
-            children: Vec::new(),
-            dir,
-            url: url.to_owned(),
-            env: Vec::new(),
-        };
-        for stage in ["swallow-matcher", "swallow-deliverer", "swallow-responder"] {
-            stack.add(stage).await?;
-        }
-        Ok(stack)
-    }
-
-    async fn start_stages(
-        url: &str,
-        handler: std::net::SocketAddr,
-        name: &str,
-        concurrency: Option<usize>,
-        stages: &[&str],
-    ) -> anyhow::Result<Stack> {
-        Self::start_configured(url, handler, name, concurrency, stages, "").await
-    }
-
-    /// Like `start_stages`, with `tables` (TOML) added to the configuration.
-    async fn start_configured(
-        url: &str,
-        handler: std::net::SocketAddr,
-        name: &str,
-        concurrency: Option<usize>,
-        stages: &[&str],
-        tables: &str,
-    ) -> anyhow::Result<Stack> {
-        Self::start_at(url, &format!("http://{handler}"), name, concurrency, stages, tables).await
-    }
-
-    /// Like `start_configured`, with the handler at `handler_url` (a
-    /// scheme and an address, no path).
-    async fn start_at(
-        url: &str,
-        handler_url: &str,
-        name: &str,
-        concurrency: Option<usize>,
-        stages: &[&str],
-        tables: &str,
-    ) -> anyhow::Result<Stack> {
-        let prefix = format!("load-{name}-{}", std::process::id());
-        let dir = std::env::temp_dir().join(&prefix);
-        std::fs::create_dir_all(&dir)?;
-        let path = dir.join("swallow.toml");
-        // No `concurrency` keeps the deliverer's defaults.
-        let limits = concurrency
-            .map(|c| format!("concurrency = {c}\nper_integration_concurrency = {c}\n"))
-            .unwrap_or_default();
-        std::fs::write(
-            &path,
-            format!(
-                "[broker]\nurl = \"{url}\"\nprefix = \"{prefix}\"\n[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n{limits}\
-                 [responder]\nper_channel_per_second = 1000000.0\nper_channel_burst = 1000000\n{tables}\n\
-                 [[integrations]]\nid = \"load\"\nteam_id = \"T0001\"\ntrigger_words = [\"load\"]\ntrigger_match = \"word\"\n\
-                 urls = [\"{handler_url}/load\"]\ntoken = \"t\"\nrate_limit = {{ per_second = 1000000.0, burst = 1000000 }}\n"
-            ),
-        )?;
-        let mut stack = Stack {
-            prefix,
-            children: Vec::new(),
-            dir,
-            url: url.to_owned(),
-            env: Vec::new(),
-        };
-        for stage in stages {
-            stack.add(stage).await?;
-        }
-        Ok(stack)
-    }
-
-    /// Starts one stage binary (from next to this one) and waits until it is ready.
-    async fn add(&mut self, stage: &str) -> anyhow::Result<()> {
-        let bin_dir = match BIN_DIR.get() {
-            Some(dir) => dir.clone(),
-            None => std::env::current_exe()?
-                .parent()
-                .map(Path::to_owned)
-                .unwrap_or_default(),
-        };
-        let port = swallow_tests::free_addr().port();
-        let child = tokio::process::Command::new(bin_dir.join(stage))
-            .arg("--config")
-            .arg(self.dir.join("swallow.toml"))
-            .env("SWALLOW_HTTP_ADDR", format!("127.0.0.1:{port}"))
-            .env("RUST_LOG", "error")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .kill_on_drop(true)
-            .spawn()?;
-        anyhow::ensure!(
-            swallow_tests::wait_ready(&format!("http://127.0.0.1:{port}/readyz"), Duration::from_secs(30)).await,
-            "{stage} not ready"
-        );
-        self.children.push((stage.to_owned(), child, port));
-        Ok(())
-    }
-
-    /// Peak RSS (VmHWM) and current RSS of each stage, in MiB.
-    fn pids(&self) -> Vec<(String, u32)> {
-        self.children
-            .iter()
-            .filter_map(|(stage, child, _)| Some((stage.clone(), child.id()?)))
-            .collect()
-    }
-
-    fn rss(&self) -> Vec<(String, f64, f64)> {
-        self.children
-            .iter()
-            .map(|(stage, child, _)| {
-                let status =
-                    std::fs::read_to_string(format!("/proc/{}/status", child.id().unwrap_or(0))).unwrap_or_default();
-                let kb = |key: &str| -> f64 {
-                    status
-                        .lines()
-                        .find(|l| l.starts_with(key))
-                        .and_then(|l| l.split_whitespace().nth(1))
-                        .and_then(|v| v.parse::<f64>().ok())
-                        .unwrap_or(0.0)
-                };
-                (stage.clone(), kb("VmHWM:") / 1024.0, kb("VmRSS:") / 1024.0)
-            })
-            .collect()
-    }
-
-    async fn metric(&self, stage: &str, name: &str) -> f64 {
-        self.metric_with(stage, name, &[]).await
-    }
-
-    /// The sum of `name`'s samples whose labels include `labels`.
-    async fn metric_with(&self, stage: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let port = self
-            .children
-            .iter()
-            .find(|(s, _, _)| s == stage)
-            .map(|c| c.2)
-            .unwrap_or(0);
-        swallow_tests::metric(format!("127.0.0.1:{port}").parse().unwrap(), name, labels)
-            .await
-            .unwrap_or(0.0)
-    }
-
-    /// Kills the stages and waits for them to be gone; dropping `self`
-    /// then deletes what they declared.
-    async fn stop(mut self) {
-        for (_, child, _) in &mut self.children {
-            let _ = child.kill().await;
-        }
-    }
-}
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        // Children not yet killed go with `kill_on_drop`.
-        let t = Topology::new(&self.prefix);
-        swallow_tests::delete_declared_blocking(&self.url, t.queues(), t.exchanges());
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Publishes events to `(exchange, routing key)`, keeping at most `window`
-/// not yet answered (or paced at `rate` per second), for `seconds`; returns
-/// publish times.
-async fn drive(
-    conn: &Connection,
-    (exchange, routing_key): (&str, &str),
-    text: &str,
-    seconds: u64,
-    window: usize,
-    rate: Option<f64>,
-    done: &Arc<Mutex<u64>>,
-) -> anyhow::Result<HashMap<String, u128>> {
-    let ch = conn.create_channel().await?;
-    ch.confirm_select(Default::default()).await?;
-    let mut sent: HashMap<String, u128> = HashMap::new();
-    let started = Instant::now();
-    let mut i = 0u64;
-    let mut confirms = std::collections::VecDeque::new();
-    while started.elapsed() < Duration::from_secs(seconds) {
-        if let Some(rate) = rate {
-            let due = started + Duration::from_secs_f64(i as f64 / rate);
-            if due > Instant::now() {
-                tokio::time::sleep_until(due.into()).await;
-            }
-        } else {
-            while i.saturating_sub(*done.lock().unwrap()) as usize >= window {
-                tokio::time::sleep(Duration::from_micros(200)).await;
-            }
-        }
-        let body = event_body(i, text);
-        sent.insert(format!("{text} {i}"), micros_now());
-        confirms.push_back(
-            ch.basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions::default(),
-                &body,
-                BasicProperties::default().with_delivery_mode(2),
-            )
-            .await?,
-        );
-        while confirms.len() > 500 {
-            let c: lapin::PublisherConfirm = confirms.pop_front().unwrap();
-            c.await?;
-        }
-        i += 1;
-    }
-    for c in confirms {
-        c.await?;
-    }
-    Ok(sent)
-}
-
-/// The broker's own latency for the two quorum-queue hops an event makes
-/// before its POST, with no swallow code in the way: events go into queue
-/// `a`; a relay consumes it as the matcher does (one task per message,
-/// publish to queue `b` with a confirm, then ack) and a sink consumes `b`,
-/// noting when each event arrives.
-struct Floor {
-    conn: Connection,
-    a: String,
-    b: String,
-    seen: Arc<Mutex<HashMap<String, u128>>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    url: String,
-}
-
-impl Floor {
-    async fn start(url: &str) -> anyhow::Result<Floor> {
-        let conn = Connection::connect(url, ConnectionProperties::default()).await?;
-        let pid = std::process::id();
-        let (a, b) = (
-            format!("swallow-load-floor-a-{pid}"),
-            format!("swallow-load-floor-b-{pid}"),
-        );
-        let ch = conn.create_channel().await?;
-        for q in [&a, &b] {
-            swallow_shared::topology::declare_quorum_queue(&ch, q).await?;
-        }
-        let mut relay = consume(&conn, &a, 512).await?;
-        let publisher = conn.create_channel().await?;
-        publisher.confirm_select(Default::default()).await?;
-        let to = b.clone();
-        let relay = tokio::spawn(async move {
-            while let Some(Ok(d)) = relay.next().await {
-                let (publisher, to) = (publisher.clone(), to.clone());
-                tokio::spawn(async move {
-                    let props = BasicProperties::default().with_delivery_mode(2);
-                    let published = publisher
-                        .basic_publish(
-                            "".into(),
-                            to.as_str().into(),
-                            BasicPublishOptions::default(),
-                            &d.data,
-                            props,
-                        )
-                        .await;
-                    if let Ok(confirm) = published
-                        && confirm.await.is_ok()
-                    {
-                        let _ = d.ack(BasicAckOptions::default()).await;
-                    }
-                });
-            }
-        });
-        let mut sink = consume(&conn, &b, 512).await?;
-        let seen: Arc<Mutex<HashMap<String, u128>>> = Arc::default();
-        let noted = seen.clone();
-        let sink = tokio::spawn(async move {
-            while let Some(Ok(d)) = sink.next().await {
-                let at = micros_now();
-                if let Ok(event) = serde_json::from_slice::<serde_json::Value>(&d.data)
-                    && let Some(text) = event["text"].as_str()
-                {
-                    noted.lock().unwrap().insert(text.to_owned(), at);
-                }
-                let _ = d.ack(BasicAckOptions::default()).await;
-            }
-        });
-        Ok(Floor {
-            conn,
-            a,
-            b,
-            seen,
-            tasks: vec![relay, sink],
-            url: url.to_owned(),
-        })
-    }
-
-    /// Percentiles of publish → arrival at the sink, for events offered at
-    /// `rate` per second for `seconds`.
-    async fn measure(&self, text: &str, rate: f64, seconds: u64) -> anyhow::Result<serde_json::Value> {
-        let none = Arc::new(Mutex::new(0u64));
-        let sent = drive(&self.conn, ("", &self.a), text, seconds, usize::MAX, Some(rate), &none).await?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let missing = || {
-            let seen = self.seen.lock().unwrap();
-            sent.keys().any(|t| !seen.contains_key(t))
-        };
-        while missing() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(percentiles(post_latencies(&sent, &self.seen)))
-    }
-
-    /// Closes the floor's connection; dropping `self` then stops its tasks
-    /// and deletes its queues.
-    async fn stop(self) {
-        let _ = self.conn.close(200, "".into()).await;
-    }
-}
-
-impl Drop for Floor {
-    fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
-        swallow_tests::delete_declared_blocking(&self.url, vec![self.a.clone(), self.b.clone()], Vec::new());
-    }
-}
-
 /// Step 5: [`memory`] with the default limits and with all 10,000 at once;
 /// each stage's peak RSS goes into `rss`, the attempts under way into `results`.
 async fn memory_step(
@@ -715,7 +277,7 @@ async fn memory_step(
         ("all_at_once", Some(12_000), Http::One),
         ("all_at_once_http2", Some(12_000), Http::Two),
         // One integration may hold three quarters of the permits: 13,400
-        // lets all 10,000 be under way at once, the figure issue #18 names.
+        // lets all 10,000 be under way at once, the figure the memory step is about.
         ("ten_thousand_http2", Some(13_400), Http::Two),
     ];
     for (label, concurrency, http) in cases {
@@ -751,14 +313,15 @@ async fn memory(
     http: Http,
 ) -> anyhow::Result<(Vec<(String, f64, f64)>, f64, usize)> {
     let delay = Duration::from_secs(1);
-    let (handler_url, seen, ca_file) = match http {
+    // The CA's directory, when there is one, goes when `memory` returns.
+    let (handler_url, seen, ca_file, _certs) = match http {
         Http::One => {
             let (addr, seen) = handler(delay).await;
-            (format!("http://{addr}"), seen, None)
+            (format!("http://{addr}"), seen, None, None)
         }
         Http::Two => {
-            let (addr, seen, ca_file) = handler_h2(delay).await?;
-            (format!("https://{addr}"), seen, Some(ca_file))
+            let (addr, seen, ca_file, certs) = handler_h2(delay).await?;
+            (format!("https://{addr}"), seen, Some(ca_file), Some(certs))
         }
     };
     let name = match (concurrency, http) {
@@ -767,7 +330,7 @@ async fn memory(
         (Some(_), Http::Two) => "mem-h2",
     };
     let stages = ["swallow-matcher", "swallow-responder"];
-    let mut stack = Stack::start_at(url, &handler_url, name, concurrency, &stages, "").await?;
+    let mut stack = Stack::start_at(url, &handler_url, name, concurrency, &stages, true).await?;
     if let Some(ca_file) = &ca_file {
         // The deliverer trusts the platform's roots, and these (rustls reads
         // `SSL_CERT_FILE` on Linux).
@@ -806,9 +369,6 @@ async fn memory(
     }
     let hwm = stack.rss();
     stack.stop().await;
-    if let Some(certs) = ca_file.as_deref().and_then(Path::parent) {
-        let _ = std::fs::remove_dir_all(certs);
-    }
     Ok((hwm, in_flight_max, sent.len()))
 }
 
@@ -834,24 +394,6 @@ async fn listen_replies(url: &str, topology: &Topology) -> anyhow::Result<(Arc<M
 }
 
 type ReplyTimes = Arc<Mutex<Vec<(String, u128)>>>;
-
-/// Milliseconds from each event's publish (`sent`, by text) to its POST
-/// reaching the handler (`seen`).
-fn post_latencies(sent: &HashMap<String, u128>, seen: &Mutex<HashMap<String, u128>>) -> Vec<f64> {
-    let seen = seen.lock().unwrap();
-    sent.iter()
-        .filter_map(|(text, at)| seen.get(text).map(|p| (*p as f64 - *at as f64) / 1000.0))
-        .collect()
-}
-
-fn percentiles(mut v: Vec<f64>) -> serde_json::Value {
-    if v.is_empty() {
-        return serde_json::json!(null);
-    }
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let p = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-    serde_json::json!({"p50": p(0.5), "p90": p(0.9), "p99": p(0.99), "max": v[v.len() - 1], "n": v.len()})
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -1247,8 +789,7 @@ async fn log_cost(url: &str, seconds: u64, window: usize, rounds: usize) -> anyh
     for round in 0..rounds {
         for enabled in [false, true] {
             let name = format!("log-{}-{round}", if enabled { "on" } else { "off" });
-            let tables = format!("[log]\nenabled = {enabled}\n");
-            let stack = Stack::start_configured(url, addr, &name, Some(512), ALL_STAGES, &tables).await?;
+            let stack = Stack::start_configured(url, addr, &name, Some(512), ALL_STAGES, enabled).await?;
             let topology = Topology::new(&stack.prefix);
             let (replies, _) = listen_replies(url, &topology).await?;
             let mut processes = stack.pids();
@@ -1298,83 +839,4 @@ async fn log_cost(url: &str, seconds: u64, window: usize, rounds: usize) -> anyh
         "seconds_per_round": seconds, "off_msgs_per_s": off, "on_msgs_per_s": on,
         "median_off": m_off, "median_on": m_on, "ratio_on_to_off": ratio,
     }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The memory step's HTTP/2 handler speaks HTTP/2 over TLS to a client
-    /// that trusts the CA it wrote, and notes each POST's text.
-    #[tokio::test(flavor = "multi_thread")]
-    async fn the_http2_handler_answers_over_tls_in_http2() {
-        let (addr, seen, ca_file) = handler_h2(Duration::ZERO).await.unwrap();
-        let ca = reqwest::Certificate::from_pem(&std::fs::read(&ca_file).unwrap()).unwrap();
-        let _ = std::fs::remove_dir_all(ca_file.parent().unwrap());
-        let client = reqwest::Client::builder().add_root_certificate(ca).build().unwrap();
-        let answer = client
-            .post(format!("https://{addr}/load"))
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body("text=load+h2+1")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(answer.version(), reqwest::Version::HTTP_2, "negotiated by ALPN");
-        assert_eq!(answer.text().await.unwrap(), "{\"text\":\"ok\"}");
-        assert!(
-            seen.lock().unwrap().contains_key("load h2 1"),
-            "the POST's text was noted"
-        );
-    }
-
-    /// Whether `queue` exists (a passive declare, on a channel of its own:
-    /// a missing queue closes the channel).
-    async fn exists(conn: &Connection, queue: &str) -> bool {
-        let ch = conn.create_channel().await.unwrap();
-        let options = lapin::options::QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        ch.queue_declare(queue.into(), options, Default::default())
-            .await
-            .is_ok()
-    }
-
-    /// A step that ends early (an error, `?`) drops its stack and floor
-    /// without `stop`: they still delete what was declared for them.
-    #[tokio::test(flavor = "multi_thread")]
-    async fn a_stack_or_floor_dropped_without_stop_deletes_its_queues() {
-        let url = swallow_tests::broker_url().await;
-        let conn = Connection::connect(&url, ConnectionProperties::default())
-            .await
-            .unwrap();
-
-        let floor = Floor::start(&url).await.unwrap();
-        let (a, b) = (floor.a.clone(), floor.b.clone());
-        assert!(
-            exists(&conn, &a).await && exists(&conn, &b).await,
-            "the floor declared its queues"
-        );
-        drop(floor);
-        assert!(!exists(&conn, &a).await, "{a} left behind by a dropped floor");
-        assert!(!exists(&conn, &b).await, "{b} left behind by a dropped floor");
-
-        let prefix = format!("load-droptest-{}", std::process::id());
-        let topology = Topology::new(&prefix);
-        topology.declare(&conn.create_channel().await.unwrap()).await.unwrap();
-        let queues = topology.queues();
-        assert!(exists(&conn, &queues[0]).await, "the topology was declared");
-        let stack = Stack {
-            prefix: prefix.clone(),
-            children: Vec::new(),
-            dir: std::env::temp_dir().join(&prefix),
-            url: url.clone(),
-            env: Vec::new(),
-        };
-        drop(stack);
-        for q in &queues {
-            assert!(!exists(&conn, q).await, "{q} left behind by a dropped stack");
-        }
-        let _ = conn.close(200, "".into()).await;
-    }
 }

@@ -14,22 +14,23 @@ use tokio_util::sync::CancellationToken;
 const T: Duration = Duration::from_secs(30);
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
-/// An integration table; `extra` adds or overrides fields.
-fn integration(id: &str, url: &str, extra: &str) -> String {
-    format!(
-        "[[integrations]]\nid = \"{id}\"\nteam_id = \"T0001\"\ntrigger_words = [\"googlebot:\"]\nurls = [\"{url}\"]\ntoken = \"XXXXXXXXXXXXXXXXXX\"\n{extra}\n"
-    )
+/// An integration on `googlebot:` posting to `url`.
+fn integration(id: &str, url: &str) -> Integration {
+    Integration::new(id)
+        .trigger_words(&["googlebot:"])
+        .url(url)
+        .token("XXXXXXXXXXXXXXXXXX")
 }
 
-fn config(stack: &TestStack, allow: &str, integrations: &str) -> Config {
-    let text = format!(
-        "{}[deliverer]\nhttp_addr = \"127.0.0.1:0\"\n{allow}\n{integrations}",
-        stack.broker_toml()
-    );
+/// The stack's broker and the deliverer on a free port.
+fn base(stack: &TestStack) -> ConfigToml {
+    ConfigToml::on(stack).set("deliverer", "http_addr", "127.0.0.1:0")
+}
+
+fn config(toml: ConfigToml) -> Config {
+    let text = toml.to_string();
     Config::parse(&text, None).expect("test config")
 }
-
-const LOOPBACK: &str = "allow_networks = [\"127.0.0.0/8\"]";
 
 /// A delivery job for the seed's message, as the matcher makes it.
 fn job(integration: &str, url: &str, ts: &str) -> serde_json::Value {
@@ -105,9 +106,9 @@ async fn the_seed_post_exactly_and_its_reply() {
     .await;
     let url = handler.url("/hook");
     let d = Running::start(config(
-        &stack,
-        LOOPBACK,
-        &integration("googlebot", &url, &format!("signing_secret = \"{SECRET}\"")),
+        base(&stack)
+            .loopback()
+            .integration(integration("googlebot", &url).set("signing_secret", SECRET)),
     ))
     .await;
     let mut replies = stack.drain(&stack.topology.replies_queue()).await.unwrap();
@@ -179,9 +180,9 @@ async fn json_content_type_and_threads() {
     let handler = HandlerServer::start(|_, _| Answer::status(200)).await;
     let url = handler.url("/j");
     let d = Running::start(config(
-        &stack,
-        LOOPBACK,
-        &integration("j", &url, "content_type = \"json\""),
+        base(&stack)
+            .loopback()
+            .integration(integration("j", &url).set("content_type", "json")),
     ))
     .await;
     let mut j = job("j", &url, "7.0");
@@ -208,7 +209,7 @@ async fn retried_until_delivered_with_the_same_webhook_id() {
     })
     .await;
     let url = handler.url("/r");
-    let d = Running::start(config(&stack, LOOPBACK, &integration("r", &url, ""))).await;
+    let d = Running::start(config(base(&stack).loopback().integration(integration("r", &url)))).await;
     publish_jobs(&stack, &[job("r", &url, "1.0")]).await;
     let reqs = handler.until(3, T, "three attempts").await;
     let ids: BTreeSet<_> = reqs
@@ -256,16 +257,19 @@ async fn failures_are_dead_lettered_saying_why() {
     .await;
     let (reset_addr, resets, _reset_task) = resetting_server().await;
     let refused = refused_addr();
-    let integrations = [
-        integration("always500", &always_500.url("/"), "max_attempts = 3"),
-        integration("slow", &slow.url("/"), "max_attempts = 2\ntimeout_ms = 300"),
-        integration("gone", &gone.url("/"), ""),
-        integration("redirect", &redirect.url("/"), "max_attempts = 1"),
-        integration("reset", &format!("http://{reset_addr}/"), "max_attempts = 2"),
-        integration("refused", &format!("http://{refused}/"), "max_attempts = 2"),
-    ]
-    .concat();
-    let d = Running::start(config(&stack, LOOPBACK, &integrations)).await;
+    let toml = base(&stack)
+        .loopback()
+        .integration(integration("always500", &always_500.url("/")).set("max_attempts", 3))
+        .integration(
+            integration("slow", &slow.url("/"))
+                .set("max_attempts", 2)
+                .set("timeout_ms", 300),
+        )
+        .integration(integration("gone", &gone.url("/")))
+        .integration(integration("redirect", &redirect.url("/")).set("max_attempts", 1))
+        .integration(integration("reset", &format!("http://{reset_addr}/")).set("max_attempts", 2))
+        .integration(integration("refused", &format!("http://{refused}/")).set("max_attempts", 2));
+    let d = Running::start(config(toml)).await;
     let mut dead = stack.drain(&stack.topology.deliveries_dead_queue()).await.unwrap();
     publish_jobs(
         &stack,
@@ -350,14 +354,13 @@ async fn retry_after_is_honoured_and_odd_answers_post_nothing() {
     .await;
     let not_json = HandlerServer::start(|_, _| Answer::status(200).body("thanks!")).await;
     let empty_text = HandlerServer::start(|_, _| Answer::json(serde_json::json!({"text": ""}))).await;
-    let integrations = [
-        integration("limited", &limited.url("/"), ""),
-        integration("huge", &huge.url("/"), ""),
-        integration("notjson", &not_json.url("/"), ""),
-        integration("emptytext", &empty_text.url("/"), ""),
-    ]
-    .concat();
-    let d = Running::start(config(&stack, LOOPBACK, &integrations)).await;
+    let toml = base(&stack)
+        .loopback()
+        .integration(integration("limited", &limited.url("/")))
+        .integration(integration("huge", &huge.url("/")))
+        .integration(integration("notjson", &not_json.url("/")))
+        .integration(integration("emptytext", &empty_text.url("/")));
+    let d = Running::start(config(toml)).await;
     let mut replies = stack.drain(&stack.topology.replies_queue()).await.unwrap();
     publish_jobs(
         &stack,
@@ -389,16 +392,14 @@ async fn rate_limit_delays_a_burst_and_drop_drops() {
     let stack = TestStack::new("dlv-rate").await.unwrap();
     let paced = HandlerServer::start(|_, _| Answer::status(200)).await;
     let dropping = HandlerServer::start(|_, _| Answer::status(200)).await;
-    let integrations = [
-        integration("paced", &paced.url("/"), "rate_limit = { per_second = 1.0, burst = 5 }"),
-        integration(
-            "dropping",
-            &dropping.url("/"),
-            "rate_limit = { per_second = 0.1, burst = 5, on_limit = \"drop\" }",
-        ),
-    ]
-    .concat();
-    let d = Running::start(config(&stack, LOOPBACK, &integrations)).await;
+    let toml = base(&stack)
+        .loopback()
+        .integration(integration("paced", &paced.url("/")).rate_limit(1.0, 5))
+        .integration(integration("dropping", &dropping.url("/")).set(
+            "rate_limit",
+            Raw(r#"{ per_second = 0.1, burst = 5, on_limit = "drop" }"#),
+        ));
+    let d = Running::start(config(toml)).await;
     let jobs: Vec<_> = (0..20)
         .map(|i| job("paced", &paced.url("/"), &format!("{i}")))
         .collect();
@@ -430,8 +431,11 @@ async fn slots_missed_while_no_deliverer_ran_are_spread_again() {
     let stack = TestStack::new("dlv-missed").await.unwrap();
     let paced = HandlerServer::start(|_, _| Answer::status(200)).await;
     let cfg = || {
-        let limit = "rate_limit = { per_second = 1.0, burst = 2 }";
-        config(&stack, LOOPBACK, &integration("paced", &paced.url("/"), limit))
+        config(
+            base(&stack)
+                .loopback()
+                .integration(integration("paced", &paced.url("/")).rate_limit(1.0, 2)),
+        )
     };
     let first = Running::start(cfg()).await;
     let jobs: Vec<_> = (0..10)
@@ -475,13 +479,15 @@ async fn a_slow_integration_does_not_delay_another() {
     let stack = TestStack::new("dlv-isolation").await.unwrap();
     let slow = HandlerServer::start(|_, _| Answer::status(200).after(Duration::from_secs(4))).await;
     let fast = HandlerServer::start(|_, _| Answer::status(200)).await;
-    let fast_limit = "rate_limit = { per_second = 1000.0, burst = 1000 }";
-    let integrations = [
-        integration("slow", &slow.url("/"), &format!("{fast_limit}\ntimeout_ms = 10000")),
-        integration("fast", &fast.url("/"), fast_limit),
-    ]
-    .concat();
-    let d = Running::start(config(&stack, LOOPBACK, &integrations)).await;
+    let toml = base(&stack)
+        .loopback()
+        .integration(
+            integration("slow", &slow.url("/"))
+                .rate_limit(1000.0, 1000)
+                .set("timeout_ms", 10000),
+        )
+        .integration(integration("fast", &fast.url("/")).rate_limit(1000.0, 1000));
+    let d = Running::start(config(toml)).await;
     let slow_jobs: Vec<_> = (0..200).map(|i| job("slow", &slow.url("/"), &format!("{i}"))).collect();
     publish_jobs(&stack, &slow_jobs).await;
     slow.until(10, T, "the slow handler to be busy").await;
@@ -510,12 +516,12 @@ async fn private_and_loopback_destinations_are_refused_unless_allowed() {
         format!("http://[::ffff:127.0.0.1]:{port}/"),
         format!("http://localhost:{port}/"),
     ];
-    let integrations: String = urls
-        .iter()
-        .enumerate()
-        .map(|(i, u)| integration(&format!("i{i}"), u, ""))
-        .collect();
-    let d = Running::start(config(&stack, "", &integrations)).await;
+    let with_integrations = |toml: ConfigToml| {
+        urls.iter()
+            .enumerate()
+            .fold(toml, |toml, (i, u)| toml.integration(integration(&format!("i{i}"), u)))
+    };
+    let d = Running::start(config(with_integrations(base(&stack)))).await;
     let mut dead = stack.drain(&stack.topology.deliveries_dead_queue()).await.unwrap();
     let jobs: Vec<_> = urls
         .iter()
@@ -532,11 +538,11 @@ async fn private_and_loopback_destinations_are_refused_unless_allowed() {
     d.stop().await;
 
     // Allowed explicitly, loopback is delivered.
-    let d = Running::start(config(
-        &stack,
-        "allow_networks = [\"127.0.0.0/8\", \"::1/128\"]",
-        &integrations,
-    ))
+    let d = Running::start(config(with_integrations(base(&stack).set(
+        "deliverer",
+        "allow_networks",
+        ["127.0.0.0/8", "::1/128"],
+    ))))
     .await;
     publish_jobs(&stack, &[job("i0", &urls[0], "2"), job("i5", &urls[5], "2")]).await;
     handler.until(2, T, "allowed deliveries").await;
@@ -559,14 +565,12 @@ async fn a_waiting_retry_survives_sigkill_and_replay_brings_dead_jobs_back() {
         }
     })
     .await;
-    let dir = tempdir("deliverer");
-    let text = format!(
-        "{}[deliverer]\n{LOOPBACK}\n{}{}",
-        stack.broker_toml(),
-        integration("retry", &handler.url("/retry"), ""),
-        integration("dead", &handler.url("/dead"), "max_attempts = 1"),
-    );
-    let path = write_config(&dir, &text);
+    let dir = TempDir::new("deliverer");
+    let path = ConfigToml::on(&stack)
+        .loopback()
+        .integration(integration("retry", &handler.url("/retry")))
+        .integration(integration("dead", &handler.url("/dead")).set("max_attempts", 1))
+        .write(&dir);
     let mut deliverer = StageProcess::spawn("swallow-deliverer", &path, &HashMap::new()).unwrap();
     deliverer.ready(T).await;
     let mut dead_jobs: Vec<_> = (0..5)
@@ -637,7 +641,6 @@ async fn a_waiting_retry_survives_sigkill_and_replay_brings_dead_jobs_back() {
         stack.queue_len(&stack.topology.deliveries_dead_queue()).await.unwrap(),
         0
     );
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// A handler that speaks HTTP/2 over TLS gets the deliverer's requests in
@@ -715,12 +718,11 @@ async fn recording_tls_handler(
             "{\"text\":\"ok\"}"
         }),
     );
-    let dir = tempdir(name);
+    let dir = TempDir::new(name);
     let server = swallow_tests::tls::serve_tls(hyper_util::service::TowerToHyperService::new(app), &dir, version)
         .await
         .unwrap();
     let client = client_trusting(&server.ca_file);
-    let _ = std::fs::remove_dir_all(&dir);
     (server, versions, client)
 }
 

@@ -13,11 +13,18 @@ use swallow_tests::*;
 
 /// A configuration where one channel-only integration matches every event,
 /// with limits out of the way so the faults are what is tested.
-fn config_text(stack: &TestStack, url: &str, extra: &str) -> String {
-    format!(
-        "reload_interval_ms = 500\n{}prefetch = 64\n[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n[responder]\nper_channel_per_second = 100000.0\nper_channel_burst = 100000\n\n[[integrations]]\nid = \"load\"\nteam_id = \"T0001\"\nchannel = \"C2147483705\"\nurls = [\"{url}\"]\ntoken = \"t\"\nrate_limit = {{ per_second = 100000.0, burst = 100000 }}\n{extra}\n",
-        stack.broker_toml()
-    )
+fn config(stack: &TestStack, url: &str, load: impl FnOnce(Integration) -> Integration) -> ConfigToml {
+    ConfigToml::on(stack)
+        .top("reload_interval_ms", 500)
+        .set("broker", "prefetch", 64)
+        .loopback()
+        .responder_rate(100000.0)
+        .integration(load(
+            Integration::new("load")
+                .channel("C2147483705")
+                .url(url)
+                .rate_limit(100000.0, 100000),
+        ))
 }
 
 fn events(range: std::ops::Range<usize>) -> Vec<Vec<u8>> {
@@ -81,8 +88,8 @@ fn respawn(bin: &str, path: &Path) -> StageProcess {
 async fn sigkill_each_stage_under_load_loses_nothing() {
     let stack = TestStack::new("fault-kill").await.unwrap();
     let handler = HandlerServer::start(|_, _| Answer::text("ok")).await;
-    let dir = tempdir("fault-kill");
-    let path = write_config(&dir, &config_text(&stack, &handler.url("/load"), ""));
+    let dir = TempDir::new("fault-kill");
+    let path = write_config(&dir, &config(&stack, &handler.url("/load"), |i| i).to_string());
     let mut out = listen_outbound(&stack).await.unwrap();
     let mut p = Pipeline::spawn(&path).await.unwrap();
     const N: usize = 5000;
@@ -104,15 +111,14 @@ async fn sigkill_each_stage_under_load_loses_nothing() {
     };
     tokio::join!(load, chaos);
     expect_all("sigkill each stage", N, &handler, &mut out, Duration::from_secs(120)).await;
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forced_closed_connections_are_recovered_under_load() {
     let stack = TestStack::new("fault-close").await.unwrap();
     let handler = HandlerServer::start(|_, _| Answer::text("ok")).await;
-    let dir = tempdir("fault-close");
-    let path = write_config(&dir, &config_text(&stack, &handler.url("/load"), ""));
+    let dir = TempDir::new("fault-close");
+    let path = write_config(&dir, &config(&stack, &handler.url("/load"), |i| i).to_string());
     let mut out = listen_outbound(&stack).await.unwrap();
     let p = Pipeline::spawn(&path).await.unwrap();
     const N: usize = 2000;
@@ -141,7 +147,6 @@ async fn forced_closed_connections_are_recovered_under_load() {
                 >= 1.0
         );
     }
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,8 +156,8 @@ async fn a_broker_restart_is_survived_and_readyz_tells() {
         .expect("starting a broker node of the test's own");
     let stack = TestStack::on("fault-restart", broker.url()).await.unwrap();
     let handler = HandlerServer::start(|_, _| Answer::text("ok")).await;
-    let dir = tempdir("fault-restart");
-    let path = write_config(&dir, &config_text(&stack, &handler.url("/load"), ""));
+    let dir = TempDir::new("fault-restart");
+    let path = write_config(&dir, &config(&stack, &handler.url("/load"), |i| i).to_string());
     let (queue, mut out) = listen_outbound_durable(&stack).await.unwrap();
     let p = Pipeline::spawn(&path).await.unwrap();
     const N: usize = 1000;
@@ -189,7 +194,6 @@ async fn a_broker_restart_is_survived_and_readyz_tells() {
     drop(stack2);
     drop(stack);
     drop(broker);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -208,19 +212,17 @@ async fn a_chaos_handler_ends_every_delivery_delivered_or_dead() {
         }
     })
     .await;
-    let dir = tempdir("fault-chaos");
-    let path = write_config(
-        &dir,
-        &config_text(
-            &stack,
-            &format!("http://{addr}/chaos"),
-            // The breaker off: a handler failing 45% of the time opens it
-            // often, and jobs waiting for its probes would outlast this
-            // test's deadline (they are not lost; `failing_handlers.rs`
-            // tests the breaker). Here: retries and dead letters alone.
-            "max_attempts = 3\ntimeout_ms = 300\ncircuit_failures = 0",
-        ),
-    );
+    let dir = TempDir::new("fault-chaos");
+    // The breaker off: a handler failing 45% of the time opens it often,
+    // and jobs waiting for its probes would outlast this test's deadline
+    // (they are not lost; `failing_handlers.rs` tests the breaker). Here:
+    // retries and dead letters alone.
+    let path = config(&stack, &format!("http://{addr}/chaos"), |i| {
+        i.set("max_attempts", 3)
+            .set("timeout_ms", 300)
+            .set("circuit_failures", 0)
+    })
+    .write(&dir);
     let mut out = listen_outbound(&stack).await.unwrap();
     let mut dead = stack.drain(&stack.topology.deliveries_dead_queue()).await.unwrap();
     let p = Pipeline::spawn(&path).await.unwrap();
@@ -256,15 +258,14 @@ async fn a_chaos_handler_ends_every_delivery_delivered_or_dead() {
     assert_eq!(delivered_metric as usize, delivered.len());
     assert_eq!(dead_metric as usize, dead_ids.len());
     assert!(dead_ids.len() > 10, "with 45% failures and 3 attempts some must die");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_exits_zero_quickly_and_loses_nothing() {
     let stack = TestStack::new("fault-term").await.unwrap();
     let handler = HandlerServer::start(|_, _| Answer::text("ok").after(Duration::from_millis(50))).await;
-    let dir = tempdir("fault-term");
-    let path = write_config(&dir, &config_text(&stack, &handler.url("/load"), ""));
+    let dir = TempDir::new("fault-term");
+    let path = write_config(&dir, &config(&stack, &handler.url("/load"), |i| i).to_string());
     let mut out = listen_outbound(&stack).await.unwrap();
     let mut p = Pipeline::spawn(&path).await.unwrap();
     const N: usize = 2000;
@@ -318,7 +319,6 @@ async fn sigterm_under_load_exits_zero_quickly_and_loses_nothing() {
         "SIGTERM made {} duplicate replies",
         out.got.len() - N
     );
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,8 +335,11 @@ async fn a_second_sigterm_ends_a_stopping_deliverer_and_its_job_is_delivered_lat
         }
     })
     .await;
-    let dir = tempdir("fault-term2");
-    let path = write_config(&dir, &config_text(&stack, &handler.url("/load"), "timeout_ms = 90000"));
+    let dir = TempDir::new("fault-term2");
+    let path = write_config(
+        &dir,
+        &config(&stack, &handler.url("/load"), |i| i.set("timeout_ms", 90000)).to_string(),
+    );
     let mut out = listen_outbound(&stack).await.unwrap();
     let mut p = Pipeline::spawn(&path).await.unwrap();
     stack.publish_events_bytes(&events(0..1)).await.unwrap();
@@ -357,18 +360,16 @@ async fn a_second_sigterm_ends_a_stopping_deliverer_and_its_job_is_delivered_lat
     let _again = respawn("swallow-deliverer", &path);
     expect_all("second sigterm", 1, &handler, &mut out, Duration::from_secs(60)).await;
     assert_eq!(handler.count(), 2, "the hung POST, then the one that was answered");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stage_whose_broker_stops_answering_still_exits_after_its_grace_period() {
     let stack = TestStack::new("fault-stuck").await.unwrap();
     let relay = FreezableRelay::start(&stack.url).await.unwrap();
-    let dir = tempdir("fault-stuck");
-    let config = config_text(&stack, "http://127.0.0.1:9/unused", "")
-        .replace(&format!("url = \"{}\"", stack.url), &format!("url = \"{}\"", relay.url));
-    assert!(config.contains(&relay.url), "the matcher connects through the relay");
-    let path = write_config(&dir, &config);
+    let dir = TempDir::new("fault-stuck");
+    // The matcher connects through the relay.
+    let config = config(&stack, "http://127.0.0.1:9/unused", |i| i).set("broker", "url", &relay.url);
+    let path = config.write(&dir);
     let mut matcher = StageProcess::spawn("swallow-matcher", &path, &HashMap::new()).unwrap();
     matcher.ready(Duration::from_secs(30)).await;
 
@@ -387,7 +388,6 @@ async fn a_stage_whose_broker_stops_answering_still_exits_after_its_grace_period
         took >= Duration::from_secs(14),
         "the matcher waited out its grace and margin first (exited after {took:?})"
     );
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// A handler task that panics does not lose or strand its delivery: the

@@ -14,16 +14,17 @@ use std::time::{Duration, Instant};
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use swallow_shared::Topology;
+use swallow_tests::Integration;
 
 use crate::{Stack, handler, listen_replies, micros_now, percentiles, post_latencies};
 
 const EVENTS_PER_SECOND: u64 = 4;
-const LIMITS: &str = "timeout_ms = 1000\nrate_limit = { per_second = 5.0, burst = 10 }\n";
-
-fn integration(id: &str, channel: &str, url: &str) -> String {
-    format!(
-        "[[integrations]]\nid = \"{id}\"\nteam_id = \"T0001\"\nchannel = \"{channel}\"\nurls = [\"{url}\"]\ntoken = \"t\"\n{LIMITS}\n"
-    )
+fn integration(id: &str, channel: &str, url: &str) -> Integration {
+    Integration::new(id)
+        .channel(channel)
+        .url(url)
+        .set("timeout_ms", 1000)
+        .rate_limit(5.0, 10)
 }
 
 fn event(channel: &str, text: &str) -> Vec<u8> {
@@ -47,15 +48,15 @@ async fn run(
 ) -> anyhow::Result<(serde_json::Value, u64)> {
     let (healthy_addr, seen) = handler(Duration::ZERO).await;
     let (hanging_addr, _) = handler(Duration::from_secs(8)).await;
-    let mut integrations = integration("healthy", "COK", &format!("http://{healthy_addr}/ok"));
+    let mut integrations = vec![integration("healthy", "COK", &format!("http://{healthy_addr}/ok"))];
     for i in 0..hanging {
-        integrations.push_str(&integration(
+        integrations.push(integration(
             &format!("hang{i}"),
             &format!("CH{i}"),
             &format!("http://{hanging_addr}/h{i}"),
         ));
     }
-    let stack = Stack::with_integrations(url, name, &integrations).await?;
+    let stack = Stack::with_integrations(url, name, integrations).await?;
     let topology = Topology::new(&stack.prefix);
     // A chat platform takes the replies.
     let _replies = listen_replies(url, &topology).await?;

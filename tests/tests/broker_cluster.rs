@@ -1,20 +1,27 @@
-//! A RabbitMQ cluster and what a stage must do about it (issue #14):
+//! A RabbitMQ cluster and what a stage must do about it:
 //! several broker addresses, a confirm that never comes, TLS, and a
 //! three-node cluster of private nodes losing a node under load.
 
 use std::time::{Duration, Instant};
 
-use swallow_tests::cluster::*;
 use swallow_tests::handler::{Answer, HandlerServer};
 use swallow_tests::tls::TestCa;
 use swallow_tests::*;
 
 /// One channel-only integration that matches every event; limits out of
-/// the way; `[broker]` given whole by the test.
-fn config_with_broker(broker: &str, handler_url: &str) -> String {
-    format!(
-        "reload_interval_ms = 500\n{broker}\n[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n[responder]\nper_channel_per_second = 100000.0\nper_channel_burst = 100000\n\n[[integrations]]\nid = \"cluster\"\nteam_id = \"T0001\"\nchannel = \"C2147483705\"\nurls = [\"{handler_url}\"]\ntoken = \"t\"\nrate_limit = {{ per_second = 100000.0, burst = 100000 }}\n"
-    )
+/// the way; `[broker]` set by the test in `broker`.
+fn config_with_broker(broker: ConfigToml, handler_url: &str) -> String {
+    broker
+        .top("reload_interval_ms", 500)
+        .loopback()
+        .responder_rate(100000.0)
+        .integration(
+            Integration::new("cluster")
+                .channel("C2147483705")
+                .url(handler_url)
+                .rate_limit(100000.0, 100000),
+        )
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,9 +34,9 @@ async fn a_stage_skips_an_address_that_refuses_and_logs_no_password() {
         live.contains("guest:guest@"),
         "the shared broker's URL carries a password"
     );
-    let dir = tempdir("addrs");
-    let broker = format!("[broker]\nurl = \"{dead},{live}\"\nprefix = \"{}\"\n", stack.prefix);
-    let path = write_config(&dir, &config_with_broker(&broker, "http://127.0.0.1:9/unused"));
+    let dir = TempDir::new("addrs");
+    let broker = ConfigToml::new().broker(&format!("{dead},{live}"), &stack.prefix);
+    let path = write_config(&dir, &config_with_broker(broker, "http://127.0.0.1:9/unused"));
     // Each starts at a random address: with four, one starting at the
     // refusing one is all but certain (15/16), and each must get through.
     let mut matchers = Vec::new();
@@ -58,7 +65,6 @@ async fn a_stage_skips_an_address_that_refuses_and_logs_no_password() {
         2,
         "both addresses, redacted: {starting}"
     );
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,19 +83,18 @@ async fn a_confirm_that_never_comes_fails_the_attempt_and_the_job_comes_back() {
         Answer::text("ok")
     })
     .await;
-    let dir = tempdir("unconfirmed");
+    let dir = TempDir::new("unconfirmed");
     let broker = |url: &str| {
-        format!(
-            "[broker]\nurl = \"{url}\"\nprefix = \"{}\"\nheartbeat_s = 2\n",
-            stack.prefix
-        )
+        ConfigToml::new()
+            .broker(url, &stack.prefix)
+            .set("broker", "heartbeat_s", 2)
     };
-    let direct = write_config(&dir, &config_with_broker(&broker(&stack.url), &handler.url("/hook")));
+    let direct = write_config(&dir, &config_with_broker(broker(&stack.url), &handler.url("/hook")));
     let relay_dir = dir.join("relay");
     std::fs::create_dir_all(&relay_dir).unwrap();
     let relayed = write_config(
         &relay_dir,
-        &config_with_broker(&broker(&relay.url), &handler.url("/hook")),
+        &config_with_broker(broker(&relay.url), &handler.url("/hook")),
     );
     let mut out = listen_outbound(&stack).await.unwrap();
     let matcher = LoggedStage::spawn("swallow-matcher", &direct, &dir).unwrap();
@@ -128,14 +133,16 @@ async fn a_confirm_that_never_comes_fails_the_attempt_and_the_job_comes_back() {
     let log = deliverer.log_text();
     assert!(log.contains("broker session ended"), "{log}");
     drop(handler);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_whose_confirm_never_comes_fails_after_two_heartbeats() {
     use swallow_shared::broker::{self, ConfirmedPublisher, PublishError};
     let relay = ConfirmSwallowingRelay::start(&broker_url().await).await.unwrap();
-    let toml = format!("[broker]\nurl = \"{}\"\nheartbeat_s = 3\n", relay.url);
+    let toml = ConfigToml::new()
+        .set("broker", "url", &relay.url)
+        .set("broker", "heartbeat_s", 3)
+        .to_string();
     let config = swallow_shared::config::Config::parse(&toml, None).unwrap();
     let connection = broker::connect(&config.broker, "swallow-test unconfirmed")
         .await
@@ -180,7 +187,7 @@ async fn a_publish_whose_confirm_never_comes_fails_after_two_heartbeats() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqps_with_a_ca_and_a_client_certificate_and_a_wrong_ca_is_a_clear_error() {
-    let certs = tempdir("tls-certs");
+    let certs = TempDir::new("tls-certs");
     let ca = TestCa::new("swallow test CA");
     let ca_file = ca.write(&certs, "ca");
     let (server_pem, server_key) = ca.sign(&certs, "server", &["localhost", "127.0.0.1"]);
@@ -199,26 +206,26 @@ async fn amqps_with_a_ca_and_a_client_certificate_and_a_wrong_ca_is_a_clear_erro
     node.start().await.expect("starting a node with a TLS listener");
     let url = format!("amqps://guest:guest@127.0.0.1:{tls_port}/%2f");
     let broker_toml = |ca: &std::path::Path| {
-        format!(
-            "[broker]\nurl = \"{url}\"\nprefix = \"t-tls\"\nheartbeat_s = 2\nca_file = \"{}\"\nclient_cert_file = \"{}\"\nclient_key_file = \"{}\"\n",
-            ca.display(),
-            client_pem.display(),
-            client_key.display()
-        )
+        ConfigToml::new()
+            .broker(&url, "t-tls")
+            .set("broker", "heartbeat_s", 2)
+            .set("broker", "ca_file", ca.display().to_string())
+            .set("broker", "client_cert_file", client_pem.display().to_string())
+            .set("broker", "client_key_file", client_key.display().to_string())
     };
     let parse = |text: &str| swallow_shared::config::Config::parse(text, None).unwrap();
 
     // The library's connect, then a stage over TLS.
-    let good = parse(&broker_toml(&ca_file));
+    let good = parse(&broker_toml(&ca_file).to_string());
     let connection = swallow_shared::broker::connect(&good.broker, "swallow-test tls")
         .await
         .expect("connecting over TLS with the CA and the client certificate");
     let channel = connection.create_channel().await.unwrap();
     drop(channel);
-    let dir = tempdir("tls");
+    let dir = TempDir::new("tls");
     let path = write_config(
         &dir,
-        &config_with_broker(&broker_toml(&ca_file), "http://127.0.0.1:9/unused"),
+        &config_with_broker(broker_toml(&ca_file), "http://127.0.0.1:9/unused"),
     );
     let matcher = LoggedStage::spawn("swallow-matcher", &path, &dir).unwrap();
     matcher.ready(Duration::from_secs(30)).await;
@@ -233,7 +240,7 @@ async fn amqps_with_a_ca_and_a_client_certificate_and_a_wrong_ca_is_a_clear_erro
     assert!(line.starts_with("true"), "the matcher's connection is TLS: {listed}");
 
     // A wrong CA: a clear error, at once, not a hang.
-    let wrong = parse(&broker_toml(&wrong_ca));
+    let wrong = parse(&broker_toml(&wrong_ca).to_string());
     let started = Instant::now();
     let error = swallow_shared::broker::connect(&wrong.broker, "swallow-test wrong ca")
         .await
@@ -249,8 +256,6 @@ async fn amqps_with_a_ca_and_a_client_certificate_and_a_wrong_ca_is_a_clear_erro
     let _ = connection.close(200, "".into()).await;
     drop(matcher);
     drop(node);
-    let _ = std::fs::remove_dir_all(dir);
-    let _ = std::fs::remove_dir_all(certs);
 }
 
 /// What one fault cost, measured under load.
@@ -394,12 +399,12 @@ async fn a_three_node_cluster_loses_nothing_when_nodes_fail_under_load() {
     let handler = HandlerServer::start(|_, _| Answer::text("ok")).await;
     let node_urls: Vec<String> = cluster.nodes.iter().map(Node::url).collect();
     let chat = ChatSide::start(&node_urls, &prefix).await.unwrap();
-    let dir = tempdir("cluster");
-    let broker = format!(
-        "[broker]\nurl = \"{}\"\nprefix = \"{prefix}\"\nheartbeat_s = 2\nprefetch = 64\n",
-        cluster.urls()
-    );
-    let path = write_config(&dir, &config_with_broker(&broker, &handler.url("/hook")));
+    let dir = TempDir::new("cluster");
+    let broker = ConfigToml::new()
+        .broker(&cluster.urls(), &prefix)
+        .set("broker", "heartbeat_s", 2)
+        .set("broker", "prefetch", 64);
+    let path = write_config(&dir, &config_with_broker(broker, &handler.url("/hook")));
     let mut stages = Vec::new();
     for bin in ["swallow-matcher", "swallow-deliverer", "swallow-responder"] {
         stages.push(LoggedStage::spawn(bin, &path, &dir).unwrap());
@@ -545,7 +550,6 @@ async fn a_three_node_cluster_loses_nothing_when_nodes_fail_under_load() {
     drop(stages);
     drop(chat);
     drop(cluster);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// A stage's connection asks for frames of at most 16 KiB (lapin keeps room
@@ -556,8 +560,9 @@ async fn connections_ask_for_small_frames_unless_the_url_sets_them() {
     use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
     use swallow_shared::broker;
     let url = broker_url().await;
-    let parse =
-        |url: &str| swallow_shared::config::Config::parse(&format!("[broker]\nurl = \"{url}\"\n"), None).unwrap();
+    let parse = |url: &str| {
+        swallow_shared::config::Config::parse(&ConfigToml::new().set("broker", "url", url).to_string(), None).unwrap()
+    };
     let small = broker::connect(&parse(&url).broker, "swallow-test frames")
         .await
         .unwrap();

@@ -13,45 +13,46 @@ use tokio_util::sync::CancellationToken;
 
 const T: Duration = Duration::from_secs(30);
 
-fn integrations() -> &'static str {
-    r##"
-[[integrations]]
-id = "googlebot"
-team_id = "T0001"
-channel = "#test"
-trigger_words = ["googlebot:", "google"]
-urls = ["http://127.0.0.1:9/a", "http://127.0.0.1:9/b"]
-token = "XXXXXXXXXXXXXXXXXX"
-
-[[integrations]]
-id = "watcher"
-team_id = "T0001"
-channel = "C2147483705"
-urls = ["http://127.0.0.1:9/watch"]
-token = "w"
-
-[[integrations]]
-id = "deploy"
-team_id = "T0001"
-trigger_words = ["deploy"]
-trigger_match = "word"
-urls = ["http://127.0.0.1:9/deploy"]
-token = "d"
-
-[[integrations]]
-id = "elsewhere"
-team_id = "T0002"
-trigger_words = ["googlebot:"]
-urls = ["http://127.0.0.1:9/else"]
-token = "e"
-"##
+/// The four integrations the matcher tests match against.
+fn integrations(toml: ConfigToml) -> ConfigToml {
+    toml.integration(
+        Integration::new("googlebot")
+            .channel("#test")
+            .trigger_words(&["googlebot:", "google"])
+            .urls(&["http://127.0.0.1:9/a", "http://127.0.0.1:9/b"])
+            .token("XXXXXXXXXXXXXXXXXX"),
+    )
+    .integration(
+        Integration::new("watcher")
+            .channel("C2147483705")
+            .url("http://127.0.0.1:9/watch")
+            .token("w"),
+    )
+    .integration(
+        Integration::new("deploy")
+            .trigger_words(&["deploy"])
+            .set("trigger_match", "word")
+            .url("http://127.0.0.1:9/deploy")
+            .token("d"),
+    )
+    .integration(
+        Integration::new("elsewhere")
+            .team("T0002")
+            .trigger_words(&["googlebot:"])
+            .url("http://127.0.0.1:9/else")
+            .token("e"),
+    )
 }
 
-fn config(stack: &TestStack, extra: &str) -> Config {
-    let text = format!(
-        "reload_interval_ms = 100\n{}[matcher]\nhttp_addr = \"127.0.0.1:0\"\n{extra}",
-        stack.broker_toml()
-    );
+/// The stack's broker, a quick reload, the matcher on a free port and
+/// [`integrations`].
+fn config(stack: &TestStack) -> Config {
+    let text = integrations(ConfigToml::on(stack).top("reload_interval_ms", 100).set(
+        "matcher",
+        "http_addr",
+        "127.0.0.1:0",
+    ))
+    .to_string();
     Config::parse(&text, None).expect("test config")
 }
 
@@ -68,9 +69,7 @@ async fn matcher_draining(
 ) {
     let stack = TestStack::new(name).await.unwrap();
     let shutdown = CancellationToken::new();
-    let matcher = swallow_matcher::start(config(&stack, integrations()), shutdown.clone())
-        .await
-        .unwrap();
+    let matcher = swallow_matcher::start(config(&stack), shutdown.clone()).await.unwrap();
     let jobs = stack.drain_jobs().await.unwrap();
     let invalid = stack.drain(&stack.topology.events_invalid_queue()).await.unwrap();
     (stack, shutdown, matcher, jobs, invalid)
@@ -80,9 +79,7 @@ async fn matcher_draining(
 async fn events_become_exactly_the_expected_jobs() {
     let stack = TestStack::new("match-exact").await.unwrap();
     let shutdown = CancellationToken::new();
-    let matcher = swallow_matcher::start(config(&stack, integrations()), shutdown.clone())
-        .await
-        .unwrap();
+    let matcher = swallow_matcher::start(config(&stack), shutdown.clone()).await.unwrap();
     let mut jobs = stack.drain_jobs().await.unwrap();
 
     let mut seed = chat_event(
@@ -290,18 +287,23 @@ async fn headers_that_are_not_utf8_are_carried_and_never_drop_the_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_reload_while_events_flow_loses_none() {
     let stack = TestStack::new("match-reload").await.unwrap();
-    let dir = tempdir("matcher");
-    let first = format!(
-        "reload_interval_ms = 50\n{}[matcher]\nhttp_addr = \"127.0.0.1:0\"\n{}",
-        stack.broker_toml(),
-        integrations()
-    );
-    let path = write_config(&dir, &first);
+    let dir = TempDir::new("matcher");
+    let first = integrations(ConfigToml::on(&stack).top("reload_interval_ms", 50).set(
+        "matcher",
+        "http_addr",
+        "127.0.0.1:0",
+    ));
+    let path = first.write(&dir);
     let config = Config::load(&path).unwrap();
     let shutdown = CancellationToken::new();
     let matcher = swallow_matcher::start(config, shutdown.clone()).await.unwrap();
     let mut jobs = stack.drain_jobs().await.unwrap();
-    let added = "\n[[integrations]]\nid = \"late\"\nteam_id = \"T0001\"\ntrigger_words = [\"deploy\"]\nurls = [\"http://127.0.0.1:9/late\"]\ntoken = \"l\"\n";
+    let added = first.clone().integration(
+        Integration::new("late")
+            .trigger_words(&["deploy"])
+            .url("http://127.0.0.1:9/late")
+            .token("l"),
+    );
 
     let publisher = async {
         for i in 0..600 {
@@ -309,9 +311,13 @@ async fn config_reload_while_events_flow_loses_none() {
             e["channel_id"] = "C9".into();
             stack.publish_event(&e).await.unwrap();
             match i {
-                200 => std::fs::write(&path, format!("{first}{added}")).unwrap(),
+                200 => std::fs::write(&path, added.to_string()).unwrap(),
                 // An invalid file is refused; the integrations in force stay.
-                400 => std::fs::write(&path, format!("{first}{added}\n[[integrations]]\nid = \"broken\"\n")).unwrap(),
+                400 => std::fs::write(
+                    &path,
+                    added.clone().raw("[[integrations]]\nid = \"broken\"\n").to_string(),
+                )
+                .unwrap(),
                 _ => {}
             }
             if i % 50 == 0 {
@@ -369,8 +375,8 @@ async fn config_reload_while_events_flow_loses_none() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_loses_no_event() {
     let stack = TestStack::new("match-kill").await.unwrap();
-    let dir = tempdir("matcher");
-    let path = write_config(&dir, &format!("{}{}", stack.broker_toml(), integrations()));
+    let dir = TempDir::new("matcher");
+    let path = integrations(ConfigToml::on(&stack)).write(&dir);
     let mut jobs = stack.drain_jobs().await.unwrap();
     let mut matcher = StageProcess::spawn("swallow-matcher", &path, &HashMap::new()).unwrap();
     matcher.ready(T).await;
@@ -421,9 +427,7 @@ async fn sigkill_mid_stream_loses_no_event() {
 async fn forced_connection_close_is_recovered() {
     let stack = TestStack::new("match-reconnect").await.unwrap();
     let shutdown = CancellationToken::new();
-    let matcher = swallow_matcher::start(config(&stack, integrations()), shutdown.clone())
-        .await
-        .unwrap();
+    let matcher = swallow_matcher::start(config(&stack), shutdown.clone()).await.unwrap();
     let mut jobs = stack.drain_jobs().await.unwrap();
     let ready = |addr| async move {
         reqwest::get(format!("http://{addr}/readyz"))

@@ -25,15 +25,19 @@ async fn the_seed_example_start_to_finish() {
         }
     })
     .await;
-    let dir = tempdir("e2e-seed");
-    let path = write_config(
-        &dir,
-        &format!(
-            "{}[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n\n[[integrations]]\nid = \"googlebot\"\nteam_id = \"T0001\"\nchannel = \"#test\"\ntrigger_words = [\"googlebot:\"]\nurls = [\"{}\"]\ntoken = \"XXXXXXXXXXXXXXXXXX\"\nbot_name = \"Google Bot\"\nicon_emoji = \":bird:\"\n",
-            stack.broker_toml(),
-            handler.url("/googlebot")
-        ),
-    );
+    let dir = TempDir::new("e2e-seed");
+    let path = ConfigToml::on(&stack)
+        .loopback()
+        .integration(
+            Integration::new("googlebot")
+                .channel("#test")
+                .trigger_words(&["googlebot:"])
+                .url(handler.url("/googlebot"))
+                .token("XXXXXXXXXXXXXXXXXX")
+                .set("bot_name", "Google Bot")
+                .set("icon_emoji", ":bird:"),
+        )
+        .write(&dir);
     let mut out = listen_outbound(&stack).await.unwrap();
     let _pipeline = Pipeline::spawn(&path).await.unwrap();
 
@@ -73,7 +77,6 @@ async fn the_seed_example_start_to_finish() {
         "the answer's username overrides bot_name"
     );
     assert_eq!(out.json()[1]["text"], "Ni!");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,15 +84,16 @@ async fn a_reply_never_triggers_an_integration() {
     let stack = TestStack::new("e2e-loop").await.unwrap();
     // A channel-only integration that answers every message it gets.
     let handler = HandlerServer::start(|_, _| Answer::text("I answer everything")).await;
-    let dir = tempdir("e2e-loop");
-    let path = write_config(
-        &dir,
-        &format!(
-            "{}[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n\n[[integrations]]\nid = \"parrot\"\nteam_id = \"T0001\"\nchannel = \"C2147483705\"\nurls = [\"{}\"]\ntoken = \"p\"\n",
-            stack.broker_toml(),
-            handler.url("/parrot")
-        ),
-    );
+    let dir = TempDir::new("e2e-loop");
+    let path = ConfigToml::on(&stack)
+        .loopback()
+        .integration(
+            Integration::new("parrot")
+                .channel("C2147483705")
+                .url(handler.url("/parrot"))
+                .token("p"),
+        )
+        .write(&dir);
     let mut out = listen_outbound(&stack).await.unwrap();
     let pipeline = Pipeline::spawn(&path).await.unwrap();
 
@@ -123,7 +127,6 @@ async fn a_reply_never_triggers_an_integration() {
     out.settle(Duration::from_millis(500)).await;
     assert_eq!(handler.count(), 1, "the handler saw the human message only");
     assert_eq!(out.got.len(), 1, "one reply, no loop");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -133,16 +136,15 @@ async fn threads_and_multiple_urls_end_to_end() {
         HandlerServer::start(|_, _| Answer::json(serde_json::json!({"text": "from a", "response_type": "comment"})))
             .await;
     let b = HandlerServer::start(|_, _| Answer::text("from b")).await;
-    let dir = tempdir("e2e-threads");
-    let path = write_config(
-        &dir,
-        &format!(
-            "{}[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n\n[[integrations]]\nid = \"two\"\nteam_id = \"T0001\"\ntrigger_words = [\"two:\"]\nurls = [\"{}\", \"{}\"]\ntoken = \"t\"\n",
-            stack.broker_toml(),
-            a.url("/a"),
-            b.url("/b")
-        ),
-    );
+    let dir = TempDir::new("e2e-threads");
+    let path = ConfigToml::on(&stack)
+        .loopback()
+        .integration(
+            Integration::new("two")
+                .trigger_words(&["two:"])
+                .urls(&[&a.url("/a"), &b.url("/b")]),
+        )
+        .write(&dir);
     let mut out = listen_outbound(&stack).await.unwrap();
     let _pipeline = Pipeline::spawn(&path).await.unwrap();
 
@@ -191,7 +193,6 @@ async fn threads_and_multiple_urls_end_to_end() {
         "a message in a thread is answered there"
     );
     assert_eq!(thread_of("from b", "11.000001"), "9.000001");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -208,13 +209,19 @@ async fn dead_letters_replay_and_reload_end_to_end() {
     })
     .await;
     let late = HandlerServer::start(|_, _| Answer::status(200)).await;
-    let dir = tempdir("e2e-dead");
-    let base = format!(
-        "reload_interval_ms = 200\n{}[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n[responder]\nper_channel_per_second = 10000.0\nper_channel_burst = 10000\n\n[[integrations]]\nid = \"flaky\"\nteam_id = \"T0001\"\nchannel = \"C2147483705\"\nurls = [\"{}\"]\ntoken = \"t\"\nmax_attempts = 1\nrate_limit = {{ per_second = 10000.0, burst = 10000 }}\n",
-        stack.broker_toml(),
-        flaky.url("/flaky")
-    );
-    let path = write_config(&dir, &base);
+    let dir = TempDir::new("e2e-dead");
+    let base = ConfigToml::on(&stack)
+        .top("reload_interval_ms", 200)
+        .loopback()
+        .responder_rate(10000.0)
+        .integration(
+            Integration::new("flaky")
+                .channel("C2147483705")
+                .url(flaky.url("/flaky"))
+                .set("max_attempts", 1)
+                .rate_limit(10000.0, 10000),
+        );
+    let path = base.write(&dir);
     let mut out = listen_outbound(&stack).await.unwrap();
     let pipeline = Pipeline::spawn(&path).await.unwrap();
 
@@ -250,11 +257,12 @@ async fn dead_letters_replay_and_reload_end_to_end() {
                 .await
                 .unwrap();
             if i == 50 {
-                let added = format!(
-                    "\n[[integrations]]\nid = \"late\"\nteam_id = \"T0001\"\nchannel = \"#test\"\nurls = [\"{}\"]\ntoken = \"l\"\nrate_limit = {{ per_second = 10000.0, burst = 10000 }}\n",
-                    late.url("/late")
-                );
-                std::fs::write(&path, format!("{base}{added}")).unwrap();
+                let added = Integration::new("late")
+                    .channel("#test")
+                    .url(late.url("/late"))
+                    .token("l")
+                    .rate_limit(10000.0, 10000);
+                base.clone().integration(added).write(&dir);
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -271,5 +279,4 @@ async fn dead_letters_replay_and_reload_end_to_end() {
             .unwrap();
         assert!(ok >= 1.0, "every stage reloaded the file");
     }
-    let _ = std::fs::remove_dir_all(dir);
 }

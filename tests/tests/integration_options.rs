@@ -1,4 +1,4 @@
-//! Integration options end to end with the real binaries (issue #16):
+//! Integration options end to end with the real binaries:
 //! `channel_types`, secrets read from files and re-read at reload, several
 //! signing secrets, custom headers, and logs a pipeline can read. Each bad
 //! value is refused with its exact line, and nothing is lost.
@@ -24,17 +24,18 @@ async fn match_and_deliver(config: &Path) -> (StageProcess, StageProcess) {
 }
 
 /// A configuration for `stack` whose handlers are allowed on loopback.
-fn config_for(stack: &TestStack, integrations: &str) -> String {
-    format!(
-        "reload_interval_ms = 100\n{}[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n\n{integrations}",
-        stack.broker_toml()
-    )
+fn config_for(stack: &TestStack) -> ConfigToml {
+    ConfigToml::on(stack).top("reload_interval_ms", 100).loopback()
 }
 
-fn integration(id: &str, url: &str, extra: &str) -> String {
-    format!(
-        "[[integrations]]\nid = \"{id}\"\nteam_id = \"T0001\"\ntrigger_words = [\"bot:\"]\nurls = [\"{url}\"]\n{extra}\n\n"
-    )
+/// An integration on `bot:` without a token: each test gives its own, or
+/// its `token_file`, in `extra` (TOML lines, written as given).
+fn integration(id: &str, url: &str, extra: &str) -> Integration {
+    Integration::new(id)
+        .unset("token")
+        .trigger_words(&["bot:"])
+        .url(url)
+        .raw(extra)
 }
 
 fn event_in(channel_type: Option<&str>, ts: &str) -> serde_json::Value {
@@ -47,18 +48,20 @@ fn event_in(channel_type: Option<&str>, ts: &str) -> serde_json::Value {
 async fn private_channels_and_dms_fire_only_the_integrations_that_allow_them() {
     let stack = TestStack::new("opt-types").await.unwrap();
     let handler = HandlerServer::start(|_, _| Answer::status(200)).await;
-    let dir = tempdir("opt-types");
-    let text = [
-        integration("public", &handler.url("/public"), "token = \"t\""),
-        integration(
+    let dir = TempDir::new("opt-types");
+    let path = config_for(&stack)
+        .integration(integration("public", &handler.url("/public"), "token = \"t\""))
+        .integration(integration(
             "private",
             &handler.url("/private"),
             "token = \"t\"\nchannel_types = [\"private\"]",
-        ),
-        integration("dm", &handler.url("/dm"), "token = \"t\"\nchannel_types = [\"im\"]"),
-    ]
-    .concat();
-    let path = write_config(&dir, &config_for(&stack, &text));
+        ))
+        .integration(integration(
+            "dm",
+            &handler.url("/dm"),
+            "token = \"t\"\nchannel_types = [\"im\"]",
+        ))
+        .write(&dir);
     let (matcher, _deliverer) = match_and_deliver(&path).await;
 
     let cases = [
@@ -106,7 +109,6 @@ async fn private_channels_and_dms_fire_only_the_integrations_that_allow_them() {
         got, want,
         "each event fired only the integration that allows its channel type"
     );
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Replaces `path`'s content at once, as a Kubernetes Secret update does.
@@ -168,11 +170,12 @@ impl Rotation<'_> {
 async fn a_token_file_changed_is_the_token_of_the_next_post_and_a_bad_one_keeps_the_old() {
     let stack = TestStack::new("opt-tokfile").await.unwrap();
     let handler = HandlerServer::start(|_, _| Answer::status(200)).await;
-    let dir = tempdir("opt-tokfile");
+    let dir = TempDir::new("opt-tokfile");
     let token = dir.join("token");
     std::fs::write(&token, "first-token\n").unwrap();
-    let text = integration("filed", &handler.url("/filed"), "token_file = \"token\"");
-    let path = write_config(&dir, &config_for(&stack, &text));
+    let path = config_for(&stack)
+        .integration(integration("filed", &handler.url("/filed"), "token_file = \"token\""))
+        .write(&dir);
     let (_matcher, deliverer) = match_and_deliver(&path).await;
     let rotation = Rotation {
         stack: &stack,
@@ -190,7 +193,6 @@ async fn a_token_file_changed_is_the_token_of_the_next_post_and_a_bad_one_keeps_
             ],
         )
         .await;
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,15 +200,16 @@ async fn a_slack_token_file_changed_is_the_token_of_the_next_reply_and_a_bad_one
     let stack = TestStack::new("opt-slacktok").await.unwrap();
     let handler = HandlerServer::start(|_, _| Answer::json(serde_json::json!({"text": "hi"}))).await;
     let slack = HandlerServer::start(|_, _| Answer::json(serde_json::json!({"ok": true}))).await;
-    let dir = tempdir("opt-slacktok");
+    let dir = TempDir::new("opt-slacktok");
     let token = dir.join("slack-token");
     std::fs::write(&token, "xoxb-first\n").unwrap();
-    let responder = format!(
-        "[responder]\nsink = \"slack\"\nslack_api_base = \"{}\"\nslack_token_file = \"slack-token\"\nper_channel_per_second = 100.0\nper_channel_burst = 100\n\n",
-        slack.url("/api")
-    );
-    let text = responder + &integration("hook", &handler.url("/hook"), "token = \"t\"");
-    let path = write_config(&dir, &config_for(&stack, &text));
+    let path = config_for(&stack)
+        .set("responder", "sink", "slack")
+        .set("responder", "slack_api_base", slack.url("/api"))
+        .set("responder", "slack_token_file", "slack-token")
+        .responder_rate(100.0)
+        .integration(integration("hook", &handler.url("/hook"), "token = \"t\""))
+        .write(&dir);
     let (_matcher, _deliverer) = match_and_deliver(&path).await;
     let responder = StageProcess::spawn("swallow-responder", &path, &HashMap::new()).unwrap();
     responder.ready(T).await;
@@ -226,7 +229,6 @@ async fn a_slack_token_file_changed_is_the_token_of_the_next_reply_and_a_bad_one
             ],
         )
         .await;
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 const SECRET_1: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -237,24 +239,23 @@ const SECRET_3: &str = "whsec_dGhpcmQgc2VjcmV0LCBub3QgY29uZmlndXJlZA==";
 async fn a_post_signed_with_two_secrets_verifies_with_each_and_carries_custom_headers() {
     let stack = TestStack::new("opt-sign").await.unwrap();
     let handler = HandlerServer::start(|_, _| Answer::status(200)).await;
-    let dir = tempdir("opt-sign");
+    let dir = TempDir::new("opt-sign");
     std::fs::write(dir.join("secrets"), format!("{SECRET_2}\n")).unwrap();
-    let text = [
-        integration(
-            "listed",
-            &handler.url("/listed"),
-            &format!(
-                "token = \"t\"\nsigning_secret = [\"{SECRET_1}\", \"{SECRET_2}\"]\nheaders = {{ \"X-Api-Key\" = \"k-123\", \"X-Tenant\" = \"acme\" }}"
-            ),
-        ),
-        integration(
-            "filed",
-            &handler.url("/filed"),
-            "token = \"t\"\nsigning_secret_file = \"secrets\"",
-        ),
-    ]
-    .concat();
-    let path = write_config(&dir, &config_for(&stack, &text));
+    let path = config_for(&stack)
+        .integration(
+            Integration::new("listed")
+                .trigger_words(&["bot:"])
+                .url(handler.url("/listed"))
+                .set("signing_secret", [SECRET_1, SECRET_2])
+                .set("headers", Raw(r#"{ "X-Api-Key" = "k-123", "X-Tenant" = "acme" }"#)),
+        )
+        .integration(
+            Integration::new("filed")
+                .trigger_words(&["bot:"])
+                .url(handler.url("/filed"))
+                .set("signing_secret_file", "secrets"),
+        )
+        .write(&dir);
     let (_matcher, _deliverer) = match_and_deliver(&path).await;
     stack.publish_event(&event_in(None, "1700000002.000001")).await.unwrap();
     let posts = handler.until(2, T, "the two POSTs").await;
@@ -286,12 +287,11 @@ async fn a_post_signed_with_two_secrets_verifies_with_each_and_carries_custom_he
     verify(filed, SECRET_2).unwrap();
     assert!(verify(filed, SECRET_1).is_err());
     assert_eq!(filed.header("x-api-key"), None);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn each_bad_option_is_refused_at_start_with_its_exact_line() {
-    let dir = tempdir("opt-refuse");
+    let dir = TempDir::new("opt-refuse");
     std::fs::write(dir.join("empty"), "\n").unwrap();
     let path = dir.join("swallow.toml");
     let d = dir.display();
@@ -335,7 +335,10 @@ fn each_bad_option_is_refused_at_start_with_its_exact_line() {
     ];
     for stage in ["swallow-matcher", "swallow-deliverer"] {
         for (extra, want) in &cases {
-            let text = integration("hook", "http://127.0.0.1:1/", extra);
+            let text = format!(
+                "[[integrations]]\n{}",
+                integration("hook", "http://127.0.0.1:1/", extra)
+            );
             std::fs::write(&path, &text).unwrap();
             let out = std::process::Command::new(bin_path(stage))
                 .arg("--config")
@@ -351,16 +354,14 @@ fn each_bad_option_is_refused_at_start_with_its_exact_line() {
             assert_eq!(out.status.code(), Some(2));
         }
     }
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Runs the matcher with stderr to a file through a start, an invalid event
 /// and a SIGTERM; returns what it wrote.
 async fn stderr_of_a_run(stack: &TestStack, dir: &Path, log_format: Option<&str>) -> String {
-    let path = write_config(
-        dir,
-        &config_for(stack, &integration("hook", "http://127.0.0.1:1/", "token = \"t\"")),
-    );
+    let path = config_for(stack)
+        .integration(integration("hook", "http://127.0.0.1:1/", "token = \"t\""))
+        .write(dir);
     let log = dir.join(format!("stderr-{}", log_format.unwrap_or("text")));
     let ops = free_addr();
     let mut cmd = tokio::process::Command::new(bin_path("swallow-matcher"));
@@ -402,7 +403,7 @@ async fn stderr_of_a_run(stack: &TestStack, dir: &Path, log_format: Option<&str>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_to_a_file_have_no_escape_codes_and_json_lines_parse() {
     let stack = TestStack::new("opt-logs").await.unwrap();
-    let dir = tempdir("opt-logs");
+    let dir = TempDir::new("opt-logs");
 
     let text = stderr_of_a_run(&stack, &dir, None).await;
     assert!(text.lines().count() >= 4, "{text}");
@@ -434,7 +435,7 @@ async fn logs_to_a_file_have_no_escape_codes_and_json_lines_parse() {
 
     // A configuration that cannot be loaded stops the stage with one line in
     // the format asked for, though logging never started.
-    let path = write_config(&dir, "[broker]\nprefetch = 0\n");
+    let path = ConfigToml::new().set("broker", "prefetch", 0).write(&dir);
     let out = std::process::Command::new(bin_path("swallow-matcher"))
         .arg("--config")
         .arg(&path)
@@ -454,5 +455,4 @@ async fn logs_to_a_file_have_no_escape_codes_and_json_lines_parse() {
     );
     let message = line["message"].as_str().unwrap_or_default();
     assert!(message.contains("broker.prefetch"), "{line}");
-    let _ = std::fs::remove_dir_all(dir);
 }

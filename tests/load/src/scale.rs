@@ -16,6 +16,7 @@ use rand_distr::Distribution as _;
 use swallow_shared::Topology;
 use swallow_shared::config::RateLimit;
 use swallow_shared::job::pacing::{Admission, TokenBucket};
+use swallow_tests::Integration;
 
 use crate::{Stack, broker_pid, cpu_seconds, handler, listen_replies, micros_now, percentiles, post_latencies};
 
@@ -39,21 +40,20 @@ fn channel(k: usize) -> String {
     }
 }
 
-fn integrations(n: usize, fast: std::net::SocketAddr, slow: std::net::SocketAddr) -> String {
-    let mut text = String::with_capacity(n * 200);
-    for k in 0..n {
-        let url = if k % 100 == 99 {
-            format!("http://{slow}/i{k}")
-        } else {
-            format!("http://{fast}/i{k}")
-        };
-        text.push_str(&format!(
-            "[[integrations]]\nid = \"i{k}\"\nteam_id = \"T0001\"\nchannel = \"{}\"\ntrigger_words = [\"{}\"]\nurls = [\"{url}\"]\ntoken = \"t\"\n\n",
-            channel(k),
-            trigger(k)
-        ));
-    }
-    text
+fn integrations(n: usize, fast: std::net::SocketAddr, slow: std::net::SocketAddr) -> Vec<Integration> {
+    (0..n)
+        .map(|k| {
+            let url = if k % 100 == 99 {
+                format!("http://{slow}/i{k}")
+            } else {
+                format!("http://{fast}/i{k}")
+            };
+            Integration::new(&format!("i{k}"))
+                .channel(&channel(k))
+                .trigger_words(&[&trigger(k)])
+                .url(url)
+        })
+        .collect()
 }
 
 fn event(k: usize, text: &str) -> Vec<u8> {
@@ -69,7 +69,7 @@ fn event(k: usize, text: &str) -> Vec<u8> {
 pub async fn measure_one(url: &str, n: usize, rate: f64, seconds: u64) -> anyhow::Result<serde_json::Value> {
     let (fast, fast_seen) = handler(Duration::ZERO).await;
     let (slow, slow_seen) = handler(SLOW).await;
-    let stack = Stack::with_integrations(url, &format!("scale{n}"), &integrations(n, fast, slow)).await?;
+    let stack = Stack::with_integrations(url, &format!("scale{n}"), integrations(n, fast, slow)).await?;
     let topology = Topology::new(&stack.prefix);
     // A chat platform takes the replies.
     let (replies, _) = listen_replies(url, &topology).await?;

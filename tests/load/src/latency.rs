@@ -37,8 +37,7 @@ pub async fn measure(
     log_off: bool,
 ) -> anyhow::Result<serde_json::Value> {
     let (addr, seen) = handler(Duration::ZERO).await;
-    let tables = if log_off { "[log]\nenabled = false\n" } else { "" };
-    let stack = Stack::start_configured(url, addr, "latr", Some(512), ALL_STAGES, tables).await?;
+    let stack = Stack::start_configured(url, addr, "latr", Some(512), ALL_STAGES, !log_off).await?;
     let topology = Topology::new(&stack.prefix);
     let conn = Connection::connect(url, ConnectionProperties::default()).await?;
     let (replies, _) = listen_replies(url, &topology).await?;

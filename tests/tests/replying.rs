@@ -11,22 +11,23 @@ use tokio_util::sync::CancellationToken;
 
 const T: Duration = Duration::from_secs(30);
 
-const INTEGRATION: &str = r##"
-[[integrations]]
-id = "googlebot"
-team_id = "T0001"
-channel = "#test"
-urls = ["http://127.0.0.1:9/"]
-token = "t"
-bot_name = "Google Bot"
-icon_emoji = ":bird:"
-"##;
+fn integration() -> Integration {
+    Integration::new("googlebot")
+        .channel("#test")
+        .url("http://127.0.0.1:9/")
+        .set("bot_name", "Google Bot")
+        .set("icon_emoji", ":bird:")
+}
 
-fn config(stack: &TestStack, responder: &str) -> Config {
-    let text = format!(
-        "{}[responder]\nhttp_addr = \"127.0.0.1:0\"\n{responder}\n{INTEGRATION}",
-        stack.broker_toml()
-    );
+/// The stack's broker, the responder on a free port, [`integration`].
+fn base(stack: &TestStack) -> ConfigToml {
+    ConfigToml::on(stack)
+        .set("responder", "http_addr", "127.0.0.1:0")
+        .integration(integration())
+}
+
+fn config(toml: ConfigToml) -> Config {
+    let text = toml.to_string();
     Config::parse(&text, None).expect("test config")
 }
 
@@ -74,7 +75,7 @@ async fn amqp_sink_posts_exactly_the_contract_fields() {
     let stack = TestStack::new("rsp-amqp").await.unwrap();
     let mut out = outbound_queue(&stack).await;
     let shutdown = CancellationToken::new();
-    let responder = swallow_responder::start(config(&stack, ""), shutdown.clone())
+    let responder = swallow_responder::start(config(base(&stack)), shutdown.clone())
         .await
         .unwrap();
     publish_replies(
@@ -161,8 +162,8 @@ async fn an_unroutable_reply_is_retried_and_never_taken_for_another() {
     let mut out = listen_outbound_for(&stack, "T0001.CA").await.unwrap();
     let mut dead = stack.drain(&stack.topology.replies_dead_queue()).await.unwrap();
     let shutdown = CancellationToken::new();
-    let responder_toml = "max_attempts = 3\nper_channel_per_second = 1000.0\nper_channel_burst = 1000";
-    let responder = swallow_responder::start(config(&stack, responder_toml), shutdown.clone())
+    let responder_toml = base(&stack).set("responder", "max_attempts", 3).responder_rate(1000.0);
+    let responder = swallow_responder::start(config(responder_toml), shutdown.clone())
         .await
         .unwrap();
     const EACH: usize = 150;
@@ -233,12 +234,14 @@ async fn slack_sink_retries_ok_false_honours_retry_after_and_dead_letters() {
     .await;
     static FLAKY: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     static BUSY: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let responder_toml = format!(
-        "sink = \"slack\"\nslack_api_base = \"{}\"\nslack_token = \"xoxb-test\"\nmax_attempts = 3\nper_channel_per_second = 100.0\nper_channel_burst = 100",
-        slack.url("/api")
-    );
+    let responder_toml = base(&stack)
+        .set("responder", "sink", "slack")
+        .set("responder", "slack_api_base", slack.url("/api"))
+        .set("responder", "slack_token", "xoxb-test")
+        .set("responder", "max_attempts", 3)
+        .responder_rate(100.0);
     let shutdown = CancellationToken::new();
-    let responder = swallow_responder::start(config(&stack, &responder_toml), shutdown.clone())
+    let responder = swallow_responder::start(config(responder_toml), shutdown.clone())
         .await
         .unwrap();
     let mut dead = stack.drain(&stack.topology.replies_dead_queue()).await.unwrap();
@@ -326,9 +329,12 @@ async fn slack_sink_retries_ok_false_honours_retry_after_and_dead_letters() {
 async fn webhook_sink_and_per_channel_pacing() {
     let stack = TestStack::new("rsp-webhook").await.unwrap();
     let hook = HandlerServer::start(|_, _| Answer::status(200).body("ok")).await;
-    let responder_toml = format!("sink = \"webhook\"\nwebhook_url = \"{}\"", hook.url("/hooks/abc"));
+    let responder_toml =
+        base(&stack)
+            .set("responder", "sink", "webhook")
+            .set("responder", "webhook_url", hook.url("/hooks/abc"));
     let shutdown = CancellationToken::new();
-    let responder = swallow_responder::start(config(&stack, &responder_toml), shutdown.clone())
+    let responder = swallow_responder::start(config(responder_toml), shutdown.clone())
         .await
         .unwrap();
     // 10 replies to one channel (paced 1/s, burst 5) and one to another.
@@ -361,14 +367,11 @@ async fn webhook_sink_and_per_channel_pacing() {
 async fn sigkill_mid_stream_loses_no_reply() {
     let stack = TestStack::new("rsp-kill").await.unwrap();
     let mut out = outbound_queue(&stack).await;
-    let dir = tempdir("responder");
-    let path = write_config(
-        &dir,
-        &format!(
-            "{}[responder]\nper_channel_per_second = 10000.0\nper_channel_burst = 10000\n{INTEGRATION}",
-            stack.broker_toml()
-        ),
-    );
+    let dir = TempDir::new("responder");
+    let path = ConfigToml::on(&stack)
+        .responder_rate(10000.0)
+        .integration(integration())
+        .write(&dir);
     let mut responder = StageProcess::spawn("swallow-responder", &path, &HashMap::new()).unwrap();
     responder.ready(T).await;
     let replies: Vec<_> = (0..2000)
@@ -395,5 +398,4 @@ async fn sigkill_mid_stream_loses_no_reply() {
     })
     .await;
     println!("responder sigkill: {} posted, {} unique", out.got.len(), unique(&out));
-    let _ = std::fs::remove_dir_all(dir);
 }
