@@ -154,17 +154,23 @@ async fn run_bursts(
 ) -> anyhow::Result<(serde_json::Value, usize, usize)> {
     let (healthy_addr, seen) = handler(Duration::ZERO).await;
     let (hanging_addr, _) = handler(Duration::from_secs(8)).await;
-    let mut integrations = format!(
-        "[[integrations]]\nid = \"healthy\"\nteam_id = \"T0001\"\nchannel = \"COK\"\nurls = [\"http://{healthy_addr}/ok\"]\ntoken = \"t\"\n\
-         rate_limit = {{ per_second = 1000.0, burst = 1000 }}\n\n"
-    );
+    let mut integrations = vec![
+        Integration::new("healthy")
+            .channel("COK")
+            .url(format!("http://{healthy_addr}/ok"))
+            .rate_limit(1000.0, 1000),
+    ];
     for i in 0..hanging {
-        integrations.push_str(&format!(
-            "[[integrations]]\nid = \"hang{i}\"\nteam_id = \"T0001\"\nchannel = \"CH{i}\"\nurls = [\"http://{hanging_addr}/h{i}\"]\ntoken = \"t\"\n\
-             timeout_ms = 1000\nmax_attempts = 3\nrate_limit = {{ per_second = 5.0, burst = 10 }}\n\n"
-        ));
+        integrations.push(
+            integration(
+                &format!("hang{i}"),
+                &format!("CH{i}"),
+                &format!("http://{hanging_addr}/h{i}"),
+            )
+            .set("max_attempts", 3),
+        );
     }
-    let stack = Stack::with_integrations(url, name, &integrations).await?;
+    let stack = Stack::with_integrations(url, name, integrations).await?;
     let topology = Topology::new(&stack.prefix);
     let _replies = listen_replies(url, &topology).await?;
     let conn = Connection::connect(url, ConnectionProperties::default()).await?;
