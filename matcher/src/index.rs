@@ -142,6 +142,7 @@ impl IntegrationIndex {
             .get(&event.channel_id)
             .into_iter()
             .chain(team.by_channel_name.get(&event.channel_name))
+            .chain(event.channel_alias.as_ref().and_then(|a| team.by_channel_name.get(a)))
             .flatten();
         for &i in by_channel {
             let integration = &self.integrations[i];
@@ -290,6 +291,8 @@ mod tests {
             bot_id: None,
             subtype: None,
             platform: None,
+            event_id: None,
+            channel_alias: None,
         }
     }
 

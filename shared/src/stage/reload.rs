@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use crate::config::SlackSecrets;
+use crate::config::{MatrixSecrets, SlackSecrets};
 use crate::config::{Config, Integrations, Sink, content_hash};
 use crate::metrics::CommonMetrics;
 
@@ -30,6 +30,13 @@ pub struct Watched {
     /// `[ingress.slack]`'s secrets in force (signing secrets, bot token),
     /// re-read from their files like the rest; empty without one.
     pub slack_ingress: watch::Receiver<Arc<SlackSecrets>>,
+    /// `[ingress.matrix]`'s tokens in force, re-read the same way; empty without one.
+    pub matrix_ingress: watch::Receiver<Arc<MatrixSecrets>>,
+}
+
+fn matrix_ingress(config: &Config) -> MatrixSecrets {
+    let matrix = config.ingress.as_ref().and_then(|i| i.matrix.as_ref());
+    matrix.map(|m| m.secrets.clone()).unwrap_or_default()
 }
 
 fn slack_ingress(config: &Config) -> SlackSecrets {
@@ -65,10 +72,12 @@ pub fn watch_config(config: &Config, metrics: CommonMetrics, shutdown: Cancellat
     let (tx, rx) = watch::channel(initial);
     let (token_tx, token_rx) = watch::channel(Arc::from(slack_token(config).unwrap_or_default()));
     let (ingress_tx, ingress_rx) = watch::channel(Arc::new(slack_ingress(config)));
+    let (matrix_tx, matrix_rx) = watch::channel(Arc::new(matrix_ingress(config)));
     let watched = Watched {
         integrations: rx,
         slack_token: token_rx,
         slack_ingress: ingress_rx,
+        matrix_ingress: matrix_rx,
     };
     let interval = config.reload_interval;
     let Some(path) = config.path.clone() else {
@@ -137,6 +146,17 @@ pub fn watch_config(config: &Config, metrics: CommonMetrics, shutdown: Cancellat
                     });
                     if ingress_changed {
                         info!(path = %path.display(), "ingress.slack secrets reloaded");
+                    }
+                    let tokens = matrix_ingress(&config);
+                    let matrix_changed = matrix_tx.send_if_modified(|now| {
+                        let differs = **now != tokens;
+                        if differs {
+                            *now = Arc::new(tokens);
+                        }
+                        differs
+                    });
+                    if matrix_changed {
+                        info!(path = %path.display(), "ingress.matrix tokens reloaded");
                     }
                     if !changed && !token_changed && !ingress_changed && *config.integrations == **tx.borrow() {
                         continue;
