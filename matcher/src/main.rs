@@ -43,10 +43,7 @@ fn matrix_registration(args: &ConfigArgs, url: Option<url::Url>) -> ExitCode {
         }
     };
     let Some(matrix) = config.ingress.as_ref().and_then(|i| i.matrix.as_ref()) else {
-        eprintln!(
-            "swallow-matcher: {}: no [ingress.matrix] table",
-            args.config.display()
-        );
+        eprintln!("swallow-matcher: {}: no [ingress.matrix] table", args.config.display());
         return ExitCode::from(2);
     };
     let Some(url) = url.or_else(|| matrix.registration_url.clone()) else {

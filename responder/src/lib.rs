@@ -92,9 +92,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     });
     // Replies to events from a Matrix homeserver go back to it, as the
     // application service.
-    let matrix_platform = config.ingress.as_ref().and_then(|i| i.matrix.as_ref()).map(|m| {
-        matrix::MatrixSink::new(m.clone(), parts.matrix_ingress.clone(), client.clone())
-    });
+    let matrix_platform = config
+        .ingress
+        .as_ref()
+        .and_then(|i| i.matrix.as_ref())
+        .map(|m| matrix::MatrixSink::new(m.clone(), parts.matrix_ingress.clone(), client.clone()));
     let metrics = ResponderMetrics::new(&parts.registry);
     info!(
         sink = sink.name(),

@@ -35,7 +35,11 @@ pub fn virtual_localpart(sender_localpart: &str, name: &str) -> String {
     out.push_str(sender_localpart);
     out.push('_');
     for c in name.trim().chars().flat_map(char::to_lowercase) {
-        out.push(if c.is_ascii_alphanumeric() || "._=-".contains(c) { c } else { '_' });
+        out.push(if c.is_ascii_alphanumeric() || "._=-".contains(c) {
+            c
+        } else {
+            '_'
+        });
     }
     out
 }
@@ -43,7 +47,12 @@ pub fn virtual_localpart(sender_localpart: &str, name: &str) -> String {
 /// The homeserver's answer, as far as a reply goes.
 enum Answer {
     Ok,
-    Error { status: u16, errcode: String, error: String, retry_after: Option<Duration> },
+    Error {
+        status: u16,
+        errcode: String,
+        error: String,
+        retry_after: Option<Duration>,
+    },
     Unreachable(String),
 }
 
@@ -65,7 +74,12 @@ impl Answer {
                 error: format!("matrix {step}: {error}"),
                 retry_after: None,
             },
-            Answer::Error { status, errcode, error, retry_after } => {
+            Answer::Error {
+                status,
+                errcode,
+                error,
+                retry_after,
+            } => {
                 let error = format!("matrix {step}: HTTP {status} {errcode}: {error}");
                 let again = status == 429
                     || status >= 500
@@ -145,7 +159,13 @@ impl MatrixSink {
     }
 
     /// Registers the virtual user and gives it its name (and avatar).
-    async fn profile(&self, user: &str, localpart: &str, reply: &OutboundReply<'_>, timeout: Duration) -> Result<(), Posted> {
+    async fn profile(
+        &self,
+        user: &str,
+        localpart: &str,
+        reply: &OutboundReply<'_>,
+        timeout: Duration,
+    ) -> Result<(), Posted> {
         let avatar = reply.icon_url.filter(|u| u.starts_with("mxc://"));
         let key = format!("profile:{}", avatar.unwrap_or(""));
         if self.is_done(user, &key) {
@@ -160,13 +180,17 @@ impl MatrixSink {
         }
         let name = json!({"displayname": reply.username});
         let url = self.url(&["profile", user, "displayname"], Some(user));
-        if let failed @ (Answer::Error { .. } | Answer::Unreachable(_)) = self.call(reqwest::Method::PUT, url, &name, timeout).await {
+        if let failed @ (Answer::Error { .. } | Answer::Unreachable(_)) =
+            self.call(reqwest::Method::PUT, url, &name, timeout).await
+        {
             return Err(failed.failure("displayname"));
         }
         if let Some(avatar) = avatar {
             let url = self.url(&["profile", user, "avatar_url"], Some(user));
             let body = json!({"avatar_url": avatar});
-            if let failed @ (Answer::Error { .. } | Answer::Unreachable(_)) = self.call(reqwest::Method::PUT, url, &body, timeout).await {
+            if let failed @ (Answer::Error { .. } | Answer::Unreachable(_)) =
+                self.call(reqwest::Method::PUT, url, &body, timeout).await
+            {
                 return Err(failed.failure("avatar_url"));
             }
         }
@@ -183,7 +207,9 @@ impl MatrixSink {
         }
         let empty = json!({});
         let join_url = self.url(&["join", room], Some(user));
-        let mut answer = self.call(reqwest::Method::POST, join_url.clone(), &empty, timeout).await;
+        let mut answer = self
+            .call(reqwest::Method::POST, join_url.clone(), &empty, timeout)
+            .await;
         if answer.errcode() == Some("M_FORBIDDEN") {
             debug!(user, room, "matrix: the bot invites the virtual user");
             let invite = self
@@ -249,7 +275,10 @@ mod tests {
     #[test]
     fn virtual_users_are_named_after_the_reply() {
         assert_eq!(virtual_localpart("swallow", "Google Bot"), "swallow_google_bot");
-        assert_eq!(virtual_localpart("swallow", "Tim the Enchanter!"), "swallow_tim_the_enchanter_");
+        assert_eq!(
+            virtual_localpart("swallow", "Tim the Enchanter!"),
+            "swallow_tim_the_enchanter_"
+        );
         assert_eq!(virtual_localpart("s", "Élan"), "s__lan");
     }
 
@@ -264,9 +293,15 @@ mod tests {
         let wait = Some(Duration::from_millis(1500));
         assert_eq!(
             error(429, "M_LIMIT_EXCEEDED", wait).failure("send"),
-            Posted::Retry { error: "matrix send: HTTP 429 M_LIMIT_EXCEEDED: x".into(), retry_after: wait }
+            Posted::Retry {
+                error: "matrix send: HTTP 429 M_LIMIT_EXCEEDED: x".into(),
+                retry_after: wait
+            }
         );
-        assert!(matches!(error(403, "M_FORBIDDEN", None).failure("send"), Posted::Rejected { .. }));
+        assert!(matches!(
+            error(403, "M_FORBIDDEN", None).failure("send"),
+            Posted::Rejected { .. }
+        ));
         assert!(matches!(error(502, "", None).failure("send"), Posted::Retry { .. }));
     }
 }

@@ -96,7 +96,10 @@ pub struct RoomEvent {
 /// Whether `user` is one of swallow's own: the bot or a virtual user
 /// `@<localpart>_…:<server>`. Their messages never trigger.
 pub fn is_own_user(user: &str, localpart: &str, server: &str) -> bool {
-    let Some(local) = user.strip_prefix('@').and_then(|u| u.strip_suffix(server)?.strip_suffix(':')) else {
+    let Some(local) = user
+        .strip_prefix('@')
+        .and_then(|u| u.strip_suffix(server)?.strip_suffix(':'))
+    else {
         return false;
     };
     local == localpart || local.strip_prefix(localpart).is_some_and(|rest| rest.starts_with('_'))
@@ -242,7 +245,9 @@ impl Matrix {
 
     /// Notes a state event (names change, the bot invited or removed).
     pub fn observe_state(&self, e: &RoomEvent) {
-        let Some(state_key) = e.state_key.as_deref() else { return };
+        let Some(state_key) = e.state_key.as_deref() else {
+            return;
+        };
         if let Some(state) = State::of(&e.kind, state_key) {
             let value = state.value_in(&e.content);
             self.store((e.room_id.clone(), state), value, FOUND_TTL);
@@ -253,7 +258,11 @@ impl Matrix {
         match e.content["membership"].as_str() {
             Some("invite") => {
                 if e.content["is_direct"] == Value::Bool(true) {
-                    self.0.direct.lock().unwrap_or_else(|p| p.into_inner()).insert(e.room_id.clone());
+                    self.0
+                        .direct
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(e.room_id.clone());
                 }
                 info!(room = %e.room_id, inviter = %e.sender, "matrix: invited; joining");
                 let me = self.clone();
@@ -400,7 +409,12 @@ impl Matrix {
     /// `GET /_matrix/client/v3/rooms/{room}/state/{type}/{state_key}`; a
     /// 404 is "no such state", not a failure.
     async fn fetch(&self, room: &str, state: &State) -> Result<Option<String>, String> {
-        let url = state_url(&self.0.config.homeserver_url, room, state.event_type(), state.state_key())?;
+        let url = state_url(
+            &self.0.config.homeserver_url,
+            room,
+            state.event_type(),
+            state.state_key(),
+        )?;
         let token = self.0.secrets.borrow().as_token.clone();
         let response = self
             .0
@@ -511,7 +525,10 @@ mod tests {
         assert_eq!(c.ts_millis(), Some(1_355_517_523_005));
         assert_eq!(c.thread_ts.as_deref(), Some("$root"));
         assert_eq!(c.event_id.as_deref(), Some("$abc"));
-        assert_eq!((c.team_id.as_str(), c.channel_id.as_str()), ("example.org", "!r:example.org"));
+        assert_eq!(
+            (c.team_id.as_str(), c.channel_id.as_str()),
+            ("example.org", "!r:example.org")
+        );
         assert_eq!(c.platform.as_deref(), Some("matrix"));
         for content in [
             serde_json::json!({"msgtype": "m.notice", "body": "x"}),

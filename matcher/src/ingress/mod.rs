@@ -462,7 +462,11 @@ fn matrix_error(result: &'static str, status: StatusCode, errcode: &str, error: 
 }
 
 fn matrix_ok(result: &'static str) -> Answer {
-    Answer::new(result, StatusCode::OK, ([(header::CONTENT_TYPE, "application/json")], "{}"))
+    Answer::new(
+        result,
+        StatusCode::OK,
+        ([(header::CONTENT_TYPE, "application/json")], "{}"),
+    )
 }
 
 /// Checks the homeserver's token; `Some(refusal)` when it is missing or wrong.

@@ -293,11 +293,26 @@ mod tests {
         assert_eq!((m.secrets.as_token.as_str(), m.secrets.hs_token.as_str()), ("a", "h"));
         assert!(!format!("{m:?}").contains("\"a\""), "tokens are never shown");
         for (text, want) in [
-            ("server_name = \"x\"\nas_token = \"a\"\nhs_token = \"h\"\n", "ingress.matrix.homeserver_url"),
-            ("homeserver_url = \"http://h/\"\nas_token = \"a\"\nhs_token = \"h\"\n", "ingress.matrix.server_name"),
-            ("homeserver_url = \"http://h/\"\nserver_name = \"x\"\nhs_token = \"h\"\n", "ingress.matrix.as_token"),
-            ("homeserver_url = \"http://h/\"\nserver_name = \"x\"\nas_token = \"a\"\nhs_token = \"a\"\n", "must differ"),
-            ("homeserver_url = \"http://h/\"\nserver_name = \"x\"\nas_token = \"a\"\nhs_token = \"h\"\nsender_localpart = \"Bot\"\n", "ingress.matrix.sender_localpart"),
+            (
+                "server_name = \"x\"\nas_token = \"a\"\nhs_token = \"h\"\n",
+                "ingress.matrix.homeserver_url",
+            ),
+            (
+                "homeserver_url = \"http://h/\"\nas_token = \"a\"\nhs_token = \"h\"\n",
+                "ingress.matrix.server_name",
+            ),
+            (
+                "homeserver_url = \"http://h/\"\nserver_name = \"x\"\nhs_token = \"h\"\n",
+                "ingress.matrix.as_token",
+            ),
+            (
+                "homeserver_url = \"http://h/\"\nserver_name = \"x\"\nas_token = \"a\"\nhs_token = \"a\"\n",
+                "must differ",
+            ),
+            (
+                "homeserver_url = \"http://h/\"\nserver_name = \"x\"\nas_token = \"a\"\nhs_token = \"h\"\nsender_localpart = \"Bot\"\n",
+                "ingress.matrix.sender_localpart",
+            ),
         ] {
             let err = parse(&format!("[ingress.matrix]\n{text}")).unwrap_err();
             assert!(err.contains(want), "{text:?}: {err}");

@@ -15,8 +15,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use crate::config::{MatrixSecrets, SlackSecrets};
 use crate::config::{Config, Integrations, Sink, content_hash};
+use crate::config::{MatrixSecrets, SlackSecrets};
 use crate::metrics::CommonMetrics;
 
 /// What a reload check can change while a stage runs.

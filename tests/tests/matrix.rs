@@ -1,0 +1,279 @@
+//! A Matrix homeserver as a chat platform, end to end: a real Synapse with
+//! swallow registered as its application service (the file
+//! `swallow-matcher matrix-registration` prints), the real binaries, a real
+//! broker and the example handler. Skipped, saying so, without Synapse
+//! (see `swallow_tests::synapse`); a failure under `CI=true`.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use swallow_tests::handler::{Answer, HandlerServer, Recorded};
+use swallow_tests::synapse::{MatrixUser, SERVER_NAME, Synapse, enc, venv_or_skip};
+use swallow_tests::*;
+
+const T: Duration = Duration::from_secs(30);
+const SEED: &str = "googlebot: What is the air-speed velocity of an unladen swallow?";
+const AS_TOKEN: &str = "swallow-test-as-token";
+const HS_TOKEN: &str = "swallow-test-hs-token";
+const BOT: &str = "@swallow:localhost";
+const GOOGLE_BOT: &str = "@swallow_google_bot:localhost";
+
+fn field(r: &Recorded, name: &str) -> String {
+    r.form()
+        .into_iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v)
+        .unwrap_or_default()
+}
+
+/// A test's pipeline with a Matrix ingress, a homeserver, a user and a
+/// public room (`#<name>:localhost`, named "test") the bot was invited to.
+struct Setup {
+    _stack: TestStack,
+    handler: HandlerServer,
+    ingress: std::net::SocketAddr,
+    _pipeline: Pipeline,
+    synapse: Synapse,
+    steve: MatrixUser,
+    room: String,
+    dir: std::path::PathBuf,
+}
+
+impl Setup {
+    async fn start(name: &str) -> Option<Setup> {
+        let venv = venv_or_skip()?;
+        let dir = tempdir(name);
+        let stack = TestStack::new(name).await.unwrap();
+        let handler = HandlerServer::start(|r, _| Answer::text(&googlebot::answer(&field(r, "text")))).await;
+        let ingress = free_addr();
+        let homeserver = free_addr();
+        // The homeserver's port is its own choice: the configuration names
+        // a placeholder until Synapse runs, then the real one.
+        let config = |homeserver_url: &str| {
+            format!(
+                "reload_interval_ms = 200\n{}heartbeat_s = 2\n[deliverer]\nallow_networks = [\"127.0.0.0/8\"]\n\n\
+                 [ingress]\nlisten = \"{ingress}\"\n[ingress.matrix]\nhomeserver_url = \"{homeserver_url}\"\n\
+                 server_name = \"{SERVER_NAME}\"\nas_token = \"{AS_TOKEN}\"\nhs_token = \"{HS_TOKEN}\"\n\
+                 registration_url = \"http://{ingress}\"\n\n\
+                 [[integrations]]\nid = \"googlebot\"\nteam_id = \"{SERVER_NAME}\"\nchannel = \"#{name}:{SERVER_NAME}\"\n\
+                 trigger_words = [\"googlebot:\"]\nurls = [\"{}\"]\n\
+                 token = \"XXXXXXXXXXXXXXXXXX\"\nbot_name = \"Google Bot\"\n",
+                stack.broker_toml(),
+                handler.url("/googlebot")
+            )
+        };
+        let path = write_config(&dir, &config(&format!("http://{homeserver}")));
+        let registration = dir.join("swallow-registration.yaml");
+        let output = std::process::Command::new(bin_path("swallow-matcher"))
+            .arg("--config")
+            .arg(&path)
+            .arg("matrix-registration")
+            .output()
+            .expect("running swallow-matcher matrix-registration");
+        assert!(
+            output.status.success(),
+            "matrix-registration: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        std::fs::write(&registration, &output.stdout).unwrap();
+        let synapse = Synapse::start(&venv, &dir, &registration).await.unwrap();
+        write_config(&dir, &config(&synapse.base));
+        let pipeline = Pipeline::spawn(&path).await.unwrap();
+        let steve = synapse.user("steve", "Steve").await.unwrap();
+        let room = steve.create_public_room("test", name).await.unwrap();
+        steve.invite(&room, BOT).await.unwrap();
+        steve
+            .until_joined(&room, BOT, T)
+            .await
+            .unwrap_or_else(|e| panic!("the bot joins when invited: {e}{}", synapse.output_tail()));
+        Some(Setup {
+            _stack: stack,
+            handler,
+            ingress,
+            _pipeline: pipeline,
+            synapse,
+            steve,
+            room,
+            dir,
+        })
+    }
+
+    /// Waits for a message from `sender` with `body` in the room, as Steve sees it.
+    async fn until_message(&self, sender: &str, body: &str) -> Value {
+        let started = Instant::now();
+        loop {
+            let messages = self.steve.messages(&self.room).await.unwrap();
+            if let Some(m) = messages
+                .iter()
+                .find(|m| m["sender"] == sender && m["content"]["body"] == body)
+            {
+                return m.clone();
+            }
+            assert!(
+                started.elapsed() < T,
+                "no {body:?} from {sender} in the room within {T:?}; it holds: {:#?}",
+                messages
+                    .iter()
+                    .map(|m| (m["sender"].clone(), m["content"]["body"].clone()))
+                    .collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn ingress_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.ingress)
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_example_through_a_homeserver_and_back() {
+    let Some(s) = Setup::start("matrix-seed").await else {
+        return;
+    };
+    let asked = s.steve.send(&s.room, SEED, None).await.unwrap();
+    let post = &s.handler.until(1, T, "POST from the Matrix message").await[0];
+    for (name, want) in [
+        ("team_id", SERVER_NAME),
+        ("channel_id", s.room.as_str()),
+        ("channel_name", "test"),
+        ("user_id", "@steve:localhost"),
+        ("user_name", "Steve"),
+        ("text", SEED),
+        ("trigger_word", "googlebot:"),
+    ] {
+        assert_eq!(field(post, name), want, "{name}");
+    }
+    let ts = field(post, "timestamp");
+    assert!(
+        ts.split_once('.').is_some_and(|(s, f)| s.len() == 10 && f.len() == 6),
+        "the ts is Slack-shaped: {ts}"
+    );
+    assert!(post.header("webhook-id").is_some_and(|id| id.starts_with("msg_")));
+
+    let reply = s.until_message(GOOGLE_BOT, "African or European?").await;
+    assert!(reply["content"].get("m.relates_to").is_none(), "not threaded: {reply}");
+    assert_eq!(
+        s.steve.display_name_in(&s.room, GOOGLE_BOT).await.unwrap(),
+        "Google Bot",
+        "shown under the integration's name"
+    );
+
+    // In a thread, the answer is in that thread.
+    s.steve
+        .send(&s.room, "googlebot: What is your quest?", Some(&asked))
+        .await
+        .unwrap();
+    let post = &s.handler.until(2, T, "POST from the threaded message").await[1];
+    assert_eq!(field(post, "thread_ts"), asked);
+    let reply = s.until_message(GOOGLE_BOT, "To seek the Holy Grail.").await;
+    assert_eq!(reply["content"]["m.relates_to"]["rel_type"], "m.thread", "{reply}");
+    assert_eq!(reply["content"]["m.relates_to"]["event_id"], asked.as_str(), "{reply}");
+    assert_eq!(s.handler.count(), 2, "one POST a message");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swallows_own_users_never_trigger_and_transactions_count_once() {
+    let Some(s) = Setup::start("matrix-own").await else {
+        return;
+    };
+    // The bot and a virtual user write a trigger word: nothing fires.
+    let bot = MatrixUser::appservice(&s.synapse.base, AS_TOKEN, BOT);
+    bot.send(&s.room, "googlebot: from the bot itself", None).await.unwrap();
+    let register = json!({"type": "m.login.application_service", "username": "swallow_google_bot"});
+    let _ = bot.call(reqwest::Method::POST, "/register", &register).await;
+    let virtual_user = MatrixUser::appservice(&s.synapse.base, AS_TOKEN, GOOGLE_BOT);
+    virtual_user
+        .call(reqwest::Method::POST, &format!("/join/{}", enc(&s.room)), &json!({}))
+        .await
+        .unwrap();
+    virtual_user
+        .send(&s.room, "googlebot: from a virtual user", None)
+        .await
+        .unwrap();
+    // Steve's message after them: once it is posted, theirs were seen and ignored.
+    s.steve
+        .send(&s.room, "googlebot: What is your name?", None)
+        .await
+        .unwrap();
+    let posts = s.handler.until(1, T, "POST from Steve's message").await;
+    s.until_message(GOOGLE_BOT, "It is Arthur, King of the Britons.").await;
+    assert_eq!(posts.len(), 1, "only Steve's message fired");
+    assert_eq!(field(&posts[0], "user_id"), "@steve:localhost");
+
+    // The homeserver's token, checked before anything is read.
+    let client = reqwest::Client::new();
+    let txn = |id: &str, event_id: &str| {
+        let body = json!({"events": [{"type": "m.room.message", "event_id": event_id, "room_id": s.room,
+            "sender": "@steve:localhost", "origin_server_ts": 1_355_517_523_000u64,
+            "content": {"msgtype": "m.text", "body": SEED}}]});
+        client
+            .put(s.ingress_url(&format!("/_matrix/app/v1/transactions/{id}")))
+            .json(&body)
+            .timeout(Duration::from_secs(10))
+    };
+    let missing = txn("t-1", "$made-up-1").send().await.unwrap();
+    assert_eq!(missing.status(), 401);
+    assert_eq!(missing.json::<Value>().await.unwrap()["errcode"], "M_MISSING_TOKEN");
+    let wrong = txn("t-1", "$made-up-1").bearer_auth("not-it").send().await.unwrap();
+    assert_eq!(wrong.status(), 403);
+    assert_eq!(wrong.json::<Value>().await.unwrap()["errcode"], "M_FORBIDDEN");
+    // The same transaction twice: answered both times, published once.
+    for _ in 0..2 {
+        let ok = txn("t-1", "$made-up-1").bearer_auth(HS_TOKEN).send().await.unwrap();
+        assert_eq!(ok.status(), 200);
+        assert_eq!(ok.json::<Value>().await.unwrap(), json!({}));
+    }
+    // Another transaction carrying the same event (a retry under another
+    // id): not published again either.
+    let again = txn("t-2", "$made-up-1").bearer_auth(HS_TOKEN).send().await.unwrap();
+    assert_eq!(again.status(), 200);
+    let posts = s.handler.until(2, T, "POST from the pushed transaction").await;
+    let ping = client
+        .post(s.ingress_url("/_matrix/app/v1/ping"))
+        .bearer_auth(HS_TOKEN)
+        .json(&json!({"transaction_id": "p"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ping.status(), 200);
+    for path in [
+        "/_matrix/app/v1/users/%40someone%3Alocalhost",
+        "/_matrix/app/v1/rooms/%23a%3Alocalhost",
+    ] {
+        let r = client
+            .get(s.ingress_url(path))
+            .bearer_auth(HS_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+        assert_eq!(r.json::<Value>().await.unwrap()["errcode"], "M_NOT_FOUND");
+    }
+    // Every POST so far has arrived (the ping came after the transactions
+    // were confirmed and the handler answered); none more is on its way
+    // once Steve's next message is the third.
+    s.steve
+        .send(&s.room, "googlebot: What is your favourite colour?", None)
+        .await
+        .unwrap();
+    let posts_now = s.handler.until(3, T, "POST from Steve's last message").await;
+    assert_eq!(posts.len(), 2);
+    let mut texts: Vec<String> = posts_now.iter().map(|p| field(p, "text")).collect();
+    texts.sort();
+    assert_eq!(
+        texts,
+        [
+            "googlebot: What is the air-speed velocity of an unladen swallow?",
+            "googlebot: What is your favourite colour?",
+            "googlebot: What is your name?",
+        ],
+        "the pushed event once"
+    );
+}
