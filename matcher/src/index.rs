@@ -397,6 +397,35 @@ mod tests {
     }
 
     #[test]
+    fn matrix_rooms_by_id_or_alias() {
+        let idx = index(
+            &[
+                integ("by-room-id", "channel = \"!r:example.org\""),
+                integ("by-alias", "channel = \"#test:example.org\""),
+                integ("by-name", "channel = \"#test\""),
+            ]
+            .concat(),
+        );
+        let mut e = event("hello");
+        e.channel_id = "!r:example.org".into();
+        e.channel_name = "Test Room".into();
+        e.channel_alias = Some("#test:example.org".into());
+        assert_eq!(
+            fired(&idx, &e),
+            Ok(vec![("by-room-id".into(), "".into()), ("by-alias".into(), "".into())]),
+            "an alias matches the room's canonical alias, whatever its name"
+        );
+        e.channel_alias = None;
+        e.channel_name = "test".into();
+        assert_eq!(
+            fired(&idx, &e),
+            Ok(vec![("by-room-id".into(), "".into()), ("by-name".into(), "".into())])
+        );
+        let err = Config::parse(&integ("x", "channel = \"#:example.org\""), None).unwrap_err();
+        assert!(err.to_string().contains("#room:server"), "{err}");
+    }
+
+    #[test]
     fn channel_types_let_an_integration_fire_in_private_channels_and_dms() {
         let idx = index(
             &[
