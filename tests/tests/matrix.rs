@@ -32,7 +32,12 @@ struct Setup {
     _stack: TestStack,
     handler: HandlerServer,
     ingress: std::net::SocketAddr,
-    _pipeline: Pipeline,
+    matcher: StageProcess,
+    _deliverer: StageProcess,
+    responder: StageProcess,
+    /// The stages' configuration, and the responder's.
+    path: std::path::PathBuf,
+    responder_path: std::path::PathBuf,
     synapse: Synapse,
     steve: MatrixUser,
     room: String,
@@ -41,6 +46,12 @@ struct Setup {
 
 impl Setup {
     async fn start(name: &str) -> Option<Setup> {
+        Self::start_with(name, |base| base.to_owned()).await
+    }
+
+    /// As [`Setup::start`], the responder reaching the homeserver at
+    /// `responder_base(<its URL>)` (a proxy of the test's).
+    async fn start_with(name: &str, responder_base: impl Fn(&str) -> String) -> Option<Setup> {
         let venv = venv_or_skip()?;
         let dir = tempdir(name);
         let stack = TestStack::new(name).await.unwrap();
@@ -78,7 +89,16 @@ impl Setup {
         std::fs::write(&registration, &output.stdout).unwrap();
         let synapse = Synapse::start(&venv, &dir, &registration).await.unwrap();
         write_config(&dir, &config(&synapse.base));
-        let pipeline = Pipeline::spawn(&path).await.unwrap();
+        let responder_dir = dir.join("responder");
+        std::fs::create_dir_all(&responder_dir).unwrap();
+        let responder_path = write_config(&responder_dir, &config(&responder_base(&synapse.base)));
+        let env = std::collections::HashMap::new();
+        let matcher = StageProcess::spawn("swallow-matcher", &path, &env).unwrap();
+        let deliverer = StageProcess::spawn("swallow-deliverer", &path, &env).unwrap();
+        let responder = StageProcess::spawn("swallow-responder", &responder_path, &env).unwrap();
+        for stage in [&matcher, &deliverer, &responder] {
+            stage.ready(T).await;
+        }
         let steve = synapse.user("steve", "Steve").await.unwrap();
         let room = steve.create_public_room("test", name).await.unwrap();
         steve.invite(&room, BOT).await.unwrap();
@@ -90,7 +110,11 @@ impl Setup {
             _stack: stack,
             handler,
             ingress,
-            _pipeline: pipeline,
+            matcher,
+            _deliverer: deliverer,
+            responder,
+            path,
+            responder_path,
             synapse,
             steve,
             room,
@@ -276,4 +300,178 @@ async fn swallows_own_users_never_trigger_and_transactions_count_once() {
         ],
         "the pushed event once"
     );
+}
+
+/// The open TCP connections to `port` on loopback with bytes waiting to be
+/// read (from /proc/net/tcp): a request sent to a process that is not
+/// reading.
+fn unread_requests_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let local_port = cols
+                .get(1)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            let rx_queue = cols
+                .get(4)
+                .and_then(|q| q.split(':').nth(1))
+                .and_then(|q| u64::from_str_radix(q, 16).ok());
+            // State 01: established.
+            local_port == Some(port) && cols.get(3) == Some(&"01") && rx_queue.is_some_and(|n| n > 0)
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_matcher_killed_while_the_homeserver_pushes_loses_nothing() {
+    let Some(mut s) = Setup::start("matrix-matcher-killed").await else {
+        return;
+    };
+    // Stopped, the matcher takes the homeserver's connection (the kernel
+    // does) but never reads the transaction; killed then, it never answers.
+    s.matcher.signal("STOP").unwrap();
+    s.steve.send(&s.room, SEED, None).await.unwrap();
+    wait_for(
+        T,
+        "the homeserver's transaction to reach the stopped matcher",
+        || async { (unread_requests_to(s.ingress.port()) > 0).then_some(()) },
+    )
+    .await;
+    s.matcher.kill().await;
+    assert_eq!(s.handler.count(), 0, "nothing was published by the killed matcher");
+    // A new matcher on the same address: the homeserver's retry reaches it.
+    s.matcher = StageProcess::spawn("swallow-matcher", &s.path, &std::collections::HashMap::new()).unwrap();
+    s.matcher.ready(T).await;
+    s.handler.until(1, T, "POST from the transaction sent again").await;
+    s.until_message(GOOGLE_BOT, "African or European?").await;
+    // A later message is answered after it: the first was published once.
+    s.steve
+        .send(&s.room, "googlebot: What is your quest?", None)
+        .await
+        .unwrap();
+    s.until_message(GOOGLE_BOT, "To seek the Holy Grail.").await;
+    let posts = s.handler.until(2, T, "POST from the later message").await;
+    assert_eq!(posts.len(), 2, "lost 0, duplicated 0");
+    let replies = s.steve.messages(&s.room).await.unwrap();
+    let answered = replies
+        .iter()
+        .filter(|m| m["sender"] == GOOGLE_BOT && m["content"]["body"] == "African or European?")
+        .count();
+    assert_eq!(answered, 1, "answered once");
+}
+
+/// A proxy to the homeserver for the responder: the first time a reply
+/// is sent, it is passed on, and the responder is killed before it hears
+/// the answer (so before it acknowledges the reply).
+struct KillingProxy {
+    addr: std::net::SocketAddr,
+    /// The responder to kill (its pid); 0: none.
+    victim: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    /// The paths of the sends passed on.
+    sends: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl KillingProxy {
+    /// Bound at once (on the test's runtime), serving from then on.
+    fn start(upstream: String) -> KillingProxy {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let victim = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let sends = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (v, sent) = (victim.clone(), sends.clone());
+        let client = reqwest::Client::new();
+        let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+            let (v, sent, client, upstream) = (v.clone(), sent.clone(), client.clone(), upstream.clone());
+            async move {
+                let (parts, body) = request.into_parts();
+                let body = axum::body::to_bytes(body, 1 << 20).await.unwrap_or_default();
+                let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_owned();
+                let mut forward = client
+                    .request(parts.method.clone(), format!("{upstream}{path}"))
+                    .body(body);
+                if let Some(auth) = parts.headers.get("authorization") {
+                    forward = forward.header("authorization", auth);
+                }
+                forward = forward.header("content-type", "application/json");
+                let response = forward.send().await.unwrap();
+                let status = response.status().as_u16();
+                let bytes = response.bytes().await.unwrap_or_default();
+                if parts.method == axum::http::Method::PUT && path.contains("/send/m.room.message/") {
+                    sent.lock().unwrap().push(path);
+                    let pid = v.swap(0, Ordering::SeqCst);
+                    if pid != 0 {
+                        let _ = std::process::Command::new("kill")
+                            .args(["-KILL", &pid.to_string()])
+                            .status();
+                    }
+                }
+                (axum::http::StatusCode::from_u16(status).unwrap(), bytes.to_vec())
+            }
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        KillingProxy { addr, victim, sends }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_responder_killed_after_posting_shows_the_reply_once() {
+    let upstream = std::sync::Arc::new(std::sync::Mutex::new(None::<KillingProxy>));
+    let slot = upstream.clone();
+    let Some(mut s) = Setup::start_with("matrix-responder-killed", move |base| {
+        let proxy = KillingProxy::start(base.to_owned());
+        let url = format!("http://{}", proxy.addr);
+        *slot.lock().unwrap() = Some(proxy);
+        url
+    })
+    .await
+    else {
+        return;
+    };
+    let proxy = upstream.lock().unwrap().take().unwrap();
+    let pid = s.responder.child.id().unwrap();
+    proxy.victim.store(pid, std::sync::atomic::Ordering::SeqCst);
+    s.steve.send(&s.room, SEED, None).await.unwrap();
+    s.handler.until(1, T, "POST from the message").await;
+    // The reply was sent, and its responder killed before the answer.
+    wait_for(T, "the reply's send to pass the proxy", || async {
+        (!proxy.sends.lock().unwrap().is_empty()).then_some(())
+    })
+    .await;
+    let _ = s.responder.child.wait().await;
+    s.responder = StageProcess::spawn(
+        "swallow-responder",
+        &s.responder_path,
+        &std::collections::HashMap::new(),
+    )
+    .unwrap();
+    s.responder.ready(T).await;
+    wait_for(T, "the reply to be sent again by the new responder", || async {
+        (proxy.sends.lock().unwrap().len() >= 2).then_some(())
+    })
+    .await;
+    let sends = proxy.sends.lock().unwrap().clone();
+    assert_eq!(sends[0], sends[1], "the same transaction id, sent again");
+    s.until_message(GOOGLE_BOT, "African or European?").await;
+    // A later reply through the same responder: the first is settled by then.
+    s.steve
+        .send(&s.room, "googlebot: What is your quest?", None)
+        .await
+        .unwrap();
+    s.until_message(GOOGLE_BOT, "To seek the Holy Grail.").await;
+    let shown = s
+        .steve
+        .messages(&s.room)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|m| m["sender"] == GOOGLE_BOT && m["content"]["body"] == "African or European?")
+        .count();
+    assert_eq!(shown, 1, "the reply appears once");
 }
