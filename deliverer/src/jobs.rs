@@ -248,7 +248,7 @@ fn after_attempt(
                 integration_id: job.integration_id,
                 team_id: job.event.team_id,
                 channel_id: job.event.channel_id,
-                in_reply_to: job.event.ts,
+                in_reply_to: job.event.event_id.unwrap_or(job.event.ts),
                 event_thread_ts: job.event.thread_ts,
                 answer,
                 platform: job.event.platform,

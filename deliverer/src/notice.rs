@@ -62,7 +62,7 @@ fn notice_for(integration: &Integration, job: &DeliveryJob, reason: &str, status
         integration_id: job.integration_id.clone(),
         team_id: job.event.team_id.clone(),
         channel_id: job.event.channel_id.clone(),
-        in_reply_to: job.event.ts.clone(),
+        in_reply_to: job.event.event_id.clone().unwrap_or_else(|| job.event.ts.clone()),
         event_thread_ts: job.event.thread_ts.clone(),
         answer: HandlerAnswer {
             text,

@@ -142,6 +142,7 @@ impl IntegrationIndex {
             .get(&event.channel_id)
             .into_iter()
             .chain(team.by_channel_name.get(&event.channel_name))
+            .chain(event.channel_alias.as_ref().and_then(|a| team.by_channel_name.get(a)))
             .flatten();
         for &i in by_channel {
             let integration = &self.integrations[i];
@@ -290,6 +291,8 @@ mod tests {
             bot_id: None,
             subtype: None,
             platform: None,
+            event_id: None,
+            channel_alias: None,
         }
     }
 
@@ -391,6 +394,35 @@ mod tests {
                 ("both-elsewhere".into(), "bot:".into())
             ])
         );
+    }
+
+    #[test]
+    fn matrix_rooms_by_id_or_alias() {
+        let idx = index(
+            &[
+                integ("by-room-id", "channel = \"!r:example.org\""),
+                integ("by-alias", "channel = \"#test:example.org\""),
+                integ("by-name", "channel = \"#test\""),
+            ]
+            .concat(),
+        );
+        let mut e = event("hello");
+        e.channel_id = "!r:example.org".into();
+        e.channel_name = "Test Room".into();
+        e.channel_alias = Some("#test:example.org".into());
+        assert_eq!(
+            fired(&idx, &e),
+            Ok(vec![("by-room-id".into(), "".into()), ("by-alias".into(), "".into())]),
+            "an alias matches the room's canonical alias, whatever its name"
+        );
+        e.channel_alias = None;
+        e.channel_name = "test".into();
+        assert_eq!(
+            fired(&idx, &e),
+            Ok(vec![("by-room-id".into(), "".into()), ("by-name".into(), "".into())])
+        );
+        let err = Config::parse(&integ("x", "channel = \"#:example.org\""), None).unwrap_err();
+        assert!(err.to_string().contains("#room:server"), "{err}");
     }
 
     #[test]

@@ -67,6 +67,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Matche
                 topology.events_exchange(),
                 ingress_metrics,
                 parts.slack_ingress.clone(),
+                parts.matrix_ingress.clone(),
                 shutdown.clone(),
             )
             .await?;

@@ -6,6 +6,7 @@
 //! confirmed by the broker first. Pacing and retries use the same delay
 //! ladder and retry schedule as the deliverer.
 
+pub mod matrix;
 mod metrics;
 pub mod sink;
 
@@ -89,10 +90,18 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             client: client.clone(),
         }
     });
+    // Replies to events from a Matrix homeserver go back to it, as the
+    // application service.
+    let matrix_platform = config
+        .ingress
+        .as_ref()
+        .and_then(|i| i.matrix.as_ref())
+        .map(|m| matrix::MatrixSink::new(m.clone(), parts.matrix_ingress.clone(), client.clone()));
     let metrics = ResponderMetrics::new(&parts.registry);
     info!(
         sink = sink.name(),
         slack_platform = slack_platform.is_some(),
+        matrix_platform = matrix_platform.is_some(),
         "responder posting replies"
     );
     let ctx = Arc::new(Context {
@@ -101,6 +110,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         prefetch: config.broker.prefetch,
         sink,
         slack_platform,
+        matrix_platform,
         integrations: parts.integrations.clone(),
         pace: config.responder.per_channel,
         limiter: RateLimiter::new(),
@@ -146,6 +156,8 @@ struct Context {
     sink: ReplySink,
     /// Where replies to events from Slack's ingress go (`platform = "slack"`).
     slack_platform: Option<ReplySink>,
+    /// Where replies to events from a Matrix homeserver go (`platform = "matrix"`).
+    matrix_platform: Option<matrix::MatrixSink>,
     integrations: watch::Receiver<Arc<Integrations>>,
     pace: RateLimit,
     limiter: RateLimiter<(String, String)>,
@@ -309,10 +321,11 @@ fn post<'a>(
         let integrations = ctx.integrations.borrow().clone();
         let out = outbound(&reply, integrations.get(&reply.integration_id).map(|i| i.as_ref()));
         let started = Instant::now();
-        let posted = match (reply.platform.as_deref(), &ctx.slack_platform) {
-            (None, _) => ctx.sink.post(&out, chat, ctx.timeout).await,
-            (Some("slack"), Some(slack)) => slack.post(&out, chat, ctx.timeout).await,
-            (Some(platform), _) => Posted::Retry {
+        let posted = match (reply.platform.as_deref(), &ctx.slack_platform, &ctx.matrix_platform) {
+            (None, _, _) => ctx.sink.post(&out, chat, ctx.timeout).await,
+            (Some("slack"), Some(slack), _) => slack.post(&out, chat, ctx.timeout).await,
+            (Some("matrix"), _, Some(matrix)) => matrix.post(&out, ctx.timeout).await,
+            (Some(platform), _, _) => Posted::Retry {
                 error: format!(
                     "a reply for platform {platform:?}, which this responder's configuration has no [ingress.{platform}] for"
                 ),

@@ -20,6 +20,7 @@ pub mod prometheus;
 mod relay;
 pub mod slack_api;
 mod stack;
+pub mod synapse;
 mod temp;
 mod timing;
 pub mod tls;

@@ -9,6 +9,7 @@
 //! opened by each session ([`Link`]); between sessions there is none.
 
 pub mod lookup;
+pub mod matrix;
 pub mod slack;
 
 use std::collections::{HashSet, VecDeque};
@@ -18,10 +19,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post, put};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use lapin::Connection;
@@ -34,7 +35,7 @@ use tracing::{debug, info, warn};
 
 use swallow_shared::ChatEvent;
 use swallow_shared::broker::{self, ConfirmedPublisher, Health};
-use swallow_shared::config::{IngressConfig, SlackSecrets};
+use swallow_shared::config::{IngressConfig, MatrixSecrets, SlackSecrets};
 use swallow_shared::metrics::{counter_vec, register};
 use swallow_shared::wire::messages::channel_key;
 
@@ -50,7 +51,8 @@ const BODY_DEADLINE: Duration = Duration::from_secs(10);
 pub const CONFIRM_BOUND: Duration = Duration::from_secs(2);
 /// How long a request waits for names (Slack wants an answer within 3 s).
 pub const LOOKUP_BUDGET: Duration = Duration::from_millis(800);
-/// Event ids remembered, to answer Slack's retries without publishing again.
+/// Event ids remembered, to answer retries (Slack's events, Matrix's
+/// transactions) without publishing again.
 const RECENT_EVENTS: usize = 10_000;
 /// How long connections under way may finish after shutdown.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -89,7 +91,7 @@ const REQUEST_RESULTS: &[&str] = &[
 /// The `result` labels of `swallow_ingress_events_total`.
 const EVENT_RESULTS: &[&str] = &["published", "duplicate", "ignored", "unavailable"];
 /// The platforms there are ingresses for.
-const PLATFORMS: &[&str] = &[slack::PLATFORM];
+const PLATFORMS: &[&str] = &[slack::PLATFORM, matrix::PLATFORM];
 
 /// The ingress's metrics. Every matcher exports them (at zero without an
 /// ingress), each label set from the start, so that a rate over them
@@ -155,8 +157,10 @@ impl Metrics {
 struct Ctx {
     exchange: String,
     link: LinkSlot,
-    secrets: watch::Receiver<Arc<SlackSecrets>>,
-    names: Names,
+    /// Slack's secrets and names, with `[ingress.slack]`.
+    slack: Option<(watch::Receiver<Arc<SlackSecrets>>, Names)>,
+    /// The homeserver, with `[ingress.matrix]`.
+    matrix: Option<matrix::Matrix>,
     recent: Mutex<RecentIds>,
     metrics: Metrics,
 }
@@ -177,6 +181,7 @@ pub async fn start(
     exchange: String,
     metrics: Metrics,
     secrets: watch::Receiver<Arc<SlackSecrets>>,
+    matrix_secrets: watch::Receiver<Arc<MatrixSecrets>>,
     shutdown: CancellationToken,
 ) -> Result<Ingress, IngressError> {
     let client = reqwest::Client::builder()
@@ -195,22 +200,39 @@ pub async fn start(
         source,
     })?;
     let lookups = metrics.lookups.clone();
-    let api_base = config
-        .slack
+    let slack = config.slack.as_ref().map(|s| {
+        let names = Names::new(s.api_base.clone(), secrets.clone(), client.clone(), lookups.clone());
+        (secrets, names)
+    });
+    let matrix = config
+        .matrix
         .as_ref()
-        .map(|s| s.api_base.clone())
-        .expect("a validated ingress has a platform");
+        .map(|m| matrix::Matrix::new(m.clone(), matrix_secrets, client, lookups));
     let link: LinkSlot = Arc::new(watch::channel(None).0);
+    let mut router = Router::new();
+    let mut paths = Vec::new();
+    if slack.is_some() {
+        router = router.route("/slack/events", post(slack_events));
+        paths.push("POST /slack/events");
+    }
+    if matrix.is_some() {
+        router = router
+            .route("/_matrix/app/v1/transactions/{txn_id}", put(matrix_transaction))
+            .route("/_matrix/app/v1/ping", post(matrix_ping))
+            .route("/_matrix/app/v1/users/{user_id}", get(matrix_not_found))
+            .route("/_matrix/app/v1/rooms/{alias}", get(matrix_not_found));
+        paths.push("PUT /_matrix/app/v1/transactions/{txnId}");
+    }
     let ctx = Arc::new(Ctx {
         exchange,
         link: link.clone(),
-        names: Names::new(api_base, secrets.clone(), client, lookups),
-        secrets,
+        slack,
+        matrix,
         recent: Mutex::new(RecentIds::new(RECENT_EVENTS)),
         metrics,
     });
-    let router = Router::new().route("/slack/events", post(slack_events)).with_state(ctx);
-    info!(%addr, "ingress listening: POST /slack/events");
+    let router = router.with_state(ctx);
+    info!(%addr, paths = %paths.join(", "), "ingress listening");
     tokio::spawn(serve(listener, router, shutdown.clone()));
     let health = Health::default();
     tokio::spawn(watch_readiness(link.clone(), health.clone(), shutdown));
@@ -308,7 +330,10 @@ async fn slack_request(ctx: &Ctx, request: Request, started: Instant) -> Answer 
         Err(refused) => return refused,
     };
     let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
-    let secrets = ctx.secrets.borrow().clone();
+    let Some((secrets, names)) = &ctx.slack else {
+        return Answer::new("bad_request", StatusCode::NOT_FOUND, "no Slack ingress\n");
+    };
+    let secrets = secrets.borrow().clone();
     if let Err(bad) = slack::verify(
         &secrets.signing_secrets,
         header("x-slack-request-timestamp"),
@@ -339,9 +364,9 @@ async fn slack_request(ctx: &Ctx, request: Request, started: Instant) -> Answer 
                 ([(header::CONTENT_TYPE, "application/json")], body),
             )
         }
-        "event_callback" => event_callback(ctx, envelope, header("x-slack-retry-num"), started).await,
+        "event_callback" => event_callback(ctx, names, envelope, header("x-slack-retry-num"), started).await,
         _ => {
-            ctx.count_event("ignored");
+            ctx.count_event(slack::PLATFORM, "ignored");
             Answer::new("ignored", StatusCode::OK, "")
         }
     }
@@ -378,7 +403,13 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<bytes::Bytes, Answ
     }
 }
 
-async fn event_callback(ctx: &Ctx, envelope: slack::Envelope, retry_num: Option<&str>, started: Instant) -> Answer {
+async fn event_callback(
+    ctx: &Ctx,
+    names: &Names,
+    envelope: slack::Envelope,
+    retry_num: Option<&str>,
+    started: Instant,
+) -> Answer {
     let (Some(team_id), Some(inner)) = (envelope.team_id.as_deref(), envelope.event.as_ref()) else {
         return Answer::new(
             "bad_request",
@@ -387,7 +418,7 @@ async fn event_callback(ctx: &Ctx, envelope: slack::Envelope, retry_num: Option<
         );
     };
     let Some(mut event) = slack::to_chat_event(team_id, inner) else {
-        ctx.count_event("ignored");
+        ctx.count_event(slack::PLATFORM, "ignored");
         return Answer::new("ignored", StatusCode::OK, "");
     };
     // Slack's event id, else the message's own identity.
@@ -397,19 +428,19 @@ async fn event_callback(ctx: &Ctx, envelope: slack::Envelope, retry_num: Option<
         .unwrap_or_else(|| [team_id, "/", &event.channel_id, "/", &event.ts].concat());
     if ctx.recent.lock().unwrap_or_else(|e| e.into_inner()).contains(&key) {
         debug!(event_id = %key, retry = retry_num.unwrap_or("0"), "ingress: a retry of an event already published");
-        ctx.count_event("duplicate");
+        ctx.count_event(slack::PLATFORM, "duplicate");
         return Answer::new("duplicate", StatusCode::OK, "");
     }
     if ctx.link.borrow().is_none() {
         // Not worth a lookup: nothing can be published.
-        ctx.count_event("unavailable");
+        ctx.count_event(slack::PLATFORM, "unavailable");
         return Answer::new("unavailable", StatusCode::SERVICE_UNAVAILABLE, "no broker connection\n");
     }
-    ctx.names.fill(&mut event, LOOKUP_BUDGET).await;
+    names.fill(&mut event, LOOKUP_BUDGET).await;
     match ctx.publish(&event).await {
         Ok(()) => {
             ctx.recent.lock().unwrap_or_else(|e| e.into_inner()).insert(key);
-            ctx.count_event("published");
+            ctx.count_event(slack::PLATFORM, "published");
             ctx.metrics
                 .latency
                 .with_label_values(&[slack::PLATFORM])
@@ -418,15 +449,161 @@ async fn event_callback(ctx: &Ctx, envelope: slack::Envelope, retry_num: Option<
         }
         Err(error) => {
             warn!(%error, "ingress: event not published; answered 503 for the platform to retry");
-            ctx.count_event("unavailable");
+            ctx.count_event(slack::PLATFORM, "unavailable");
             Answer::new("unavailable", StatusCode::SERVICE_UNAVAILABLE, format!("{error}\n"))
         }
     }
 }
 
+/// A Matrix error answer: `{"errcode": …, "error": …}`.
+fn matrix_error(result: &'static str, status: StatusCode, errcode: &str, error: &str) -> Answer {
+    let body = serde_json::json!({ "errcode": errcode, "error": error }).to_string();
+    Answer::new(result, status, ([(header::CONTENT_TYPE, "application/json")], body))
+}
+
+fn matrix_ok(result: &'static str) -> Answer {
+    Answer::new(
+        result,
+        StatusCode::OK,
+        ([(header::CONTENT_TYPE, "application/json")], "{}"),
+    )
+}
+
+/// Checks the homeserver's token; `Some(refusal)` when it is missing or wrong.
+fn matrix_auth(matrix: &matrix::Matrix, parts: &axum::http::request::Parts) -> Option<Answer> {
+    let header = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    match matrix::check_token(&matrix.hs_token(), header, parts.uri.query()) {
+        matrix::Auth::Ok => None,
+        matrix::Auth::Missing => Some(matrix_error(
+            "unauthorized",
+            StatusCode::UNAUTHORIZED,
+            "M_MISSING_TOKEN",
+            "no access token",
+        )),
+        matrix::Auth::Wrong => Some(matrix_error(
+            "unauthorized",
+            StatusCode::FORBIDDEN,
+            "M_FORBIDDEN",
+            "the token is not the hs_token",
+        )),
+    }
+}
+
+async fn matrix_ping(State(ctx): State<Arc<Ctx>>, request: Request) -> Response {
+    let (parts, _) = request.into_parts();
+    let answer = match ctx.matrix.as_ref().and_then(|m| matrix_auth(m, &parts)) {
+        Some(refused) => refused,
+        None => matrix_ok("ok"),
+    };
+    ctx.count_request(matrix::PLATFORM, answer.result);
+    answer.response
+}
+
+/// Users and rooms queries: swallow makes none on demand.
+async fn matrix_not_found(State(ctx): State<Arc<Ctx>>, request: Request) -> Response {
+    let (parts, _) = request.into_parts();
+    let answer = match ctx.matrix.as_ref().and_then(|m| matrix_auth(m, &parts)) {
+        Some(refused) => refused,
+        None => matrix_error("ignored", StatusCode::NOT_FOUND, "M_NOT_FOUND", "swallow creates none"),
+    };
+    ctx.count_request(matrix::PLATFORM, answer.result);
+    answer.response
+}
+
+async fn matrix_transaction(State(ctx): State<Arc<Ctx>>, Path(txn_id): Path<String>, request: Request) -> Response {
+    let started = Instant::now();
+    let answer = match &ctx.matrix {
+        Some(m) => transaction(&ctx, m, &txn_id, request, started).await,
+        None => Answer::new("bad_request", StatusCode::NOT_FOUND, ""),
+    };
+    ctx.count_request(matrix::PLATFORM, answer.result);
+    answer.response
+}
+
+/// One transaction: answered `{}` once every message in it is confirmed by
+/// the broker (or was already); a transaction seen before, at once.
+async fn transaction(ctx: &Ctx, m: &matrix::Matrix, txn_id: &str, request: Request, started: Instant) -> Answer {
+    let (parts, body) = request.into_parts();
+    if let Some(refused) = matrix_auth(m, &parts) {
+        debug!("ingress: Matrix transaction refused (token)");
+        return refused;
+    }
+    let body = match read_body(&parts.headers, body).await {
+        Ok(body) => body,
+        Err(refused) => return refused,
+    };
+    let txn_key = ["matrix-txn/", txn_id].concat();
+    if ctx.recent.lock().unwrap_or_else(|e| e.into_inner()).contains(&txn_key) {
+        debug!(txn_id, "ingress: a Matrix transaction already answered");
+        return matrix_ok("duplicate");
+    }
+    let txn: matrix::Transaction = match serde_json::from_slice(&body) {
+        Ok(t) => t,
+        Err(error) => {
+            return matrix_error(
+                "bad_request",
+                StatusCode::BAD_REQUEST,
+                "M_NOT_JSON",
+                &format!("not a transaction: {error}"),
+            );
+        }
+    };
+    let mut failed = None;
+    for raw in txn.events {
+        let Ok(event) = serde_json::from_value::<matrix::RoomEvent>(raw) else {
+            ctx.count_event(matrix::PLATFORM, "ignored");
+            continue;
+        };
+        m.observe_state(&event);
+        let Some(mut chat) = matrix::to_chat_event(&m.config().server_name, &event) else {
+            ctx.count_event(matrix::PLATFORM, "ignored");
+            continue;
+        };
+        if m.is_own(&event.sender) {
+            ctx.count_event(matrix::PLATFORM, "ignored");
+            continue;
+        }
+        let key = ["matrix/", &event.event_id].concat();
+        if ctx.recent.lock().unwrap_or_else(|e| e.into_inner()).contains(&key) {
+            ctx.count_event(matrix::PLATFORM, "duplicate");
+            continue;
+        }
+        if failed.is_some() || ctx.link.borrow().is_none() {
+            ctx.count_event(matrix::PLATFORM, "unavailable");
+            failed.get_or_insert_with(|| "no broker connection".to_owned());
+            continue;
+        }
+        m.fill(&mut chat, LOOKUP_BUDGET).await;
+        match ctx.publish(&chat).await {
+            Ok(()) => {
+                ctx.recent.lock().unwrap_or_else(|e| e.into_inner()).insert(key);
+                ctx.count_event(matrix::PLATFORM, "published");
+            }
+            Err(error) => {
+                ctx.count_event(matrix::PLATFORM, "unavailable");
+                failed = Some(error);
+            }
+        }
+    }
+    if let Some(error) = failed {
+        warn!(txn_id, %error, "ingress: Matrix transaction not all published; answered 503 for the homeserver to retry");
+        return matrix_error("unavailable", StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", &error);
+    }
+    ctx.recent.lock().unwrap_or_else(|e| e.into_inner()).insert(txn_key);
+    ctx.metrics
+        .latency
+        .with_label_values(&[matrix::PLATFORM])
+        .observe(started.elapsed().as_secs_f64());
+    matrix_ok("ok")
+}
+
 impl Ctx {
-    fn count_event(&self, result: &str) {
-        self.metrics.events.with_label_values(&[slack::PLATFORM, result]).inc();
+    fn count_event(&self, platform: &str, result: &str) {
+        self.metrics.events.with_label_values(&[platform, result]).inc();
+    }
+
+    fn count_request(&self, platform: &str, result: &str) {
+        self.metrics.requests.with_label_values(&[platform, result]).inc();
     }
 
     /// Publishes one event and waits, at most [`CONFIRM_BOUND`], for its confirm.

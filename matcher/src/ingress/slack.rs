@@ -182,6 +182,8 @@ pub fn to_chat_event(team_id: &str, e: &InnerEvent) -> Option<ChatEvent> {
         bot_id: e.bot_id.clone().filter(|b| !b.is_empty()),
         subtype: e.subtype.clone(),
         platform: Some(PLATFORM.to_owned()),
+        event_id: None,
+        channel_alias: None,
     })
 }
 

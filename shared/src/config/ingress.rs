@@ -1,5 +1,6 @@
 //! `[ingress]`: the matcher's listener for chat platforms (docs/contract.md
-//! §9), and `[ingress.slack]`, Slack's Events API. Raw structs are strict
+//! §9), `[ingress.slack]`, Slack's Events API, and `[ingress.matrix]`, a
+//! Matrix homeserver's Application Service API. Raw structs are strict
 //! (`deny_unknown_fields`); secrets may come from files, read (and hashed,
 //! for the reload check) by the configuration's own secret reader.
 
@@ -23,6 +24,20 @@ pub const DEFAULT_SLACK_API_BASE: &str = "https://slack.com/api";
 pub(super) struct RawIngress {
     listen: Option<String>,
     slack: Option<RawSlackIngress>,
+    matrix: Option<RawMatrixIngress>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMatrixIngress {
+    homeserver_url: Option<String>,
+    server_name: Option<String>,
+    as_token: Option<String>,
+    as_token_file: Option<PathBuf>,
+    hs_token: Option<String>,
+    hs_token_file: Option<PathBuf>,
+    sender_localpart: Option<String>,
+    registration_url: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -49,6 +64,50 @@ pub struct IngressConfig {
     /// `listen` (`SWALLOW_INGRESS_ADDR` overrides).
     pub listen: SocketAddr,
     pub slack: Option<SlackIngress>,
+    pub matrix: Option<MatrixIngress>,
+}
+
+/// The bot's localpart unless `sender_localpart` says otherwise.
+pub const DEFAULT_SENDER_LOCALPART: &str = "swallow";
+
+/// `[ingress.matrix]`: swallow as an application service of one homeserver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MatrixIngress {
+    /// The client-server API's base (`https://matrix.example.org`).
+    pub homeserver_url: Url,
+    /// The homeserver's name: the `:server` of its ids, and the events' `team_id`.
+    pub server_name: String,
+    /// The bot's localpart; swallow's virtual users are `<it>_<name>`.
+    pub sender_localpart: String,
+    /// The ingress's public URL, for the registration file.
+    pub registration_url: Option<Url>,
+    /// What a reload check may change: the tokens.
+    pub secrets: MatrixSecrets,
+}
+
+impl MatrixIngress {
+    /// `@<sender_localpart>:<server_name>`.
+    pub fn bot_user_id(&self) -> String {
+        format!("@{}:{}", self.sender_localpart, self.server_name)
+    }
+}
+
+/// The Matrix tokens in force; re-read from their files at every reload check.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct MatrixSecrets {
+    /// swallow's token towards the homeserver (client-server API).
+    pub as_token: String,
+    /// The homeserver's token towards swallow (its transactions carry it).
+    pub hs_token: String,
+}
+
+impl std::fmt::Debug for MatrixSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MatrixSecrets")
+            .field("as_token", &"<redacted>")
+            .field("hs_token", &"<redacted>")
+            .finish()
+    }
 }
 
 /// `[ingress.slack]`.
@@ -83,12 +142,65 @@ impl std::fmt::Debug for SlackSecrets {
 pub(super) fn validate(raw: RawIngress, files: &SecretFiles) -> Result<IngressConfig, FieldError> {
     let listen = raw.listen.unwrap_or_else(|| DEFAULT_INGRESS_ADDR.into());
     let listen = parse_addr(&listen).map_err(at("ingress.listen"))?;
-    let Some(s) = raw.slack else {
+    if raw.slack.is_none() && raw.matrix.is_none() {
         return Err((
             "ingress".into(),
-            "an ingress needs a platform: add [ingress.slack]".into(),
+            "an ingress needs a platform: add [ingress.slack], [ingress.matrix] or both".into(),
         ));
+    }
+    let matrix = raw.matrix.map(|m| validate_matrix(m, files)).transpose()?;
+    let slack = raw.slack.map(|s| validate_slack(s, files)).transpose()?;
+    Ok(IngressConfig { listen, slack, matrix })
+}
+
+fn validate_matrix(m: RawMatrixIngress, files: &SecretFiles) -> Result<MatrixIngress, FieldError> {
+    let field = |f: &str| format!("ingress.matrix.{f}");
+    let Some(base) = m.homeserver_url else {
+        return Err((field("homeserver_url"), "[ingress.matrix] needs homeserver_url".into()));
     };
+    let homeserver_url = parse_http_url(&base).map_err(|e| (field("homeserver_url"), e))?;
+    let server_name = m.server_name.map(|s| s.trim().to_owned()).unwrap_or_default();
+    if server_name.is_empty() || server_name.contains(['/', ' ', '@', '#', '!']) {
+        return Err((
+            field("server_name"),
+            "[ingress.matrix] needs server_name, the homeserver's name (e.g. \"example.org\")".into(),
+        ));
+    }
+    let sender_localpart = m.sender_localpart.unwrap_or_else(|| DEFAULT_SENDER_LOCALPART.into());
+    let valid = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "._=-/".contains(c);
+    if sender_localpart.is_empty() || !sender_localpart.chars().all(valid) {
+        return Err((
+            field("sender_localpart"),
+            "a localpart is lowercase letters, digits and ._=-/".into(),
+        ));
+    }
+    let registration_url = m
+        .registration_url
+        .map(|u| parse_http_url(&u).map_err(|e| (field("registration_url"), e)))
+        .transpose()?;
+    let token = |inline, file: Option<PathBuf>, name: &str| {
+        let value = files
+            .secret(inline, file.as_deref(), name)
+            .map_err(|(f, e)| (field(&f), e))?
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty());
+        value.ok_or_else(|| (field(name), format!("[ingress.matrix] needs {name} or {name}_file")))
+    };
+    let as_token = token(m.as_token, m.as_token_file, "as_token")?;
+    let hs_token = token(m.hs_token, m.hs_token_file, "hs_token")?;
+    if as_token == hs_token {
+        return Err((field("hs_token"), "as_token and hs_token must differ".into()));
+    }
+    Ok(MatrixIngress {
+        homeserver_url,
+        server_name,
+        sender_localpart,
+        registration_url,
+        secrets: MatrixSecrets { as_token, hs_token },
+    })
+}
+
+fn validate_slack(s: RawSlackIngress, files: &SecretFiles) -> Result<SlackIngress, FieldError> {
     let field = |f: &str| format!("ingress.slack.{f}");
     let base = s.api_base.unwrap_or_else(|| DEFAULT_SLACK_API_BASE.into());
     let api_base = parse_http_url(&base).map_err(|m| (field("api_base"), m))?;
@@ -132,15 +244,12 @@ pub(super) fn validate(raw: RawIngress, files: &SecretFiles) -> Result<IngressCo
     if !bot_token.starts_with("xoxb-") {
         return Err((field("bot_token"), "a bot token starts with \"xoxb-\"".into()));
     }
-    Ok(IngressConfig {
-        listen,
-        slack: Some(SlackIngress {
-            api_base,
-            secrets: SlackSecrets {
-                signing_secrets,
-                bot_token,
-            },
-        }),
+    Ok(SlackIngress {
+        api_base,
+        secrets: SlackSecrets {
+            signing_secrets,
+            bot_token,
+        },
     })
 }
 
@@ -169,6 +278,45 @@ mod tests {
         assert_eq!(s.secrets.signing_secrets, ["old", "new"]);
         assert_eq!(s.api_base.as_str(), "https://slack.com/api");
         assert!(!format!("{s:?}").contains("xoxb-1"), "the token is never shown");
+    }
+
+    #[test]
+    fn a_matrix_ingress() {
+        let c = parse(
+            "[ingress.matrix]\nhomeserver_url = \"http://127.0.0.1:8008\"\nserver_name = \"example.org\"\nas_token = \"a\"\nhs_token = \"h\"\n",
+        )
+        .unwrap();
+        let i = c.ingress.unwrap();
+        assert!(i.slack.is_none());
+        let m = i.matrix.unwrap();
+        assert_eq!(m.bot_user_id(), "@swallow:example.org");
+        assert_eq!((m.secrets.as_token.as_str(), m.secrets.hs_token.as_str()), ("a", "h"));
+        assert!(!format!("{m:?}").contains("\"a\""), "tokens are never shown");
+        for (text, want) in [
+            (
+                "server_name = \"x\"\nas_token = \"a\"\nhs_token = \"h\"\n",
+                "ingress.matrix.homeserver_url",
+            ),
+            (
+                "homeserver_url = \"http://h/\"\nas_token = \"a\"\nhs_token = \"h\"\n",
+                "ingress.matrix.server_name",
+            ),
+            (
+                "homeserver_url = \"http://h/\"\nserver_name = \"x\"\nhs_token = \"h\"\n",
+                "ingress.matrix.as_token",
+            ),
+            (
+                "homeserver_url = \"http://h/\"\nserver_name = \"x\"\nas_token = \"a\"\nhs_token = \"a\"\n",
+                "must differ",
+            ),
+            (
+                "homeserver_url = \"http://h/\"\nserver_name = \"x\"\nas_token = \"a\"\nhs_token = \"h\"\nsender_localpart = \"Bot\"\n",
+                "ingress.matrix.sender_localpart",
+            ),
+        ] {
+            let err = parse(&format!("[ingress.matrix]\n{text}")).unwrap_err();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
     }
 
     #[test]

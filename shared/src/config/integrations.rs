@@ -312,10 +312,18 @@ impl RawIntegration {
     }
 }
 
-/// `channel = "#name"` or `channel = "C2147483705"`.
+/// `channel = "#name"`, `channel = "C2147483705"`, a Matrix room id
+/// (`"!abc:example.org"`, an id) or a Matrix alias (`"#room:example.org"`:
+/// a name kept whole, `#` included, matched against the room's canonical
+/// alias).
 fn channel_ref(text: &str) -> Result<ChannelRef, FieldError> {
     let c = text.trim();
-    if let Some(name) = c.strip_prefix('#') {
+    if c.starts_with('#') && c.contains(':') {
+        if c.len() < 4 || c.starts_with("#:") || c.ends_with(':') {
+            return Err(at("channel")("a Matrix alias is \"#room:server\"".into()));
+        }
+        Ok(ChannelRef::Name(c.to_owned()))
+    } else if let Some(name) = c.strip_prefix('#') {
         if name.is_empty() {
             return Err(at("channel")("\"#\" needs a channel name after it".into()));
         }

@@ -30,7 +30,10 @@ pub(crate) use broker::amqp_uri;
 pub use broker::{BrokerConfig, BrokerUrls};
 pub use errors::ConfigError;
 use errors::{FieldError, at, from_value, syntax_error};
-pub use ingress::{DEFAULT_INGRESS_ADDR, DEFAULT_SLACK_API_BASE, IngressConfig, SlackIngress, SlackSecrets};
+pub use ingress::{
+    DEFAULT_INGRESS_ADDR, DEFAULT_SENDER_LOCALPART, DEFAULT_SLACK_API_BASE, IngressConfig, MatrixIngress,
+    MatrixSecrets, SlackIngress, SlackSecrets,
+};
 pub use integrations::{ChannelRef, ChannelType, ContentType, Integration, Integrations, OnFailure, TriggerMatch};
 pub use log::{DeliveryLogConfig, LogConfig, LogFormat};
 pub use rate::{MIN_PER_SECOND, OnLimit, RateLimit};

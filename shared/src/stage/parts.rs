@@ -59,6 +59,8 @@ pub struct StageParts {
     pub slack_token: watch::Receiver<Arc<str>>,
     /// `[ingress.slack]`'s secrets in force, updated on every valid reload.
     pub slack_ingress: watch::Receiver<Arc<crate::config::SlackSecrets>>,
+    /// `[ingress.matrix]`'s tokens in force, updated on every valid reload.
+    pub matrix_ingress: watch::Receiver<Arc<crate::config::MatrixSecrets>>,
     /// The delivery log; the stage keeps clones where it records steps.
     pub log: DeliveryLog,
     appender: Option<JoinHandle<()>>,
@@ -96,6 +98,7 @@ impl StageParts {
             integrations: watched.integrations,
             slack_token: watched.slack_token,
             slack_ingress: watched.slack_ingress,
+            matrix_ingress: watched.matrix_ingress,
             log,
             appender,
             ops_addr,

@@ -15,8 +15,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use crate::config::SlackSecrets;
 use crate::config::{Config, Integrations, Sink, content_hash};
+use crate::config::{MatrixSecrets, SlackSecrets};
 use crate::metrics::CommonMetrics;
 
 /// What a reload check can change while a stage runs.
@@ -30,6 +30,13 @@ pub(crate) struct Watched {
     /// `[ingress.slack]`'s secrets in force (signing secrets, bot token),
     /// re-read from their files like the rest; empty without one.
     pub slack_ingress: watch::Receiver<Arc<SlackSecrets>>,
+    /// `[ingress.matrix]`'s tokens in force, re-read the same way; empty without one.
+    pub matrix_ingress: watch::Receiver<Arc<MatrixSecrets>>,
+}
+
+fn matrix_ingress(config: &Config) -> MatrixSecrets {
+    let matrix = config.ingress.as_ref().and_then(|i| i.matrix.as_ref());
+    matrix.map(|m| m.secrets.clone()).unwrap_or_default()
 }
 
 fn slack_ingress(config: &Config) -> SlackSecrets {
@@ -65,10 +72,12 @@ pub(crate) fn watch_config(config: &Config, metrics: CommonMetrics, shutdown: Ca
     let (integrations, rx) = watch::channel(initial);
     let (slack_token_tx, token_rx) = watch::channel(Arc::from(slack_token(config).unwrap_or_default()));
     let (slack_ingress_tx, ingress_rx) = watch::channel(Arc::new(slack_ingress(config)));
+    let (matrix_ingress_tx, matrix_rx) = watch::channel(Arc::new(matrix_ingress(config)));
     let watched = Watched {
         integrations: rx,
         slack_token: token_rx,
         slack_ingress: ingress_rx,
+        matrix_ingress: matrix_rx,
     };
     let interval = config.reload_interval;
     let Some(path) = config.path.clone() else {
@@ -93,6 +102,7 @@ pub(crate) fn watch_config(config: &Config, metrics: CommonMetrics, shutdown: Ca
             integrations,
             slack_token: slack_token_tx,
             slack_ingress: slack_ingress_tx,
+            matrix_ingress: matrix_ingress_tx,
             last_bytes,
             last_error: None,
             last_secrets,
@@ -117,6 +127,7 @@ struct Watcher {
     integrations: watch::Sender<Arc<Integrations>>,
     slack_token: watch::Sender<Arc<str>>,
     slack_ingress: watch::Sender<Arc<SlackSecrets>>,
+    matrix_ingress: watch::Sender<Arc<MatrixSecrets>>,
     last_bytes: Option<Vec<u8>>,
     last_error: Option<String>,
     last_secrets: Option<Vec<(PathBuf, u64)>>,
@@ -172,7 +183,12 @@ impl Watcher {
         if ingress_changed {
             info!(path = %path, "ingress.slack secrets reloaded");
         }
-        if !changed && !token_changed && !ingress_changed && *config.integrations == **self.integrations.borrow() {
+        let matrix_changed = replace(&self.matrix_ingress, &matrix_ingress(&config), |s| Arc::new(s.clone()));
+        if matrix_changed {
+            info!(path = %path, "ingress.matrix tokens reloaded");
+        }
+        let secrets_changed = token_changed || ingress_changed || matrix_changed;
+        if !changed && !secrets_changed && *config.integrations == **self.integrations.borrow() {
             return true;
         }
         let count = config.integrations.list.len();

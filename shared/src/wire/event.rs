@@ -33,6 +33,15 @@ pub struct ChatEvent {
     /// events published directly. Replies go back to it (docs/contract.md §6).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<String>,
+    /// The platform's own id of the message when `ts` is not one (a Matrix
+    /// event id, `$…`): the `webhook-id` is derived from it, and a reply
+    /// threads under it (docs/contract.md §3, §9).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
+    /// The room's canonical alias (`#room:server`) on Matrix, which an
+    /// integration's `channel` may name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel_alias: Option<String>,
 }
 
 /// Why an event was refused. The variant is a bounded metric label; the

@@ -20,11 +20,22 @@ use super::event::ChatEvent;
 /// `unsupported_version`, to be replayed) rather than misroutes. A message
 /// without one is written as version 1, exactly as before, so the previous
 /// version keeps taking everything that does not come through an ingress.
-pub const MESSAGE_VERSION: u32 = 2;
+///
+/// Version 3 is version 2 for platforms other than Slack (Matrix): the
+/// event carries an `event_id`, the `webhook-id` is derived from it rather
+/// than from `ts`, and the reply's `in_reply_to` is that id. A stage of
+/// version 2 would send such a reply nowhere it can post; it refuses it
+/// (`unsupported_version`, to be replayed) instead.
+pub const MESSAGE_VERSION: u32 = 3;
 
-/// The version a message is written in: 2 when it carries a platform, else 1.
+/// The version a message is written in: 1 without a platform, 2 from
+/// Slack's ingress, 3 from any other.
 pub fn version_for(platform: Option<&str>) -> u32 {
-    if platform.is_some() { 2 } else { 1 }
+    match platform {
+        None => 1,
+        Some("slack") => 2,
+        Some(_) => 3,
+    }
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -111,14 +122,16 @@ impl DeliveryJob {
     }
 
     /// The deterministic `webhook-id` of one (event, integration, URL): a
-    /// UUID v5 of the five joined by NULs. Built by appending, not with
+    /// UUID v5 of the five joined by NULs (the event's `event_id` in place
+    /// of its `ts` when it has one: a Matrix event's id is unique, its
+    /// millisecond timestamp need not be). Built by appending, not with
     /// `format!`, which cost as much as the SHA-1 (one per matched URL).
     pub fn delivery_id_for(event: &ChatEvent, integration_id: &str, url_index: usize) -> String {
         let index = url_index.to_string();
         let key = [
             event.team_id.as_str(),
             &event.channel_id,
-            &event.ts,
+            event.event_id.as_deref().unwrap_or(&event.ts),
             integration_id,
             &index,
         ]
@@ -180,7 +193,7 @@ pub struct ReplyJob {
     pub integration_id: String,
     pub team_id: String,
     pub channel_id: String,
-    /// The triggering message's `ts`.
+    /// The triggering message's `ts` (its `event_id` when it has one, version 3).
     pub in_reply_to: String,
     /// The triggering message's thread, when it was in one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
