@@ -74,6 +74,7 @@ impl Setup {
             .set("ingress.slack", "api_base", api.api_base())
             .integration(
                 Integration::new("googlebot")
+                    .token("XXXXXXXXXXXXXXXXXX")
                     .raw(integration)
                     .url(handler.url("/googlebot"))
                     .set("bot_name", "Google Bot")
