@@ -7,7 +7,7 @@
 //! longer goes on in its own task and fills the cache for the next event.
 //! Slack's `429` stops all lookups until its `Retry-After` has passed.
 
-use std::collections::HashMap;
+use super::cache::TtlCache;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,8 +27,6 @@ pub const FOUND_TTL: Duration = Duration::from_secs(600);
 pub const FAILED_TTL: Duration = Duration::from_secs(60);
 /// Each lookup's own bound, past the request's budget.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
-/// Entries kept; the cache is emptied when it grows past this.
-const MAX_ENTRIES: usize = 50_000;
 /// A `429` without a usable `Retry-After` stops lookups this long.
 const DEFAULT_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -103,16 +101,11 @@ impl Outcome {
     }
 }
 
-struct Entry {
-    name: Option<String>,
-    until: Instant,
-}
-
 struct Shared {
     api_base: Url,
     secrets: watch::Receiver<Arc<SlackSecrets>>,
     client: reqwest::Client,
-    cache: Mutex<HashMap<(Kind, String), Entry>>,
+    cache: TtlCache<(Kind, String)>,
     /// No lookups before this (Slack's `Retry-After`).
     paused_until: Mutex<Option<Instant>>,
     lookups: IntCounterVec,
@@ -133,7 +126,7 @@ impl Names {
             api_base,
             secrets,
             client,
-            cache: Mutex::default(),
+            cache: TtlCache::default(),
             paused_until: Mutex::default(),
             lookups,
         }))
@@ -160,15 +153,7 @@ impl Names {
     }
 
     async fn name(&self, kind: Kind, id: String, deadline: tokio::time::Instant) -> Option<String> {
-        let now = Instant::now();
-        let cached = {
-            let cache = self.0.cache.lock().unwrap_or_else(|e| e.into_inner());
-            cache
-                .get(&(kind, id.clone()))
-                .filter(|e| e.until > now)
-                .map(|e| e.name.clone())
-        };
-        if let Some(name) = cached {
+        if let Some(name) = self.0.cache.get(&(kind, id.clone())) {
             self.count(if name.is_some() {
                 Outcome::Cached
             } else {
@@ -226,17 +211,7 @@ impl Names {
                 (Outcome::Failed, None, FAILED_TTL)
             }
         };
-        let mut cache = self.0.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= MAX_ENTRIES {
-            cache.clear();
-        }
-        cache.insert(
-            (kind, id),
-            Entry {
-                name: name.clone(),
-                until: Instant::now() + ttl,
-            },
-        );
+        self.0.cache.put((kind, id), name.clone(), ttl);
         (outcome, name)
     }
 

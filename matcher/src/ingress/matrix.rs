@@ -11,9 +11,10 @@
 //! (`ruma-events`' typed enums reject or bury what they do not model; the
 //! crates would also add about a hundred thousand lines to build for it).
 
-use std::collections::{HashMap, HashSet};
+use super::cache::TtlCache;
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prometheus::IntCounterVec;
 use reqwest::header::AUTHORIZATION;
@@ -35,8 +36,6 @@ const FOUND_TTL: Duration = Duration::from_secs(600);
 const FAILED_TTL: Duration = Duration::from_secs(60);
 /// Each lookup's own bound, past the request's budget.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
-/// Entries kept; the cache is emptied when it grows past this.
-const MAX_ENTRIES: usize = 50_000;
 
 /// Whether the request carries the homeserver's token: `Authorization:
 /// Bearer <hs_token>`, or the legacy `?access_token=` older servers send.
@@ -192,17 +191,12 @@ impl State {
     }
 }
 
-struct Entry {
-    /// `None`: the room has no such state (or no such field).
-    value: Option<String>,
-    until: Instant,
-}
-
 struct Shared {
     config: MatrixIngress,
     secrets: watch::Receiver<Arc<MatrixSecrets>>,
     client: reqwest::Client,
-    cache: Mutex<HashMap<(String, State), Entry>>,
+    /// `None`: the room has no such state (or no such field).
+    cache: TtlCache<(String, State)>,
     /// Rooms the bot was invited to as a direct chat.
     direct: Mutex<HashSet<String>>,
     lookups: IntCounterVec,
@@ -223,7 +217,7 @@ impl Matrix {
             config,
             secrets,
             client,
-            cache: Mutex::default(),
+            cache: TtlCache::default(),
             direct: Mutex::default(),
             lookups,
         }))
@@ -282,11 +276,7 @@ impl Matrix {
 
     fn forget_room(&self, room: &str) {
         self.0.direct.lock().unwrap_or_else(|p| p.into_inner()).remove(room);
-        self.0
-            .cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|(r, _), _| r != room);
+        self.0.cache.forget(|(r, _)| r == room);
     }
 
     /// `POST /_matrix/client/v3/join/{room}` or `/rooms/{room}/forget`, as the bot.
@@ -347,14 +337,7 @@ impl Matrix {
 
     async fn state(&self, room: &str, state: State, deadline: tokio::time::Instant) -> Option<String> {
         let key = (room.to_owned(), state);
-        let cached = {
-            let cache = self.0.cache.lock().unwrap_or_else(|p| p.into_inner());
-            cache
-                .get(&key)
-                .filter(|e| e.until > Instant::now())
-                .map(|e| e.value.clone())
-        };
-        if let Some(value) = cached {
+        if let Some(value) = self.0.cache.get(&key) {
             self.count("cached");
             return value;
         }
@@ -393,17 +376,7 @@ impl Matrix {
     }
 
     fn store(&self, key: (String, State), value: Option<String>, ttl: Duration) {
-        let mut cache = self.0.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= MAX_ENTRIES {
-            cache.clear();
-        }
-        cache.insert(
-            key,
-            Entry {
-                value,
-                until: Instant::now() + ttl,
-            },
-        );
+        self.0.cache.put(key, value, ttl);
     }
 
     /// `GET /_matrix/client/v3/rooms/{room}/state/{type}/{state_key}`; a

@@ -8,6 +8,7 @@
 //! The publisher is a channel of the matcher's own broker connection,
 //! opened by each session ([`Link`]); between sessions there is none.
 
+mod cache;
 pub mod lookup;
 pub mod matrix;
 pub mod slack;

@@ -1,0 +1,76 @@
+//! What a platform told us about a name, kept for a while: names found for
+//! long, failures for a short time, so that a burst of events in one channel
+//! makes one lookup and a platform that failed is asked again soon.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Entries kept; the cache is emptied when it grows past this.
+const MAX_ENTRIES: usize = 50_000;
+
+struct Entry {
+    /// `None`: the platform has no such name (or the lookup failed).
+    value: Option<String>,
+    until: Instant,
+}
+
+/// Values by key, each until its time to live ends.
+pub(crate) struct TtlCache<K>(Mutex<HashMap<K, Entry>>);
+
+impl<K: Hash + Eq> Default for TtlCache<K> {
+    fn default() -> Self {
+        TtlCache(Mutex::default())
+    }
+}
+
+impl<K: Hash + Eq> TtlCache<K> {
+    /// The value kept for `key`, if any is still in force (`Some(None)`: kept
+    /// as absent).
+    pub(crate) fn get(&self, key: &K) -> Option<Option<String>> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(key)
+            .filter(|e| e.until > Instant::now())
+            .map(|e| e.value.clone())
+    }
+
+    /// Keeps `value` for `key` for `ttl`.
+    pub(crate) fn put(&self, key: K, value: Option<String>, ttl: Duration) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_ENTRIES {
+            map.clear();
+        }
+        map.insert(
+            key,
+            Entry {
+                value,
+                until: Instant::now() + ttl,
+            },
+        );
+    }
+
+    /// Forgets every key `drop` says.
+    pub(crate) fn forget(&self, drop: impl Fn(&K) -> bool) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| !drop(k));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_kept_for_their_time_and_forgotten_on_demand() {
+        let cache = TtlCache::default();
+        assert_eq!(cache.get(&"a"), None);
+        cache.put("a", Some("name".into()), Duration::from_secs(60));
+        cache.put("b", None, Duration::from_secs(60));
+        cache.put("c", Some("gone".into()), Duration::ZERO);
+        assert_eq!(cache.get(&"a"), Some(Some("name".into())));
+        assert_eq!(cache.get(&"b"), Some(None), "kept as absent");
+        assert_eq!(cache.get(&"c"), None, "past its time");
+        cache.forget(|k| *k == "a");
+        assert_eq!(cache.get(&"a"), None);
+    }
+}
