@@ -27,7 +27,12 @@
 //!     (parking, holding, a whole trip) beside a plain queue hop;
 //! 11. with `--latency-only --latency-rate R` only: step 4 in alternating
 //!     rounds (the stages, then the broker alone, at R events/s), reported
-//!     per round and as medians.
+//!     per round and as medians;
+//! 12. the ingress (after step 2 in a full run; `--ingress-only` runs the
+//!     ceiling and this, `--pipeline-only --ingress-only` steps 1, 2 and
+//!     this): signed Slack Events API requests per second one matcher's
+//!     ingress accepts (200, the event confirmed by the broker), beside the
+//!     ceiling and the pipeline's throughput.
 //!
 //! Built and run with the benchmarks' profile (`dist`, as the image), the
 //! stages first (the image's package set, whose dependencies are built as
@@ -52,6 +57,7 @@ use swallow_shared::Topology;
 
 mod bytes;
 mod failing;
+mod ingress;
 mod ladder;
 mod latency;
 mod plot;
@@ -123,6 +129,14 @@ struct Args {
     /// and 2), e.g. to compare two builds' stages with `--bin-dir`.
     #[arg(long)]
     pipeline_only: bool,
+    /// Only measure the broker's ceiling, then signed Slack Events API
+    /// requests per second one matcher's ingress accepts; with
+    /// `--pipeline-only`, the pipeline's throughput between the two.
+    #[arg(long)]
+    ingress_only: bool,
+    /// Concurrent keep-alive HTTP/1.1 clients in the ingress step.
+    #[arg(long, default_value_t = 32)]
+    ingress_clients: usize,
     /// Where the stage binaries are (default: next to this one).
     #[arg(long, value_name = "DIR")]
     bin_dir: Option<PathBuf>,
@@ -503,6 +517,10 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         println!("    broker CPU at the ceiling: {:.1} ms per 1,000 messages", per * 1e6);
     }
     results.insert("ceiling_msgs_per_s".into(), ceiling.into());
+    if args.ingress_only && !args.pipeline_only {
+        ingress_step(&args, ceiling, None, &mut results).await?;
+        return write_results(&args.out, results);
+    }
 
     // 2. Pipeline throughput.
     println!("2/6 pipeline throughput for {} s…", args.seconds);
@@ -565,6 +583,11 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         results.insert("broker_ms_per_1k_at_ceiling".into(), (per * 1e6).into());
     }
     results.insert("pipeline_cpu".into(), cpu.into());
+    // The ingress beside the pipeline (its own matcher; the pipeline's
+    // stages sit idle meanwhile).
+    if !args.pipeline_only || args.ingress_only {
+        ingress_step(&args, ceiling, Some(throughput), &mut results).await?;
+    }
     if args.pipeline_only {
         stack.stop().await;
         return write_results(&args.out, results);
@@ -766,6 +789,23 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     write_results(&args.out, results)?;
     plot::draw(&plot_from, &args.plot)?;
     println!("plot written to {}", args.plot.display());
+    Ok(())
+}
+
+/// The ingress step ([`ingress::measure`]) for `--seconds` (at most 20).
+async fn ingress_step(
+    args: &Args,
+    ceiling: f64,
+    pipeline: Option<f64>,
+    results: &mut serde_json::Map<String, serde_json::Value>,
+) -> anyhow::Result<()> {
+    let seconds = args.seconds.min(20);
+    println!(
+        "+ ingress: signed Slack events from {} keep-alive clients for {seconds} s…",
+        args.ingress_clients
+    );
+    let figures = ingress::measure(&args.amqp_url, seconds, args.ingress_clients, ceiling, pipeline).await?;
+    results.insert("ingress".into(), figures);
     Ok(())
 }
 
