@@ -7,9 +7,10 @@
 
 use swallow_shared::wire::messages::{DeliveryJob, ReplyJob};
 
+mod common;
+
 fn fixture(name: &str) -> Vec<u8> {
-    let path = format!("{}/tests/fixtures/v1/{name}", env!("CARGO_MANIFEST_DIR"));
-    std::fs::read(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"))
+    common::fixture("v1", name)
 }
 
 fn delivery(name: &str) -> DeliveryJob {

@@ -9,21 +9,10 @@
 use swallow_shared::ChatEvent;
 use swallow_shared::wire::messages::{DeliveryJob, MESSAGE_VERSION, ReplyJob, version_for};
 
-fn fixture(name: &str) -> Vec<u8> {
-    let path = format!("{}/tests/fixtures/v3/{name}", env!("CARGO_MANIFEST_DIR"));
-    std::fs::read(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"))
-}
+mod common;
 
 fn same_again<T: serde::Serialize + serde::de::DeserializeOwned>(name: &str) -> T {
-    let bytes = fixture(name);
-    let value: T = serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("decoding {name}: {e}"));
-    let again = serde_json::to_vec(&value).expect("it serializes");
-    assert_eq!(
-        String::from_utf8_lossy(&again),
-        String::from_utf8_lossy(&bytes),
-        "{name}: re-serialized differently"
-    );
-    value
+    common::same_again("v3", name)
 }
 
 #[test]

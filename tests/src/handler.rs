@@ -33,6 +33,15 @@ impl Recorded {
     pub fn form(&self) -> Vec<(String, String)> {
         serde_urlencoded::from_bytes(&self.body).unwrap_or_default()
     }
+
+    /// One field of a form-encoded body (empty when it has none).
+    pub fn field(&self, name: &str) -> String {
+        self.form()
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+            .unwrap_or_default()
+    }
 }
 
 /// What a handler answers.

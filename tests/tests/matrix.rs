@@ -19,11 +19,7 @@ const BOT: &str = "@swallow:localhost";
 const GOOGLE_BOT: &str = "@swallow_google_bot:localhost";
 
 fn field(r: &Recorded, name: &str) -> String {
-    r.form()
-        .into_iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v)
-        .unwrap_or_default()
+    r.field(name)
 }
 
 /// A test's pipeline with a Matrix ingress, a homeserver, a user and a

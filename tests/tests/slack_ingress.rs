@@ -23,11 +23,7 @@ async fn googlebot() -> HandlerServer {
 }
 
 fn field(r: &Recorded, name: &str) -> String {
-    r.form()
-        .into_iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v)
-        .unwrap_or_default()
+    r.field(name)
 }
 
 /// A test's pipeline with a Slack ingress.

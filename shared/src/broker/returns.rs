@@ -84,6 +84,47 @@ async fn publish_batches(
     }
 }
 
+/// Sends a batch on the publisher's channel (opened first when there is
+/// none) and awaits every confirm: whether each was acked, and every
+/// message that came back.
+async fn send_batch(
+    connection: &Connection,
+    publisher: &mut Option<ConfirmedPublisher>,
+    batch: &[Request],
+) -> Result<(Vec<bool>, Vec<lapin::message::BasicReturnMessage>), PublishError> {
+    let channel = match publisher {
+        Some(channel) => channel.clone(),
+        None => publisher
+            .insert(
+                ConfirmedPublisher::open(connection)
+                    .await
+                    .map_err(|source| PublishError::Broker {
+                        target: "the channel for messages that may come back".into(),
+                        source,
+                    })?,
+            )
+            .clone(),
+    };
+    let sent = channel
+        .send_all(batch.iter().map(|r| {
+            (
+                r.exchange.as_str(),
+                r.routing_key.as_str(),
+                r.body.as_slice(),
+                r.properties.clone(),
+            )
+        }))
+        .await?;
+    let mut acked = Vec::with_capacity(batch.len());
+    let mut returned = Vec::new();
+    for pending in sent {
+        let (_, ack, back) = pending.outcome().await?;
+        acked.push(ack);
+        returned.extend(back);
+    }
+    Ok((acked, returned))
+}
+
 /// One batch: every message published, every confirm awaited, the returns
 /// matched by bytes. When the channel failed for any of them, all of the
 /// batch fail (a return may have been on the failed confirm), and the next
@@ -93,40 +134,7 @@ async fn publish_batch(
     publisher: &mut Option<ConfirmedPublisher>,
     batch: &[Request],
 ) -> Vec<Result<(), PublishError>> {
-    let result = async {
-        let channel = match publisher {
-            Some(channel) => channel.clone(),
-            None => publisher
-                .insert(
-                    ConfirmedPublisher::open(connection)
-                        .await
-                        .map_err(|source| PublishError::Broker {
-                            target: "the channel for messages that may come back".into(),
-                            source,
-                        })?,
-                )
-                .clone(),
-        };
-        let sent = channel
-            .send_all(batch.iter().map(|r| {
-                (
-                    r.exchange.as_str(),
-                    r.routing_key.as_str(),
-                    r.body.as_slice(),
-                    r.properties.clone(),
-                )
-            }))
-            .await?;
-        let mut acked = Vec::with_capacity(batch.len());
-        let mut returned = Vec::new();
-        for pending in sent {
-            let (_, ack, back) = pending.outcome().await?;
-            acked.push(ack);
-            returned.extend(back);
-        }
-        Ok::<_, PublishError>((acked, returned))
-    }
-    .await;
+    let result = send_batch(connection, publisher, batch).await;
     let (acked, mut returned) = match result {
         Ok(outcome) => outcome,
         Err(error) => {

@@ -1,5 +1,5 @@
 //! What each client does when something goes wrong, against a real
-//! RabbitMQ: the other half of #18's bar for switching ("every fault test
+//! RabbitMQ: the other half of the bar for switching clients ("every fault test
 //! passes with it"). Each check states what swallow's stages rely on, then
 //! what lapin and amqprs were seen to do. The first four use the shared
 //! broker (queues of their own, deleted after); the node checks start a

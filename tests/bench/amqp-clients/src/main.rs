@@ -1,4 +1,4 @@
-//! lapin against amqprs on a stage's hot path (issue #18): consume a
+//! lapin against amqprs on a stage's hot path: consume a
 //! persistent message from a quorum queue, publish it to another with a
 //! publisher confirm awaited, then acknowledge it; one task per message, as
 //! the stages do. The process's CPU per message is the figure; the two

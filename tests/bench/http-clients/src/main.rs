@@ -1,4 +1,4 @@
-//! The deliverer's HTTP client against the alternatives issue #18 names:
+//! The deliverer's HTTP client against the alternatives considered:
 //! memory per request under way, and CPU per request.
 //!
 //! Each client runs in a process of its own (so one's heap does not count
