@@ -56,6 +56,21 @@ impl<K: Hash + Eq> TtlCache<K> {
     }
 }
 
+/// Runs a lookup in a task of its own, so that one outlasting the request's
+/// budget still fills the cache for the next event, and waits for it until
+/// `deadline`: the lookup's outcome (a metric label) and value, else
+/// `"failed"` (the task died) or `"timeout"`, without a value.
+pub(crate) async fn within_budget<F>(deadline: tokio::time::Instant, lookup: F) -> (&'static str, Option<String>)
+where
+    F: std::future::Future<Output = (&'static str, Option<String>)> + Send + 'static,
+{
+    match tokio::time::timeout_at(deadline, tokio::spawn(lookup)).await {
+        Ok(Ok(done)) => done,
+        Ok(Err(_)) => ("failed", None),
+        Err(_) => ("timeout", None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,7 @@
 //! longer goes on in its own task and fills the cache for the next event.
 //! Slack's `429` stops all lookups until its `Retry-After` has passed.
 
-use super::cache::TtlCache;
+use super::cache::{TtlCache, within_budget};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -82,7 +82,6 @@ enum Outcome {
     Cached,
     Fetched,
     Failed,
-    Timeout,
     RateLimited,
 }
 
@@ -95,7 +94,6 @@ impl Outcome {
             Outcome::Cached => "cached",
             Outcome::Fetched => "fetched",
             Outcome::Failed => "failed",
-            Outcome::Timeout => "timeout",
             Outcome::RateLimited => "rate_limited",
         }
     }
@@ -166,22 +164,13 @@ impl Names {
             return None;
         }
         let me = self.clone();
-        // Its own task: a lookup that outlasts the budget still fills the cache.
-        let task = tokio::spawn(async move { me.fetch(kind, id).await });
-        match tokio::time::timeout_at(deadline, task).await {
-            Ok(Ok((outcome, name))) => {
-                self.count(outcome);
-                name
-            }
-            Ok(Err(_)) => {
-                self.count(Outcome::Failed);
-                None
-            }
-            Err(_) => {
-                self.count(Outcome::Timeout);
-                None
-            }
-        }
+        let lookup = async move {
+            let (outcome, name) = me.fetch(kind, id).await;
+            (outcome.as_str(), name)
+        };
+        let (outcome, name) = within_budget(deadline, lookup).await;
+        self.0.lookups.with_label_values(&[outcome]).inc();
+        name
     }
 
     fn count(&self, outcome: Outcome) {

@@ -11,7 +11,7 @@
 //! (`ruma-events`' typed enums reject or bury what they do not model; the
 //! crates would also add about a hundred thousand lines to build for it).
 
-use super::cache::TtlCache;
+use super::cache::{TtlCache, within_budget};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -342,8 +342,7 @@ impl Matrix {
             return value;
         }
         let me = self.clone();
-        // Its own task: a lookup that outlasts the budget still fills the cache.
-        let task = tokio::spawn(async move {
+        let lookup = async move {
             let got = me.fetch(&key.0, &key.1).await;
             let (value, ttl, outcome) = match got {
                 Ok(value) => (value, FOUND_TTL, "fetched"),
@@ -354,21 +353,10 @@ impl Matrix {
             };
             me.store(key, value.clone(), ttl);
             (outcome, value)
-        });
-        match tokio::time::timeout_at(deadline, task).await {
-            Ok(Ok((outcome, value))) => {
-                self.count(outcome);
-                value
-            }
-            Ok(Err(_)) => {
-                self.count("failed");
-                None
-            }
-            Err(_) => {
-                self.count("timeout");
-                None
-            }
-        }
+        };
+        let (outcome, value) = within_budget(deadline, lookup).await;
+        self.count(outcome);
+        value
     }
 
     fn count(&self, outcome: &str) {
