@@ -296,16 +296,17 @@ say "docker-compose config: deploy/compose.yaml is valid"
 docker-compose -f deploy/compose.yaml config > "$work/compose.yaml"
 ctr=$(bh from --pull=never "$IMAGE"); containers+=("$ctr")
 ls "$(bh mount "$ctr")/usr/local/bin" > "$work/bins"
-"$PY" - "$work/compose.yaml" "$work/bins" "$ctr" <<'PY' || die "deploy/compose.yaml does not match the image, the stages or the README"
+"$PY" - "$work/compose.yaml" "$work/bins" "$ctr" <<'PY' || die "deploy/compose.yaml does not match the image, the stages or the docs"
 import os, re, subprocess, sys, pathlib, tomllib, yaml
 compose = yaml.safe_load(open(sys.argv[1]))
 bins = set(open(sys.argv[2]).read().split())
 ctr = sys.argv[3]
 root = pathlib.Path(".")
-readme = (root / "README.md").read_text()
+# The README and the operations guide tell users which images to run.
+readme = "".join((root / f).read_text() for f in ("README.md", "docs/operations.md"))
 # What the stages and tools read from the environment.
 src = "".join(p.read_text() for d in ("shared/src", "tests/tools/src") for p in (root / d).rglob("*.rs"))
-env_read = set(re.findall(r'(?:env_nonempty|env::var)\("([A-Z_]+)"\)|env = "([A-Z_]+)"', src))
+env_read = set(re.findall(r'(?:nonempty|env::var)\("([A-Z_]+)"\)|env = "([A-Z_]+)"', src))
 env_read = {a or b for a, b in env_read}
 dockerfile = (root / "Dockerfile").read_text()
 exposed = set(re.findall(r"^EXPOSE (.*)$", dockerfile, re.M)[0].split())
@@ -317,11 +318,11 @@ def check(ok, what):
     if not ok: errors.append(what)
 
 rabbit = compose["services"]["rabbitmq"]["image"]
-check(f"`{rabbit}`" in readme, f"RabbitMQ image {rabbit} is the one README.md names")
+check(f"`{rabbit}`" in readme, f"RabbitMQ image {rabbit} is the one the docs name")
 k8s_images = set(re.findall(r"image: (swallow:\S+)", "".join(p.read_text() for p in (root / "deploy/k8s").rglob("*.yaml"))))
 for img in k8s_images:
     name = img.split(":")[0]
-    check(f"set image {name}=" in readme and f"/{img}" in readme, f"the manifests' image {img} is what README.md tells users to build and set")
+    check(f"set image {name}=" in readme and f"/{img}" in readme, f"the manifests' image {img} is what the docs tell users to build and set")
 dev_rabbit = re.findall(r"image: (rabbitmq:\S+)", (root / "deploy/k8s/overlays/dev/rabbitmq.yaml").read_text())
 check(dev_rabbit == [rabbit], f"the dev overlay's RabbitMQ image {dev_rabbit} is the compose file's {rabbit}")
 
@@ -361,4 +362,4 @@ for name, svc in compose["services"].items():
 if errors:
     sys.exit(1)
 PY
-say "deploy/compose.yaml matches the image, the stages and the README"
+say "deploy/compose.yaml matches the image, the stages and the docs"

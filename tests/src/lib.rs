@@ -34,7 +34,9 @@ pub use config::{ConfigToml, Integration, LOOPBACK, Raw, TomlValue, rate_limit};
 pub use logged_stage::LoggedStage;
 pub use node::{Node, chown_to_rabbitmq, node_stem};
 pub use own_broker::OwnBroker;
-pub use processes::{Pipeline, StageProcess, bin_path, chat_event, free_addr, metric, metric_in, write_config};
+pub use processes::{
+    Pipeline, StageProcess, bin_path, chat_event, delivery_job, free_addr, metric, metric_in, write_config,
+};
 pub use relay::{ConfirmSwallowingRelay, FreezableRelay};
 pub use stack::TestStack;
 pub use swallow_shared::Topology;

@@ -21,6 +21,14 @@ pub fn chat_event(text: &str, ts: &str) -> serde_json::Value {
     })
 }
 
+/// A new delivery job's bytes, as the matcher would publish it, for
+/// `chat_event(text, ts)` and `integration`'s URL `url`.
+pub fn delivery_job(integration: &str, text: &str, ts: &str, url: &str) -> Vec<u8> {
+    use swallow_shared::wire::messages::{DeliveryJob, now_millis};
+    let event = swallow_shared::ChatEvent::parse(&serde_json::to_vec(&chat_event(text, ts)).unwrap()).unwrap();
+    DeliveryJob::encode_new(&event, integration, 0, url, "", now_millis())
+}
+
 /// Writes a configuration file into `dir` and returns its path.
 pub fn write_config(dir: &Path, text: &str) -> PathBuf {
     let path = dir.join("swallow.toml");

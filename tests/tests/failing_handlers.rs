@@ -19,11 +19,7 @@ const EVENTS_PER_SECOND: u64 = 4;
 const SENDING: Duration = Duration::from_secs(20);
 
 fn text_of(r: &Recorded) -> String {
-    r.form()
-        .into_iter()
-        .find(|(k, _)| k == "text")
-        .map(|(_, v)| v)
-        .unwrap_or_default()
+    r.field("text")
 }
 
 fn event_in(channel: &str, text: &str, ts: &str) -> serde_json::Value {

@@ -7,24 +7,17 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use swallow_shared::wire::event::ChatEvent;
-use swallow_shared::wire::messages::{DeliveryJob, now_millis};
 use swallow_tests::handler::{Answer, HandlerServer, Recorded};
 use swallow_tests::*;
 
 const T: Duration = Duration::from_secs(60);
 
 fn text_of(r: &Recorded) -> String {
-    r.form()
-        .into_iter()
-        .find(|(k, _)| k == "text")
-        .map(|(_, v)| v)
-        .unwrap_or_default()
+    r.field("text")
 }
 
 fn job(integration: &str, text: &str, ts: &str, url: &str) -> Vec<u8> {
-    let event = ChatEvent::parse(&serde_json::to_vec(&chat_event(text, ts)).unwrap()).unwrap();
-    DeliveryJob::encode_new(&event, integration, 0, url, "", now_millis())
+    delivery_job(integration, text, ts, url)
 }
 
 fn config(stack: &TestStack, concurrency: usize, slow: &str, quick: &str) -> ConfigToml {

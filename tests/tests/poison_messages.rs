@@ -14,8 +14,6 @@ use std::time::Duration;
 
 use lapin::options::{BasicGetOptions, BasicNackOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use swallow_shared::wire::event::ChatEvent;
-use swallow_shared::wire::messages::{DeliveryJob, now_millis};
 use swallow_tests::handler::{Answer, HandlerServer, Recorded};
 use swallow_tests::*;
 
@@ -23,16 +21,11 @@ const T: Duration = Duration::from_secs(60);
 const LIMIT: u32 = 2;
 
 fn text_of(r: &Recorded) -> String {
-    r.form()
-        .into_iter()
-        .find(|(k, _)| k == "text")
-        .map(|(_, v)| v)
-        .unwrap_or_default()
+    r.field("text")
 }
 
 fn job(text: &str, ts: &str, url: &str) -> Vec<u8> {
-    let event = ChatEvent::parse(&serde_json::to_vec(&chat_event(text, ts)).unwrap()).unwrap();
-    DeliveryJob::encode_new(&event, "poisoned", 0, url, "", now_millis())
+    delivery_job("poisoned", text, ts, url)
 }
 
 /// The `x-death` entries the broker wrote, newest first, as (reason, queue).
