@@ -388,8 +388,10 @@ fn precondition_failed(e: &lapin::Error) -> bool {
         if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)))
 }
 
-/// `text` with the regular expression's special characters escaped.
-fn regex_escape(text: &str) -> String {
+/// `text` with the regular expression's special characters escaped, for the
+/// patterns swallow writes for others: RabbitMQ's policies here, a Matrix
+/// registration's user namespace in the matcher.
+pub fn regex_escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         if "\\.+*?()|[]{}^$".contains(c) {

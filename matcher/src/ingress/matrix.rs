@@ -412,7 +412,11 @@ fn state_url(base: &Url, room: &str, kind: &str, state_key: &str) -> Result<Url,
 pub fn registration_yaml(config: &MatrixIngress, secrets: &MatrixSecrets, url: &Url) -> String {
     let q = |s: &str| serde_json::to_string(s).expect("a string serializes");
     let localpart = &config.sender_localpart;
-    let users = format!("@{}_.*:{}", regex_escape(localpart), regex_escape(&config.server_name));
+    let users = format!(
+        "@{}_.*:{}",
+        swallow_shared::topology::regex_escape(localpart),
+        swallow_shared::topology::regex_escape(&config.server_name)
+    );
     format!(
         "# swallow as an application service: give this file to the homeserver\n\
          # (Synapse: app_service_config_files) and restart it.\n\
@@ -430,17 +434,6 @@ pub fn registration_yaml(config: &MatrixIngress, secrets: &MatrixSecrets, url: &
         localpart = q(localpart),
         users = q(&users),
     )
-}
-
-fn regex_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if "\\.+*?()|[]{}^$".contains(c) {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
 }
 
 #[cfg(test)]
