@@ -464,7 +464,11 @@ async fn slots_missed_while_no_deliverer_ran_are_spread_again() {
     let second = Running::start(cfg()).await;
     let reqs = paced.until(10, T, "all ten POSTs").await;
     let backlog: Vec<Instant> = reqs[before..].iter().map(|r| r.at).collect();
-    assert_within_limit(&backlog, 1.0, 2, 1.0, "the backlog after the restart");
+    // At the restart the fresh bucket's burst goes at once, and beside it
+    // the job whose reserved slot is still within its grace and the one
+    // whose slot falls due next, when the restart lands just before it:
+    // two more than the burst, never the whole backlog.
+    assert_within_limit(&backlog, 1.0, 2, 2.0, "the backlog after the restart");
     // The fresh bucket's burst (and what it refills meanwhile) goes at once;
     // the rest take new slots.
     let missed = second
