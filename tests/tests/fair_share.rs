@@ -46,8 +46,10 @@ fn config(stack: &TestStack, concurrency: usize, slow: &str, quick: &str) -> Con
 async fn jobs_waiting_for_a_permit_leave_for_the_ladder_on_shutdown_and_are_delivered_once() {
     let stack = TestStack::new("fair-drain").await.unwrap();
     let handler = HandlerServer::start(|r, _| {
+        // Long enough that the quick jobs are surely waiting behind them
+        // when counted, short enough for the stop's 10 s.
         if text_of(r).starts_with("slow") {
-            Answer::status(200).after(Duration::from_secs(3))
+            Answer::status(200).after(Duration::from_secs(5))
         } else {
             Answer::status(200)
         }
