@@ -28,8 +28,8 @@ the half-load run where any event took over 60 ms (`--windows`, or
 `--windows=MS` for another bound). `--slow=MS`: of the half-load events
 that took over MS, which hop was the slowest, and the mean of each hop.
 `--text=WORD`: events whose text starts with WORD instead of `load` (the
-failing-handlers step's healthy events are `ok N`; capture one of its
-runs only, their numbers start again in each).
+failing-handlers step's healthy events are `ok N`, `ok N.J` in its bursts
+variant; capture one of its runs only, their numbers start again in each).
 """
 import collections
 import re
@@ -43,8 +43,9 @@ SHORT = dict(zip(HOPS, ["broker(event)", "matcher", "broker(job)", "deliverer"])
 
 def text_pattern(word):
     """An event's text as the load generator writes it: `WORD N`, `WORD sK N`
-    (a sweep step) or `WORD rK N` (a round); `+` for spaces in a form body."""
-    return re.compile(rb"%s[ +](?:([sr])(\d)[ +])?(\d+)\b" % re.escape(word.encode()))
+    (a sweep step) or `WORD rK N` (a round); `N.J` is the J-th event of a
+    burst; `+` for spaces in a form body."""
+    return re.compile(rb"%s[ +](?:([sr])(\d)[ +])?(\d+(?:\.\d+)?)\b" % re.escape(word.encode()))
 
 
 def packets(path):

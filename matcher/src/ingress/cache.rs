@@ -7,6 +7,17 @@ use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use prometheus::IntCounterVec;
+use reqwest::header::AUTHORIZATION;
+use url::Url;
+
+/// How long a name found is used.
+pub(crate) const FOUND_TTL: Duration = Duration::from_secs(600);
+/// How long a failed lookup is not tried again.
+pub(crate) const FAILED_TTL: Duration = Duration::from_secs(60);
+/// Each lookup's own bound, past the request's budget.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Entries kept; the cache is emptied when it grows past this.
 const MAX_ENTRIES: usize = 50_000;
 
@@ -53,6 +64,37 @@ impl<K: Hash + Eq> TtlCache<K> {
     /// Forgets every key `drop` says.
     pub(crate) fn forget(&self, drop: impl Fn(&K) -> bool) {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, _| !drop(k));
+    }
+}
+
+/// What a platform's lookups hold: the HTTP client, the values found and
+/// the `swallow_ingress_lookups_total` counter.
+pub(crate) struct Lookups<K> {
+    client: reqwest::Client,
+    pub(crate) cache: TtlCache<K>,
+    counter: IntCounterVec,
+}
+
+impl<K: Hash + Eq> Lookups<K> {
+    pub(crate) fn new(client: reqwest::Client, counter: IntCounterVec) -> Self {
+        Lookups {
+            client,
+            cache: TtlCache::default(),
+            counter,
+        }
+    }
+
+    /// Counts one lookup by its outcome (the metric's `result` label).
+    pub(crate) fn count(&self, outcome: &str) {
+        self.counter.with_label_values(&[outcome]).inc();
+    }
+
+    /// A request to the platform as the bot, bounded by the lookup timeout.
+    pub(crate) fn request(&self, method: reqwest::Method, url: Url, token: &str) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, url)
+            .timeout(LOOKUP_TIMEOUT)
+            .header(AUTHORIZATION, format!("Bearer {token}"))
     }
 }
 

@@ -7,12 +7,12 @@
 //! longer goes on in its own task and fills the cache for the next event.
 //! Slack's `429` stops all lookups until its `Retry-After` has passed.
 
-use super::cache::{TtlCache, within_budget};
+use super::cache::{FAILED_TTL, FOUND_TTL, Lookups, within_budget};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus::IntCounterVec;
-use reqwest::header::{AUTHORIZATION, RETRY_AFTER};
+use reqwest::header::RETRY_AFTER;
 use serde_json::Value;
 use tokio::sync::watch;
 use tracing::warn;
@@ -21,12 +21,6 @@ use url::Url;
 use swallow_shared::ChatEvent;
 use swallow_shared::config::SlackSecrets;
 
-/// How long a name found is used.
-pub const FOUND_TTL: Duration = Duration::from_secs(600);
-/// How long a failed lookup is not tried again.
-pub const FAILED_TTL: Duration = Duration::from_secs(60);
-/// Each lookup's own bound, past the request's budget.
-const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// A `429` without a usable `Retry-After` stops lookups this long.
 const DEFAULT_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -102,11 +96,9 @@ impl Outcome {
 struct Shared {
     api_base: Url,
     secrets: watch::Receiver<Arc<SlackSecrets>>,
-    client: reqwest::Client,
-    cache: TtlCache<(Kind, String)>,
+    lookups: Lookups<(Kind, String)>,
     /// No lookups before this (Slack's `Retry-After`).
     paused_until: Mutex<Option<Instant>>,
-    lookups: IntCounterVec,
 }
 
 /// The names cache; clones share it.
@@ -120,13 +112,13 @@ impl Names {
         client: reqwest::Client,
         lookups: IntCounterVec,
     ) -> Self {
+        let lookups = Lookups::new(client, lookups);
+        let paused_until = Mutex::default();
         Names(Arc::new(Shared {
             api_base,
             secrets,
-            client,
-            cache: TtlCache::default(),
-            paused_until: Mutex::default(),
             lookups,
+            paused_until,
         }))
     }
 
@@ -151,7 +143,7 @@ impl Names {
     }
 
     async fn name(&self, kind: Kind, id: String, deadline: tokio::time::Instant) -> Option<String> {
-        if let Some(name) = self.0.cache.get(&(kind, id.clone())) {
+        if let Some(name) = self.0.lookups.cache.get(&(kind, id.clone())) {
             self.count(if name.is_some() {
                 Outcome::Cached
             } else {
@@ -169,12 +161,12 @@ impl Names {
             (outcome.as_str(), name)
         };
         let (outcome, name) = within_budget(deadline, lookup).await;
-        self.0.lookups.with_label_values(&[outcome]).inc();
+        self.0.lookups.count(outcome);
         name
     }
 
     fn count(&self, outcome: Outcome) {
-        self.0.lookups.with_label_values(&[outcome.as_str()]).inc();
+        self.0.lookups.count(outcome.as_str());
     }
 
     fn paused(&self) -> bool {
@@ -200,7 +192,7 @@ impl Names {
                 (Outcome::Failed, None, FAILED_TTL)
             }
         };
-        self.0.cache.put((kind, id), name.clone(), ttl);
+        self.0.lookups.cache.put((kind, id), name.clone(), ttl);
         (outcome, name)
     }
 
@@ -214,10 +206,8 @@ impl Names {
         let token = self.0.secrets.borrow().bot_token.clone();
         let response = self
             .0
-            .client
-            .get(url)
-            .timeout(LOOKUP_TIMEOUT)
-            .header(AUTHORIZATION, format!("Bearer {token}"))
+            .lookups
+            .request(reqwest::Method::GET, url, &token)
             .send()
             .await
             .map_err(|e| Failure::Other(format!("{}: {e}", kind.method())))?;

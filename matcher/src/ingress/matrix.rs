@@ -11,13 +11,12 @@
 //! (`ruma-events`' typed enums reject or bury what they do not model; the
 //! crates would also add about a hundred thousand lines to build for it).
 
-use super::cache::{TtlCache, within_budget};
+use super::cache::{FAILED_TTL, FOUND_TTL, Lookups, within_budget};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus::IntCounterVec;
-use reqwest::header::AUTHORIZATION;
 use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::watch;
@@ -29,13 +28,6 @@ use swallow_shared::config::{MatrixIngress, MatrixSecrets};
 
 /// The platform name events from Matrix carry (`"platform": "matrix"`).
 pub const PLATFORM: &str = "matrix";
-
-/// How long a name found is used (state events in transactions update it sooner).
-const FOUND_TTL: Duration = Duration::from_secs(600);
-/// How long a failed lookup is not tried again.
-const FAILED_TTL: Duration = Duration::from_secs(60);
-/// Each lookup's own bound, past the request's budget.
-const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Whether the request carries the homeserver's token: `Authorization:
 /// Bearer <hs_token>`, or the legacy `?access_token=` older servers send.
@@ -194,12 +186,11 @@ impl State {
 struct Shared {
     config: MatrixIngress,
     secrets: watch::Receiver<Arc<MatrixSecrets>>,
-    client: reqwest::Client,
-    /// `None`: the room has no such state (or no such field).
-    cache: TtlCache<(String, State)>,
+    /// Room state by room and kind (state events in transactions update
+    /// it sooner than its time to live); `None`: no such state or field.
+    lookups: Lookups<(String, State)>,
     /// Rooms the bot was invited to as a direct chat.
     direct: Mutex<HashSet<String>>,
-    lookups: IntCounterVec,
 }
 
 /// The Matrix side: room names cached, the bot's memberships. Clones share it.
@@ -213,13 +204,13 @@ impl Matrix {
         client: reqwest::Client,
         lookups: IntCounterVec,
     ) -> Self {
+        let lookups = Lookups::new(client, lookups);
+        let direct = Mutex::default();
         Matrix(Arc::new(Shared {
             config,
             secrets,
-            client,
-            cache: TtlCache::default(),
-            direct: Mutex::default(),
             lookups,
+            direct,
         }))
     }
 
@@ -276,7 +267,7 @@ impl Matrix {
 
     fn forget_room(&self, room: &str) {
         self.0.direct.lock().unwrap_or_else(|p| p.into_inner()).remove(room);
-        self.0.cache.forget(|(r, _)| r == room);
+        self.0.lookups.cache.forget(|(r, _)| r == room);
     }
 
     /// `POST /_matrix/client/v3/join/{room}` or `/rooms/{room}/forget`, as the bot.
@@ -293,10 +284,8 @@ impl Matrix {
         let token = self.0.secrets.borrow().as_token.clone();
         let result = self
             .0
-            .client
-            .post(url)
-            .timeout(LOOKUP_TIMEOUT)
-            .header(AUTHORIZATION, format!("Bearer {token}"))
+            .lookups
+            .request(reqwest::Method::POST, url, &token)
             .json(&serde_json::json!({}))
             .send()
             .await;
@@ -337,7 +326,7 @@ impl Matrix {
 
     async fn state(&self, room: &str, state: State, deadline: tokio::time::Instant) -> Option<String> {
         let key = (room.to_owned(), state);
-        if let Some(value) = self.0.cache.get(&key) {
+        if let Some(value) = self.0.lookups.cache.get(&key) {
             self.count("cached");
             return value;
         }
@@ -360,11 +349,11 @@ impl Matrix {
     }
 
     fn count(&self, outcome: &str) {
-        self.0.lookups.with_label_values(&[outcome]).inc();
+        self.0.lookups.count(outcome);
     }
 
     fn store(&self, key: (String, State), value: Option<String>, ttl: Duration) {
-        self.0.cache.put(key, value, ttl);
+        self.0.lookups.cache.put(key, value, ttl);
     }
 
     /// `GET /_matrix/client/v3/rooms/{room}/state/{type}/{state_key}`; a
@@ -379,10 +368,8 @@ impl Matrix {
         let token = self.0.secrets.borrow().as_token.clone();
         let response = self
             .0
-            .client
-            .get(url)
-            .timeout(LOOKUP_TIMEOUT)
-            .header(AUTHORIZATION, format!("Bearer {token}"))
+            .lookups
+            .request(reqwest::Method::GET, url, &token)
             .send()
             .await
             .map_err(|e| e.to_string())?;

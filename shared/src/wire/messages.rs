@@ -292,22 +292,43 @@ mod wire {
         pub retry: RetryOut<'a>,
     }
 
-    /// The [`RetryState`] of a decoded `*In`, whose retry fields are its own.
-    macro_rules! retry_of {
-        ($j:ident) => {
-            RetryState {
-                created_at_ms: $j.created_at_ms,
-                attempt: $j.attempt,
-                not_before_ms: $j.not_before_ms,
-                rate_reserved: $j.rate_reserved,
-                slot_missed: $j.slot_missed,
-                last_error: $j.last_error,
+    /// A decode struct: the job's own fields, then [`RetryState`]'s as its
+    /// own (not flattened: serde's `flatten` decodes through a buffered
+    /// copy of the whole object), and `retry()` to take those out.
+    macro_rules! decoded_with_retry {
+        ($name:ident { $($(#[$attr:meta])* $field:ident : $ty:ty),* $(,)? }) => {
+            #[derive(Deserialize)]
+            pub(super) struct $name {
+                $( $(#[$attr])* $field: $ty, )*
+                created_at_ms: u64,
+                #[serde(default)]
+                attempt: u32,
+                #[serde(default)]
+                not_before_ms: Option<u64>,
+                #[serde(default)]
+                rate_reserved: bool,
+                #[serde(default)]
+                slot_missed: bool,
+                #[serde(default)]
+                last_error: Option<String>,
+            }
+
+            impl $name {
+                fn retry(&mut self) -> RetryState {
+                    RetryState {
+                        created_at_ms: self.created_at_ms,
+                        attempt: self.attempt,
+                        not_before_ms: self.not_before_ms,
+                        rate_reserved: self.rate_reserved,
+                        slot_missed: self.slot_missed,
+                        last_error: self.last_error.take(),
+                    }
+                }
             }
         };
     }
 
-    #[derive(Deserialize)]
-    pub(super) struct DeliveryJobIn {
+    decoded_with_retry!(DeliveryJobIn {
         #[serde(default = "version")]
         v: u32,
         delivery_id: String,
@@ -315,35 +336,23 @@ mod wire {
         url: String,
         trigger_word: String,
         event: ChatEvent,
-        created_at_ms: u64,
-        #[serde(default)]
-        attempt: u32,
-        #[serde(default)]
-        not_before_ms: Option<u64>,
-        #[serde(default)]
-        rate_reserved: bool,
-        #[serde(default)]
-        slot_missed: bool,
-        #[serde(default)]
-        last_error: Option<String>,
-    }
+    });
 
     impl From<DeliveryJobIn> for DeliveryJob {
-        fn from(j: DeliveryJobIn) -> Self {
+        fn from(mut j: DeliveryJobIn) -> Self {
             DeliveryJob {
+                retry: j.retry(),
                 v: j.v,
                 delivery_id: j.delivery_id,
                 integration_id: j.integration_id,
                 url: j.url,
                 trigger_word: j.trigger_word,
                 event: j.event,
-                retry: retry_of!(j),
             }
         }
     }
 
-    #[derive(Deserialize)]
-    pub(super) struct ReplyJobIn {
+    decoded_with_retry!(ReplyJobIn {
         #[serde(default = "version")]
         v: u32,
         delivery_id: String,
@@ -356,22 +365,12 @@ mod wire {
         answer: HandlerAnswer,
         #[serde(default)]
         platform: Option<String>,
-        created_at_ms: u64,
-        #[serde(default)]
-        attempt: u32,
-        #[serde(default)]
-        not_before_ms: Option<u64>,
-        #[serde(default)]
-        rate_reserved: bool,
-        #[serde(default)]
-        slot_missed: bool,
-        #[serde(default)]
-        last_error: Option<String>,
-    }
+    });
 
     impl From<ReplyJobIn> for ReplyJob {
-        fn from(j: ReplyJobIn) -> Self {
+        fn from(mut j: ReplyJobIn) -> Self {
             ReplyJob {
+                retry: j.retry(),
                 v: j.v,
                 delivery_id: j.delivery_id,
                 integration_id: j.integration_id,
@@ -381,7 +380,6 @@ mod wire {
                 event_thread_ts: j.event_thread_ts,
                 answer: j.answer,
                 platform: j.platform,
-                retry: retry_of!(j),
             }
         }
     }
