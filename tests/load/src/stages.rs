@@ -324,6 +324,54 @@ impl Drop for Stack {
     }
 }
 
+/// A channel in confirm mode that publishes persistent messages to one
+/// `(exchange, routing key)`; `confirmed` awaits the broker's confirms of
+/// those published since it was last called.
+pub(crate) struct Confirmed {
+    ch: lapin::Channel,
+    exchange: String,
+    routing_key: String,
+    unconfirmed: Vec<lapin::PublisherConfirm>,
+}
+
+impl Confirmed {
+    pub(crate) async fn open(conn: &Connection, (exchange, routing_key): (&str, &str)) -> anyhow::Result<Confirmed> {
+        let ch = conn.create_channel().await?;
+        ch.confirm_select(Default::default()).await?;
+        Ok(Confirmed {
+            ch,
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            unconfirmed: Vec::new(),
+        })
+    }
+
+    /// Publishes `body`, its confirm still to come.
+    pub(crate) async fn publish(&mut self, body: &[u8]) -> anyhow::Result<()> {
+        let confirm = self
+            .ch
+            .basic_publish(
+                self.exchange.as_str().into(),
+                self.routing_key.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?;
+        self.unconfirmed.push(confirm);
+        Ok(())
+    }
+
+    /// Awaits the confirms of what was published since the last call, in
+    /// publishing order.
+    pub(crate) async fn confirmed(&mut self) -> anyhow::Result<()> {
+        for c in self.unconfirmed.drain(..) {
+            c.await?;
+        }
+        Ok(())
+    }
+}
+
 /// Publishes events to `(exchange, routing key)`, keeping at most `window`
 /// not yet answered (or paced at `rate` per second), for `seconds`; returns
 /// publish times.
