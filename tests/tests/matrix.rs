@@ -149,6 +149,28 @@ impl Setup {
         }
     }
 
+    /// Waits for the seed's answer, then asks a later question and waits
+    /// for its answer, as Steve sees them.
+    async fn until_answered_then_a_later_question(&self) {
+        self.until_message(GOOGLE_BOT, "African or European?").await;
+        self.steve
+            .send(&self.room, "googlebot: What is your quest?", None)
+            .await
+            .unwrap();
+        self.until_message(GOOGLE_BOT, "To seek the Holy Grail.").await;
+    }
+
+    /// How many messages from `sender` with `body` the room holds, as Steve sees it.
+    async fn count_messages(&self, sender: &str, body: &str) -> usize {
+        self.steve
+            .messages(&self.room)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|m| m["sender"] == sender && m["content"]["body"] == body)
+            .count()
+    }
+
     fn ingress_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.ingress)
     }
@@ -345,20 +367,11 @@ async fn a_matcher_killed_while_the_homeserver_pushes_loses_nothing() {
     s.matcher = StageProcess::spawn("swallow-matcher", &s.path, &std::collections::HashMap::new()).unwrap();
     s.matcher.ready(T).await;
     s.handler.until(1, T, "POST from the transaction sent again").await;
-    s.until_message(GOOGLE_BOT, "African or European?").await;
     // A later message is answered after it: the first was published once.
-    s.steve
-        .send(&s.room, "googlebot: What is your quest?", None)
-        .await
-        .unwrap();
-    s.until_message(GOOGLE_BOT, "To seek the Holy Grail.").await;
+    s.until_answered_then_a_later_question().await;
     let posts = s.handler.until(2, T, "POST from the later message").await;
     assert_eq!(posts.len(), 2, "lost 0, duplicated 0");
-    let replies = s.steve.messages(&s.room).await.unwrap();
-    let answered = replies
-        .iter()
-        .filter(|m| m["sender"] == GOOGLE_BOT && m["content"]["body"] == "African or European?")
-        .count();
+    let answered = s.count_messages(GOOGLE_BOT, "African or European?").await;
     assert_eq!(answered, 1, "answered once");
 }
 
@@ -456,20 +469,8 @@ async fn a_responder_killed_after_posting_shows_the_reply_once() {
     .await;
     let sends = proxy.sends.lock().unwrap().clone();
     assert_eq!(sends[0], sends[1], "the same transaction id, sent again");
-    s.until_message(GOOGLE_BOT, "African or European?").await;
     // A later reply through the same responder: the first is settled by then.
-    s.steve
-        .send(&s.room, "googlebot: What is your quest?", None)
-        .await
-        .unwrap();
-    s.until_message(GOOGLE_BOT, "To seek the Holy Grail.").await;
-    let shown = s
-        .steve
-        .messages(&s.room)
-        .await
-        .unwrap()
-        .iter()
-        .filter(|m| m["sender"] == GOOGLE_BOT && m["content"]["body"] == "African or European?")
-        .count();
+    s.until_answered_then_a_later_question().await;
+    let shown = s.count_messages(GOOGLE_BOT, "African or European?").await;
     assert_eq!(shown, 1, "the reply appears once");
 }

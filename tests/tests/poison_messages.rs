@@ -50,11 +50,8 @@ fn deaths(d: &lapin::message::Delivery) -> Vec<(String, String)> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_that_kills_the_deliverer_is_set_aside_and_the_jobs_behind_it_go() {
-    let stack = TestStack::new("poison").await.unwrap();
-    // The stack declared the work queues with the default limit; the
-    // deliverer declares them with this test's.
+/// Deletes the work queues the stack declared (with the default limit).
+async fn delete_work_queues(stack: &TestStack) {
     for (queue, _) in stack.topology.work_queues() {
         stack
             .channel
@@ -62,6 +59,14 @@ async fn a_job_that_kills_the_deliverer_is_set_aside_and_the_jobs_behind_it_go()
             .await
             .unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_kills_the_deliverer_is_set_aside_and_the_jobs_behind_it_go() {
+    let stack = TestStack::new("poison").await.unwrap();
+    // The stack declared the work queues with the default limit; the
+    // deliverer declares them with this test's.
+    delete_work_queues(&stack).await;
     let handler = HandlerServer::start(|r, _| {
         if text_of(r).starts_with("poison") {
             Answer::status(200).after(Duration::from_secs(600))
@@ -209,12 +214,8 @@ async fn a_stage_starts_against_work_queues_declared_without_a_limit() {
         durable: true,
         ..Default::default()
     };
+    delete_work_queues(&stack).await;
     for (queue, _) in stack.topology.work_queues() {
-        stack
-            .channel
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-            .await
-            .unwrap();
         stack
             .channel
             .queue_declare(queue.as_str().into(), durable, quorum.clone())

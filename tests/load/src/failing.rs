@@ -11,12 +11,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use lapin::options::BasicPublishOptions;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{Connection, ConnectionProperties};
 use swallow_shared::Topology;
 use swallow_tests::Integration;
 
-use crate::{Stack, handler, listen_replies, micros_now, percentiles, post_latencies};
+use crate::{Confirmed, Stack, handler, listen_replies, micros_now, percentiles, post_latencies};
 
 const EVENTS_PER_SECOND: u64 = 4;
 fn integration(id: &str, channel: &str, url: &str) -> Integration {
@@ -35,6 +34,21 @@ fn event(channel: &str, text: &str) -> Vec<u8> {
         "text": text,
     }))
     .unwrap()
+}
+
+/// A fresh stack with `integrations`, a chat platform taking its replies,
+/// and a connection with a confirmed publisher to its events exchange.
+async fn start(
+    url: &str,
+    name: &str,
+    integrations: Vec<Integration>,
+) -> anyhow::Result<(Stack, Connection, Confirmed)> {
+    let stack = Stack::with_integrations(url, name, integrations).await?;
+    let topology = Topology::new(&stack.prefix);
+    listen_replies(url, &topology).await?;
+    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+    let events = Confirmed::open(&conn, (&topology.events_exchange(), "")).await?;
+    Ok((stack, conn, events))
 }
 
 /// One run: `hanging` integrations sent events beside the healthy one, in
@@ -56,33 +70,11 @@ async fn run(
             &format!("http://{hanging_addr}/h{i}"),
         ));
     }
-    let stack = Stack::with_integrations(url, name, integrations).await?;
-    let topology = Topology::new(&stack.prefix);
-    // A chat platform takes the replies.
-    let _replies = listen_replies(url, &topology).await?;
-    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
-    let ch = conn.create_channel().await?;
-    ch.confirm_select(Default::default()).await?;
-    let exchange = topology.events_exchange();
+    let (stack, conn, mut events) = start(url, name, integrations).await?;
     let mut sent: HashMap<String, u128> = HashMap::new();
     let started = Instant::now();
     let period = Duration::from_millis(1000 / EVENTS_PER_SECOND);
     let mut tick = tokio::time::interval(period);
-    let publish = |body: Vec<u8>| {
-        let ch = ch.clone();
-        let exchange = exchange.clone();
-        async move {
-            let props = BasicProperties::default().with_delivery_mode(2);
-            ch.basic_publish(
-                exchange.as_str().into(),
-                "".into(),
-                BasicPublishOptions::default(),
-                &body,
-                props,
-            )
-            .await
-        }
-    };
     let mut n = 0u64;
     while started.elapsed() < Duration::from_secs(seconds) {
         let at = tick.tick().await;
@@ -90,16 +82,14 @@ async fn run(
         // The healthy event first, stamped as it goes.
         let text = format!("ok {n}");
         sent.insert(text.clone(), micros_now());
-        let mut confirms = vec![publish(event("COK", &text)).await?];
+        events.publish(&event("COK", &text)).await?;
         for i in 0..hanging {
             if spread {
                 tokio::time::sleep_until(at + period.mul_f64((i as f64 + 0.5) / hanging as f64)).await;
             }
-            confirms.push(publish(event(&format!("CH{i}"), &format!("h{i} {n}"))).await?);
+            events.publish(&event(&format!("CH{i}"), &format!("h{i} {n}"))).await?;
         }
-        for c in confirms {
-            c.await?;
-        }
+        events.confirmed().await?;
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     while seen.lock().unwrap().len() < sent.len() && Instant::now() < deadline {
@@ -170,32 +160,16 @@ async fn run_bursts(
             .set("max_attempts", 3),
         );
     }
-    let stack = Stack::with_integrations(url, name, integrations).await?;
-    let topology = Topology::new(&stack.prefix);
-    let _replies = listen_replies(url, &topology).await?;
-    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
-    let ch = conn.create_channel().await?;
-    ch.confirm_select(Default::default()).await?;
-    let exchange = topology.events_exchange();
-    let props = BasicProperties::default().with_delivery_mode(2);
+    let (stack, conn, mut events) = start(url, name, integrations).await?;
     let mut sent: HashMap<String, u128> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     for n in 0..seconds {
         tick.tick().await;
-        let mut confirms = Vec::new();
         for i in 0..hanging {
             for j in 0..k {
-                let body = event(&format!("CH{i}"), &format!("h{i} {n}.{j}"));
-                confirms.push(
-                    ch.basic_publish(
-                        exchange.as_str().into(),
-                        "".into(),
-                        BasicPublishOptions::default(),
-                        &body,
-                        props.clone(),
-                    )
-                    .await?,
-                );
+                events
+                    .publish(&event(&format!("CH{i}"), &format!("h{i} {n}.{j}")))
+                    .await?;
             }
         }
         // The healthy integration's burst, stamped as each event goes.
@@ -203,20 +177,9 @@ async fn run_bursts(
             let text = format!("ok {n}.{j}");
             sent.insert(text.clone(), micros_now());
             let body = event("COK", &text);
-            confirms.push(
-                ch.basic_publish(
-                    exchange.as_str().into(),
-                    "".into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    props.clone(),
-                )
-                .await?,
-            );
+            events.publish(&body).await?;
         }
-        for c in confirms {
-            c.await?;
-        }
+        events.confirmed().await?;
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     while seen.lock().unwrap().len() < sent.len() && Instant::now() < deadline {

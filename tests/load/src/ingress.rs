@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use swallow_tests::slack_api::SlackApi;
-use swallow_tests::{ConfigToml, Integration, TempDir};
+use swallow_tests::{ConfigToml, Integration};
 
 use crate::stages::{Stack, percentiles};
 
@@ -86,32 +86,24 @@ fn unix_seconds() -> u64 {
 async fn start(url: &str) -> anyhow::Result<(Stack, SlackApi, std::net::SocketAddr)> {
     let api = SlackApi::start().await;
     let listen = swallow_tests::free_addr();
-    let prefix = format!("load-ingress-{}", std::process::id());
-    let dir = TempDir::new(&prefix);
-    ConfigToml::new()
-        .broker(url, &prefix)
-        .loopback()
-        .set("ingress", "listen", listen.to_string())
-        .set("ingress.slack", "signing_secret", SECRET)
-        .set("ingress.slack", "bot_token", "xoxb-load")
-        .set("ingress.slack", "api_base", api.api_base())
-        .integration(
-            Integration::new("load")
-                .trigger_words(&["load"])
-                .set("trigger_match", "word")
-                // Nothing listens there: no deliverer runs in this step.
-                .url("http://127.0.0.1:9/load")
-                .rate_limit(1000000.0, 1000000),
-        )
-        .write(&dir);
-    let mut stack = Stack {
-        prefix,
-        children: Vec::new(),
-        dir,
-        url: url.to_owned(),
-        env: Vec::new(),
+    let config = |prefix: &str| {
+        ConfigToml::new()
+            .broker(url, prefix)
+            .loopback()
+            .set("ingress", "listen", listen.to_string())
+            .set("ingress.slack", "signing_secret", SECRET)
+            .set("ingress.slack", "bot_token", "xoxb-load")
+            .set("ingress.slack", "api_base", api.api_base())
+            .integration(
+                Integration::new("load")
+                    .trigger_words(&["load"])
+                    .set("trigger_match", "word")
+                    // Nothing listens there: no deliverer runs in this step.
+                    .url("http://127.0.0.1:9/load")
+                    .rate_limit(1000000.0, 1000000),
+            )
     };
-    stack.add("swallow-matcher").await?;
+    let stack = Stack::launch(url, "ingress", config, &["swallow-matcher"]).await?;
     Ok((stack, api, listen))
 }
 

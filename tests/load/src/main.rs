@@ -598,25 +598,12 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     println!("3/6 matcher throughput for unmatched events…");
     let before = stack.metric("swallow-matcher", "swallow_events_received_total").await;
     let n_unmatched = 50_000u64;
-    let ch = conn.create_channel().await?;
-    ch.confirm_select(Default::default()).await?;
+    let mut events = Confirmed::open(&conn, (&topology.events_exchange(), "x")).await?;
     let t1 = Instant::now();
-    let mut confirms = Vec::new();
     for i in 0..n_unmatched {
-        confirms.push(
-            ch.basic_publish(
-                topology.events_exchange().as_str().into(),
-                "x".into(),
-                BasicPublishOptions::default(),
-                &event_body(i, "nothing matches"),
-                BasicProperties::default().with_delivery_mode(2),
-            )
-            .await?,
-        );
+        events.publish(&event_body(i, "nothing matches")).await?;
     }
-    for c in confirms {
-        c.await?;
-    }
+    events.confirmed().await?;
     let deadline = Instant::now() + Duration::from_secs(120);
     while stack.metric("swallow-matcher", "swallow_events_received_total").await < before + n_unmatched as f64
         && Instant::now() < deadline

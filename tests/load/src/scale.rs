@@ -9,8 +9,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use lapin::options::BasicPublishOptions;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{Connection, ConnectionProperties};
 use rand::SeedableRng as _;
 use rand_distr::Distribution as _;
 use swallow_shared::Topology;
@@ -18,7 +17,9 @@ use swallow_shared::config::RateLimit;
 use swallow_shared::job::pacing::{Admission, TokenBucket};
 use swallow_tests::Integration;
 
-use crate::{Stack, broker_pid, cpu_seconds, handler, listen_replies, micros_now, percentiles, post_latencies};
+use crate::{
+    Confirmed, Stack, broker_pid, cpu_seconds, handler, listen_replies, micros_now, percentiles, post_latencies,
+};
 
 /// The default `max_age_s`: how far ahead the deliverer reserves a slot.
 const MAX_AGE: Duration = Duration::from_secs(600);
@@ -74,9 +75,7 @@ pub async fn measure_one(url: &str, n: usize, rate: f64, seconds: u64) -> anyhow
     // A chat platform takes the replies.
     let (replies, _) = listen_replies(url, &topology).await?;
     let conn = Connection::connect(url, ConnectionProperties::default()).await?;
-    let ch = conn.create_channel().await?;
-    ch.confirm_select(Default::default()).await?;
-    let exchange = topology.events_exchange();
+    let mut events = Confirmed::open(&conn, (&topology.events_exchange(), "")).await?;
     let zipf = rand_distr::Zipf::new(n as f64, 1.0)?;
     // Seeded, so that each size sees the same spread in every run.
     let mut rng = rand::rngs::StdRng::seed_from_u64(n as u64);
@@ -100,7 +99,6 @@ pub async fn measure_one(url: &str, n: usize, rate: f64, seconds: u64) -> anyhow
     while started.elapsed() < Duration::from_secs(seconds) {
         ticker.tick().await;
         owed += per_tick;
-        let mut confirms = Vec::new();
         while owed >= 1.0 {
             owed -= 1.0;
             seq += 1;
@@ -112,20 +110,9 @@ pub async fn measure_one(url: &str, n: usize, rate: f64, seconds: u64) -> anyhow
             let bucket = buckets.entry(k).or_insert_with(|| TokenBucket::new(&limit, now));
             let under = bucket.reserve(now, MAX_AGE) == Admission::Now;
             sent.insert(text, (k, at, under));
-            confirms.push(
-                ch.basic_publish(
-                    exchange.as_str().into(),
-                    "".into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    BasicProperties::default().with_delivery_mode(2),
-                )
-                .await?,
-            );
+            events.publish(&body).await?;
         }
-        for c in confirms {
-            c.await?;
-        }
+        events.confirmed().await?;
     }
     let window = started.elapsed().as_secs_f64();
     // The POSTs due within the window land within a second or so of it.

@@ -140,15 +140,26 @@ impl Stack {
         name: &str,
         integrations: impl IntoIterator<Item = Integration>,
     ) -> anyhow::Result<Stack> {
-        let prefix = format!("load-{name}-{}", std::process::id());
-        let dir = TempDir::new(&prefix);
-        integrations
-            .into_iter()
-            .fold(
-                ConfigToml::new().broker(url, &prefix).loopback(),
+        let config = |prefix: &str| {
+            integrations.into_iter().fold(
+                ConfigToml::new().broker(url, prefix).loopback(),
                 ConfigToml::integration,
             )
-            .write(&dir);
+        };
+        Self::launch(url, name, config, ALL_STAGES).await
+    }
+
+    /// `stages` on the prefix `load-<name>-<pid>`, with the configuration
+    /// `config` gives for that prefix (written to the stack's directory).
+    pub(crate) async fn launch(
+        url: &str,
+        name: &str,
+        config: impl FnOnce(&str) -> ConfigToml,
+        stages: &[&str],
+    ) -> anyhow::Result<Stack> {
+        let prefix = format!("load-{name}-{}", std::process::id());
+        let dir = TempDir::new(&prefix);
+        config(&prefix).write(&dir);
         let mut stack = Stack {
             prefix,
             children: Vec::new(),
@@ -156,7 +167,7 @@ impl Stack {
             url: url.to_owned(),
             env: Vec::new(),
         };
-        for stage in ["swallow-matcher", "swallow-deliverer", "swallow-responder"] {
+        for stage in stages {
             stack.add(stage).await?;
         }
         Ok(stack)
@@ -194,38 +205,28 @@ impl Stack {
         stages: &[&str],
         log: bool,
     ) -> anyhow::Result<Stack> {
-        let prefix = format!("load-{name}-{}", std::process::id());
-        let dir = TempDir::new(&prefix);
-        let mut config = ConfigToml::new()
-            .broker(url, &prefix)
-            .loopback()
-            .responder_rate(1000000.0)
-            .set("log", "enabled", log)
-            .integration(
-                Integration::new("load")
-                    .trigger_words(&["load"])
-                    .set("trigger_match", "word")
-                    .url(format!("{handler_url}/load"))
-                    .rate_limit(1000000.0, 1000000),
-            );
-        // No `concurrency` keeps the deliverer's defaults.
-        if let Some(c) = concurrency {
-            config = config
-                .set("deliverer", "concurrency", c)
-                .set("deliverer", "per_integration_concurrency", c);
-        }
-        config.write(&dir);
-        let mut stack = Stack {
-            prefix,
-            children: Vec::new(),
-            dir,
-            url: url.to_owned(),
-            env: Vec::new(),
+        let config = |prefix: &str| {
+            let mut config = ConfigToml::new()
+                .broker(url, prefix)
+                .loopback()
+                .responder_rate(1000000.0)
+                .set("log", "enabled", log)
+                .integration(
+                    Integration::new("load")
+                        .trigger_words(&["load"])
+                        .set("trigger_match", "word")
+                        .url(format!("{handler_url}/load"))
+                        .rate_limit(1000000.0, 1000000),
+                );
+            // No `concurrency` keeps the deliverer's defaults.
+            if let Some(c) = concurrency {
+                config = config
+                    .set("deliverer", "concurrency", c)
+                    .set("deliverer", "per_integration_concurrency", c);
+            }
+            config
         };
-        for stage in stages {
-            stack.add(stage).await?;
-        }
-        Ok(stack)
+        Self::launch(url, name, config, stages).await
     }
 
     /// Starts one stage binary (from next to this one) and waits until it is ready.
@@ -320,6 +321,54 @@ impl Drop for Stack {
         // Children not yet killed go with `kill_on_drop`.
         let t = Topology::new(&self.prefix);
         swallow_tests::delete_declared_blocking(&self.url, t.queues(), t.exchanges());
+    }
+}
+
+/// A channel in confirm mode that publishes persistent messages to one
+/// `(exchange, routing key)`; `confirmed` awaits the broker's confirms of
+/// those published since it was last called.
+pub(crate) struct Confirmed {
+    ch: lapin::Channel,
+    exchange: String,
+    routing_key: String,
+    unconfirmed: Vec<lapin::PublisherConfirm>,
+}
+
+impl Confirmed {
+    pub(crate) async fn open(conn: &Connection, (exchange, routing_key): (&str, &str)) -> anyhow::Result<Confirmed> {
+        let ch = conn.create_channel().await?;
+        ch.confirm_select(Default::default()).await?;
+        Ok(Confirmed {
+            ch,
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            unconfirmed: Vec::new(),
+        })
+    }
+
+    /// Publishes `body`, its confirm still to come.
+    pub(crate) async fn publish(&mut self, body: &[u8]) -> anyhow::Result<()> {
+        let confirm = self
+            .ch
+            .basic_publish(
+                self.exchange.as_str().into(),
+                self.routing_key.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?;
+        self.unconfirmed.push(confirm);
+        Ok(())
+    }
+
+    /// Awaits the confirms of what was published since the last call, in
+    /// publishing order.
+    pub(crate) async fn confirmed(&mut self) -> anyhow::Result<()> {
+        for c in self.unconfirmed.drain(..) {
+            c.await?;
+        }
+        Ok(())
     }
 }
 
