@@ -184,7 +184,7 @@ pub struct HandlerAnswer {
 
 /// A reply to post into a channel, made by the deliverer for the responder.
 /// Its retry state is inline on the wire, like [`DeliveryJob`]'s.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(from = "wire::ReplyJobIn")]
 pub struct ReplyJob {
     #[serde(default = "version")]
@@ -201,27 +201,11 @@ pub struct ReplyJob {
     pub answer: HandlerAnswer,
     /// The platform the triggering event came from (version 2); the
     /// responder posts the reply there rather than to its sink.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub platform: Option<String>,
     /// Inline in the JSON, like [`DeliveryJob::retry`].
+    #[serde(flatten)]
     pub retry: RetryState,
-}
-
-impl Serialize for ReplyJob {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        wire::ReplyJobOut {
-            v: self.v,
-            delivery_id: &self.delivery_id,
-            integration_id: &self.integration_id,
-            team_id: &self.team_id,
-            channel_id: &self.channel_id,
-            in_reply_to: &self.in_reply_to,
-            event_thread_ts: self.event_thread_ts.as_deref(),
-            answer: &self.answer,
-            platform: self.platform.as_deref(),
-            retry: wire::RetryOut::from(&self.retry),
-        }
-        .serialize(serializer)
-    }
 }
 
 /// The jobs as JSON: every field of version 1, in its order, the retry
@@ -271,23 +255,6 @@ mod wire {
         pub url: &'a str,
         pub trigger_word: &'a str,
         pub event: &'a ChatEvent,
-        #[serde(flatten)]
-        pub retry: RetryOut<'a>,
-    }
-
-    #[derive(Serialize)]
-    pub(super) struct ReplyJobOut<'a> {
-        pub v: u32,
-        pub delivery_id: &'a str,
-        pub integration_id: &'a str,
-        pub team_id: &'a str,
-        pub channel_id: &'a str,
-        pub in_reply_to: &'a str,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        pub event_thread_ts: Option<&'a str>,
-        pub answer: &'a HandlerAnswer,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        pub platform: Option<&'a str>,
         #[serde(flatten)]
         pub retry: RetryOut<'a>,
     }
