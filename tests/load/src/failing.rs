@@ -128,34 +128,54 @@ pub async fn measure(url: &str, hanging: usize, seconds: u64) -> anyhow::Result<
     Ok(figures)
 }
 
-/// The bursts variant: each second, `k` events to each of `hanging`
-/// integrations whose handlers hang (`timeout_ms = 1000`, `max_attempts =
-/// 3`, 5/s with a burst of 10), then `k` to the healthy one (1000/s, burst
-/// 1000) at once, behind them. The healthy integration has several events
-/// under way at once, so this is what the fair queueing of the attempt
-/// permits is for. Returns the healthy events' event → POST latencies and
-/// how many of them were delivered of how many sent.
+/// Who sends beside the healthy integration in the bursts variant, and how
+/// their burst reaches the broker.
+#[derive(Clone, Copy)]
+struct Beside {
+    /// Integrations beside the healthy one, each sent `k` events a second.
+    others: usize,
+    /// Their handlers hang (`timeout_ms = 1000`, `max_attempts = 3`);
+    /// otherwise they answer at once, like the healthy one.
+    hang: bool,
+    /// The healthy burst is sent once the broker confirmed theirs (their
+    /// events are in the inbox, ahead of it); otherwise it follows theirs
+    /// on the wire at once, and its latency includes the broker taking
+    /// their whole burst in first.
+    confirmed_first: bool,
+}
+
+/// The bursts variant: each second, `k` events to each of the other
+/// integrations (5/s with a burst of 10 each), then `k` to the healthy one
+/// (1000/s, burst 1000) at once, behind them. The healthy integration has
+/// several events under way at once, so this is what the fair queueing of
+/// the attempt permits is for. Returns the healthy events' event → POST
+/// latencies and how many of them were delivered of how many sent.
 async fn run_bursts(
     url: &str,
-    hanging: usize,
+    beside: Beside,
     k: usize,
     seconds: u64,
     name: &str,
 ) -> anyhow::Result<(serde_json::Value, usize, usize)> {
     let (healthy_addr, seen) = handler(Duration::ZERO).await;
-    let (hanging_addr, _) = handler(Duration::from_secs(8)).await;
+    let delay = if beside.hang {
+        Duration::from_secs(8)
+    } else {
+        Duration::ZERO
+    };
+    let (others_addr, _) = handler(delay).await;
     let mut integrations = vec![
         Integration::new("healthy")
             .channel("COK")
             .url(format!("http://{healthy_addr}/ok"))
             .rate_limit(1000.0, 1000),
     ];
-    for i in 0..hanging {
+    for i in 0..beside.others {
         integrations.push(
             integration(
                 &format!("hang{i}"),
                 &format!("CH{i}"),
-                &format!("http://{hanging_addr}/h{i}"),
+                &format!("http://{others_addr}/h{i}"),
             )
             .set("max_attempts", 3),
         );
@@ -165,12 +185,15 @@ async fn run_bursts(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     for n in 0..seconds {
         tick.tick().await;
-        for i in 0..hanging {
+        for i in 0..beside.others {
             for j in 0..k {
                 events
                     .publish(&event(&format!("CH{i}"), &format!("h{i} {n}.{j}")))
                     .await?;
             }
+        }
+        if beside.confirmed_first {
+            events.confirmed().await?;
         }
         // The healthy integration's burst, stamped as each event goes.
         for j in 0..k {
@@ -192,23 +215,60 @@ async fn run_bursts(
     Ok((percentiles(latencies), delivered, sent.len()))
 }
 
-/// The bursts variant's step: the healthy integration's bursts of `k`
-/// alone, then behind `hanging` integrations' bursts of `k`, in one run.
-pub async fn measure_bursts(url: &str, hanging: usize, k: usize, seconds: u64) -> anyhow::Result<serde_json::Value> {
-    let (alone, delivered, sent) = run_bursts(url, 0, k, seconds, "bursts-alone").await?;
-    println!(
-        "    healthy alone, {k} at once each second: p50 {} ms, p99 {} ms ({delivered}/{sent} delivered)",
-        alone["p50"], alone["p99"]
-    );
-    let (beside, delivered_beside, sent_beside) = run_bursts(url, hanging, k, seconds, "bursts-beside").await?;
-    println!(
-        "    healthy beside {hanging} hanging handlers, {k} at once each second behind theirs: p50 {} ms, p99 {} ms \
-         (target ≤ 50 ms; {delivered_beside}/{sent_beside} delivered)",
-        beside["p50"], beside["p99"]
-    );
-    Ok(serde_json::json!({
-        "hanging": hanging, "seconds": seconds, "burst": k,
-        "healthy_alone_ms": alone, "healthy_beside_ms": beside,
-        "delivered": {"alone": delivered, "beside": delivered_beside, "sent_each": sent},
-    }))
+/// The bursts variant's step, in one run: the healthy integration's bursts
+/// of `k` alone; behind `others` integrations' bursts of `k` whose handlers
+/// answer at once (what the volume alone costs); behind as many whose
+/// handlers hang, their burst on the wire just ahead of the healthy one;
+/// and the same once the broker confirmed their burst. The difference
+/// between quick and hanging neighbours is what slow handlers cost.
+pub async fn measure_bursts(url: &str, others: usize, k: usize, seconds: u64) -> anyhow::Result<serde_json::Value> {
+    let runs = [
+        (
+            "alone",
+            "alone",
+            Beside {
+                others: 0,
+                hang: false,
+                confirmed_first: false,
+            },
+        ),
+        (
+            "beside_quick",
+            "beside {others} quick handlers, their burst just ahead",
+            Beside {
+                others,
+                hang: false,
+                confirmed_first: false,
+            },
+        ),
+        (
+            "beside_hanging",
+            "beside {others} hanging handlers, their burst just ahead",
+            Beside {
+                others,
+                hang: true,
+                confirmed_first: false,
+            },
+        ),
+        (
+            "beside_hanging_confirmed_first",
+            "beside {others} hanging handlers, their burst confirmed first",
+            Beside {
+                others,
+                hang: true,
+                confirmed_first: true,
+            },
+        ),
+    ];
+    let mut figures = serde_json::json!({"others": others, "seconds": seconds, "burst": k});
+    for (key, what, beside) in runs {
+        let (latency, delivered, sent) = run_bursts(url, beside, k, seconds, &format!("bursts-{key}")).await?;
+        let what = what.replace("{others}", &others.to_string());
+        println!(
+            "    healthy {what}, {k} at once each second: p50 {} ms, p90 {} ms, p99 {} ms ({delivered}/{sent} delivered)",
+            latency["p50"], latency["p90"], latency["p99"]
+        );
+        figures[key] = serde_json::json!({"healthy_ms": latency, "delivered": delivered, "sent": sent});
+    }
+    Ok(figures)
 }

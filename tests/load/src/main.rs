@@ -94,7 +94,8 @@ struct Args {
     #[arg(long, default_value_t = 80)]
     hanging: usize,
     /// With `--failing-only`: the bursts variant instead, K events at once
-    /// each second to every hanging integration, then K to the healthy one.
+    /// each second to every other integration, then K to the healthy one;
+    /// the others quick, then hanging (see `failing::measure_bursts`).
     #[arg(long, value_name = "K", requires = "failing_only")]
     healthy_burst: Option<usize>,
     /// Only redraw the plot from a results file of an earlier run.
@@ -435,7 +436,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     }
     if let Some(k) = args.healthy_burst {
         println!(
-            "failing handlers, bursts: a healthy integration's {k} events at once, alone, then behind {} hanging ones' {k} each…",
+            "failing handlers, bursts: a healthy integration's {k} events at once, alone, then behind {} others' {k} each…",
             args.hanging
         );
         let figures = failing::measure_bursts(&url, args.hanging, k, 20).await?;
