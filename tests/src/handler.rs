@@ -52,6 +52,8 @@ pub struct Answer {
     pub body: Vec<u8>,
     /// Wait this long before answering.
     pub delay: Duration,
+    /// Then, if set, until the test cancels this token.
+    pub gate: Option<tokio_util::sync::CancellationToken>,
 }
 
 impl Answer {
@@ -61,6 +63,7 @@ impl Answer {
             headers: Vec::new(),
             body: Vec::new(),
             delay: Duration::ZERO,
+            gate: None,
         }
     }
     pub fn json(value: serde_json::Value) -> Answer {
@@ -83,6 +86,11 @@ impl Answer {
     }
     pub fn after(mut self, delay: Duration) -> Answer {
         self.delay = delay;
+        self
+    }
+    /// Answers only once `gate` is cancelled (at once if it already is).
+    pub fn until(mut self, gate: &tokio_util::sync::CancellationToken) -> Answer {
+        self.gate = Some(gate.clone());
         self
     }
 }
@@ -180,6 +188,9 @@ async fn handle(State(shared): State<Shared>, method: Method, uri: Uri, headers:
     let answer = (shared.script)(&recorded, n);
     if !answer.delay.is_zero() {
         tokio::time::sleep(answer.delay).await;
+    }
+    if let Some(gate) = &answer.gate {
+        gate.cancelled().await;
     }
     let mut response = (StatusCode::from_u16(answer.status).unwrap(), answer.body).into_response();
     for (k, v) in answer.headers {

@@ -39,17 +39,20 @@ fn config(stack: &TestStack, concurrency: usize, slow: &str, quick: &str) -> Con
 }
 
 /// Four permits, all held by two slow integrations' attempts (three, and
-/// one in the headroom): the quick integration's jobs wait in memory. SIGTERM: the waiting jobs go to the
-/// ladder at once, the attempt under way finishes, the deliverer exits 0;
-/// the next deliverer delivers every waiting job exactly once.
+/// one in the headroom): the quick integration's jobs wait in memory.
+/// SIGTERM: the waiting jobs go to the ladder at once (and from its
+/// shortest step back to the shard), the attempts under way finish, the
+/// deliverer exits 0; the next deliverer delivers every waiting job
+/// exactly once. The slow handler answers only when the test lets it, so
+/// nothing here races a clock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_waiting_for_a_permit_leave_for_the_ladder_on_shutdown_and_are_delivered_once() {
     let stack = TestStack::new("fair-drain").await.unwrap();
-    let handler = HandlerServer::start(|r, _| {
-        // Long enough that the quick jobs are surely waiting behind them
-        // when counted, short enough for the stop's 10 s.
+    let release = tokio_util::sync::CancellationToken::new();
+    let gate = release.clone();
+    let handler = HandlerServer::start(move |r, _| {
         if text_of(r).starts_with("slow") {
-            Answer::status(200).after(Duration::from_secs(5))
+            Answer::status(200).until(&gate)
         } else {
             Answer::status(200)
         }
@@ -65,6 +68,10 @@ async fn jobs_waiting_for_a_permit_leave_for_the_ladder_on_shutdown_and_are_deli
         let body = job("slow", &format!("slow {i}"), &format!("1.00000{i}"), &slow);
         stack.publish_to_queue(&shard, &body).await.unwrap();
     }
+    // The second slow integration's job only once the first's three are
+    // under way: handled at the same time, it could take the third's
+    // permit, and the third would then wait in line (the headroom rule).
+    handler.until(3, T, "the first slow integration's attempts").await;
     stack
         .publish_to_queue(&shard, &job("slow2", "slow 3", "1.000009", &slow))
         .await
@@ -74,7 +81,7 @@ async fn jobs_waiting_for_a_permit_leave_for_the_ladder_on_shutdown_and_are_deli
         let body = job("quick", &format!("quick {i}"), &format!("2.00000{i}"), &quick);
         stack.publish_to_queue(&shard, &body).await.unwrap();
     }
-    // Every quick job is in the deliverer, waiting for the one permit.
+    // Every quick job is in the deliverer, waiting for a permit.
     wait_for(T, "the quick jobs taken from the queue", || async {
         (stack.queue_len(&shard).await.ok()? == 0).then_some(())
     })
@@ -82,10 +89,22 @@ async fn jobs_waiting_for_a_permit_leave_for_the_ladder_on_shutdown_and_are_deli
     assert_eq!(
         handler.count(),
         4,
-        "the quick jobs wait while the slow attempts hold the permits"
+        "the quick jobs wait while the slow attempts hold the permits: {:?}",
+        handler
+            .requests()
+            .iter()
+            .map(|r| (text_of(r), r.at))
+            .collect::<Vec<_>>()
     );
     deliverer.signal("TERM").unwrap();
     let stopped = Instant::now();
+    // The waiting jobs leave for the ladder while the slow attempts still
+    // hold every permit, and come back to the shard from its shortest step.
+    wait_for(T, "the waiting quick jobs back in the shard", || async {
+        (stack.queue_len(&shard).await.ok()? == 4).then_some(())
+    })
+    .await;
+    release.cancel();
     let mut deliverer = deliverer;
     let status = tokio::time::timeout(T, deliverer.child.wait())
         .await
