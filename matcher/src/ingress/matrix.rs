@@ -235,7 +235,7 @@ impl Matrix {
         };
         if let Some(state) = State::of(&e.kind, state_key) {
             let value = state.value_in(&e.content);
-            self.store((e.room_id.clone(), state), value, FOUND_TTL);
+            self.0.lookups.cache.put((e.room_id.clone(), state), value, FOUND_TTL);
         }
         if e.kind != "m.room.member" || state_key != self.0.config.bot_user_id() {
             return;
@@ -340,7 +340,7 @@ impl Matrix {
                     (None, FAILED_TTL, "failed")
                 }
             };
-            me.store(key, value.clone(), ttl);
+            me.0.lookups.cache.put(key, value.clone(), ttl);
             (outcome, value)
         };
         let (outcome, value) = within_budget(deadline, lookup).await;
@@ -350,10 +350,6 @@ impl Matrix {
 
     fn count(&self, outcome: &str) {
         self.0.lookups.count(outcome);
-    }
-
-    fn store(&self, key: (String, State), value: Option<String>, ttl: Duration) {
-        self.0.lookups.cache.put(key, value, ttl);
     }
 
     /// `GET /_matrix/client/v3/rooms/{room}/state/{type}/{state_key}`; a

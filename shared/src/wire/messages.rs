@@ -54,10 +54,10 @@ fn version() -> u32 {
 /// One POST to make: a matched event, for one integration, to one URL.
 ///
 /// On the wire the retry state's fields sit beside the others, where version
-/// 1 put them. They are written and read through [`wire`], whose structs
-/// spell them out: serde's `flatten` would do the same but buffers the whole
-/// job (event included) in an intermediate tree on every decode.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// 1 put them: flattened when written, and read through [`wire`], whose
+/// decode structs spell them out (serde's `flatten` would buffer the whole
+/// job, event included, in an intermediate tree on every decode).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(from = "wire::DeliveryJobIn")]
 pub struct DeliveryJob {
     #[serde(default = "version")]
@@ -71,22 +71,8 @@ pub struct DeliveryJob {
     pub trigger_word: String,
     pub event: ChatEvent,
     /// Age, attempts and the wait on the ladder; inline in the JSON.
+    #[serde(flatten)]
     pub retry: RetryState,
-}
-
-impl Serialize for DeliveryJob {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        wire::DeliveryJobOut {
-            v: self.v,
-            delivery_id: &self.delivery_id,
-            integration_id: &self.integration_id,
-            url: &self.url,
-            trigger_word: &self.trigger_word,
-            event: &self.event,
-            retry: wire::RetryOut::from(&self.retry),
-        }
-        .serialize(serializer)
-    }
 }
 
 impl DeliveryJob {
@@ -109,7 +95,7 @@ impl DeliveryJob {
             url,
             trigger_word,
             event,
-            retry: wire::RetryOut::from(&retry),
+            retry: &retry,
         };
         let e = event;
         let strings = e.text.len()
@@ -217,36 +203,9 @@ mod wire {
     use super::{DeliveryJob, HandlerAnswer, ReplyJob, RetryState, version};
     use crate::wire::event::ChatEvent;
 
-    /// [`RetryState`]'s fields, borrowed, written inline by the two `*Out`s
-    /// (a struct of their own would nest them; these are laid out in place by
-    /// `#[serde(flatten)]` on a *serializer*, which costs nothing on decode).
-    #[derive(Serialize)]
-    pub(super) struct RetryOut<'a> {
-        created_at_ms: u64,
-        attempt: u32,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        not_before_ms: Option<u64>,
-        #[serde(skip_serializing_if = "std::ops::Not::not")]
-        rate_reserved: bool,
-        #[serde(skip_serializing_if = "std::ops::Not::not")]
-        slot_missed: bool,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        last_error: Option<&'a str>,
-    }
-
-    impl<'a> From<&'a RetryState> for RetryOut<'a> {
-        fn from(r: &'a RetryState) -> Self {
-            RetryOut {
-                created_at_ms: r.created_at_ms,
-                attempt: r.attempt,
-                not_before_ms: r.not_before_ms,
-                rate_reserved: r.rate_reserved,
-                slot_missed: r.slot_missed,
-                last_error: r.last_error.as_deref(),
-            }
-        }
-    }
-
+    /// A new job written from borrowed parts ([`DeliveryJob::encode_new`]);
+    /// the same JSON as [`DeliveryJob`]'s (`flatten` on a serializer lays
+    /// the retry state's fields out in place and costs nothing on decode).
     #[derive(Serialize)]
     pub(super) struct DeliveryJobOut<'a> {
         pub v: u32,
@@ -256,7 +215,7 @@ mod wire {
         pub trigger_word: &'a str,
         pub event: &'a ChatEvent,
         #[serde(flatten)]
-        pub retry: RetryOut<'a>,
+        pub retry: &'a RetryState,
     }
 
     /// A decode struct: the job's own fields, then [`RetryState`]'s as its
