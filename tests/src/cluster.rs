@@ -23,8 +23,8 @@ impl Cluster {
         let nodes = (1..=3)
             .map(|n| Node::new(&stem, n, ""))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let cluster = Cluster { nodes };
-        futures_util::future::try_join_all(cluster.nodes.iter().map(Node::start)).await?;
+        let mut cluster = Cluster { nodes };
+        futures_util::future::try_join_all(cluster.nodes.iter_mut().map(Node::boot)).await?;
         let first = cluster.nodes[0].name.clone();
         for node in &cluster.nodes[1..] {
             node.ctl(&["stop_app"]).await?;

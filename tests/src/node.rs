@@ -1,6 +1,12 @@
 //! A private RabbitMQ node with a configuration of the test's choosing (a
 //! TLS listener, a member of a cluster), and the faults a node can suffer
 //! (SIGKILL, SIGSTOP).
+//!
+//! A node's ports are picked free, then bound by the node seconds later, at
+//! boot; meanwhile another process can take one (a test's server, the
+//! Erlang VM of a `rabbitmqctl`). A node whose VM stops while it boots
+//! fails at once with the reason from its log, and [`Node::boot`] tries
+//! fresh ports when a port was taken.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -18,12 +24,18 @@ const CTL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a node may take to stop.
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How many times [`Node::boot`] starts a node whose port was taken.
+const BOOT_TRIES: usize = 3;
+
 /// A private RabbitMQ node on free ports, with extra `rabbitmq.conf` lines.
 /// Stopped (and its directory deleted) on drop.
 pub struct Node {
     pub name: String,
     pub port: u16,
     dist_port: u16,
+    /// The TLS listener's port, for a node made by [`Node::with_tls`].
+    pub tls_port: Option<u16>,
+    extra_conf: String,
     pub dir: crate::TempDir,
 }
 
@@ -35,27 +47,68 @@ impl Node {
 
     /// As [`Node::new`], with `plugins` enabled.
     pub fn with_plugins(stem: &str, n: usize, plugins: &[&str], extra_conf: &str) -> anyhow::Result<Node> {
-        let port = free_addr().port();
-        let dist_port = free_addr().port();
         let name = format!("{stem}{n}@localhost");
         let dir = TempDir::new(&format!("{stem}{n}"));
         std::fs::write(dir.join("plugins"), format!("[{}].\n", plugins.join(",")))?;
-        // The machine's rabbitmq.conf pins the shared broker's listener.
-        std::fs::write(
-            dir.join("rabbitmq.conf"),
-            format!("listeners.tcp.local = 127.0.0.1:{port}\n{extra_conf}"),
-        )?;
-        chown_to_rabbitmq(&dir)?;
-        Ok(Node {
+        let node = Node {
             name,
-            port,
-            dist_port,
+            port: free_addr().port(),
+            dist_port: free_addr().port(),
+            tls_port: None,
+            extra_conf: extra_conf.to_owned(),
             dir,
-        })
+        };
+        node.write_conf()?;
+        Ok(node)
+    }
+
+    /// As [`Node::new`], with a TLS listener on [`Node::tls_port`];
+    /// `ssl_options` are its `ssl_options.*` lines.
+    pub fn with_tls(stem: &str, n: usize, ssl_options: &str) -> anyhow::Result<Node> {
+        let mut node = Self::new(stem, n, ssl_options)?;
+        node.tls_port = Some(free_addr().port());
+        node.write_conf()?;
+        Ok(node)
+    }
+
+    /// Writes `rabbitmq.conf` for the node's ports (the machine's own
+    /// rabbitmq.conf pins the shared broker's listener).
+    fn write_conf(&self) -> anyhow::Result<()> {
+        let mut conf = format!("listeners.tcp.local = 127.0.0.1:{}\n", self.port);
+        if let Some(tls_port) = self.tls_port {
+            conf.push_str(&format!("listeners.ssl.default = 127.0.0.1:{tls_port}\n"));
+        }
+        conf.push_str(&self.extra_conf);
+        std::fs::write(self.dir.join("rabbitmq.conf"), conf)?;
+        chown_to_rabbitmq(&self.dir)
     }
 
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Starts the node for the first time: as [`Node::start`], and when a
+    /// port was taken before the node bound it, again on fresh ports (said
+    /// on stderr), at most three times.
+    pub async fn boot(&mut self) -> anyhow::Result<()> {
+        for attempt in 1.. {
+            let Err(error) = self.start().await else {
+                return Ok(());
+            };
+            if attempt == BOOT_TRIES || !self.stopped_for_a_taken_port() {
+                return Err(error);
+            }
+            eprintln!("{error:#}\n(starting {} again on fresh ports)", self.name);
+            self.port = free_addr().port();
+            self.dist_port = free_addr().port();
+            self.tls_port = self.tls_port.map(|_| free_addr().port());
+            self.write_conf()?;
+            for stale in ["log", "pid"] {
+                let path = self.dir.join(stale);
+                let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+            }
+        }
+        unreachable!("the loop returns")
     }
 
     /// Starts the Erlang VM (detached) and waits until the node accepts
@@ -87,7 +140,8 @@ impl Node {
         self.until_accepting(Duration::from_secs(90)).await
     }
 
-    /// Waits until the node accepts AMQP connections.
+    /// Waits until the node accepts AMQP connections; fails at once, with
+    /// the errors from its log, when its VM has stopped.
     pub async fn until_accepting(&self, timeout: Duration) -> anyhow::Result<()> {
         let url = self.url();
         let deadline = tokio::time::Instant::now() + timeout;
@@ -100,8 +154,15 @@ impl Node {
                 let _ = c.close(200, "".into()).await;
                 return Ok(());
             }
+            if !self.vm_running() {
+                bail!("node {} stopped while starting: {}", self.name, self.log_errors());
+            }
             if tokio::time::Instant::now() > deadline {
-                bail!("node {} did not accept connections within {timeout:?}", self.name);
+                bail!(
+                    "node {} did not accept connections within {timeout:?}: {}",
+                    self.name,
+                    self.log_errors()
+                );
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -141,6 +202,49 @@ impl Node {
             String::from_utf8_lossy(&out.stderr)
         );
         Ok(text)
+    }
+
+    /// Whether a process of this node runs: the VM, or the script starting
+    /// it (both have the node's name in their environment; epmd, which the
+    /// first node on a machine may start, is not the node).
+    fn vm_running(&self) -> bool {
+        let needle = format!("RABBITMQ_NODENAME={}\0", self.name);
+        let of_node = |proc: &Path| {
+            std::fs::read_to_string(proc.join("comm")).is_ok_and(|comm| comm.trim() != "epmd")
+                && std::fs::read(proc.join("environ"))
+                    .is_ok_and(|env| env.windows(needle.len()).any(|w| w == needle.as_bytes()))
+        };
+        std::fs::read_dir("/proc")
+            .map(|dir| dir.flatten().any(|entry| of_node(&entry.path())))
+            .unwrap_or(true)
+    }
+
+    /// Whether the node's VM stopped because a port was taken: its log says
+    /// so, or it has no log (the distribution port, taken, stops the VM
+    /// before it logs).
+    fn stopped_for_a_taken_port(&self) -> bool {
+        !self.vm_running() && (self.log_text().contains("eaddrinuse") || !self.dir.join("log").exists())
+    }
+
+    /// The node's log, empty when it has none yet.
+    fn log_text(&self) -> String {
+        let log = self.dir.join("log").join(format!("{}.log", self.name));
+        std::fs::read_to_string(log).unwrap_or_default()
+    }
+
+    /// The `[error]` lines of the node's log, or what to look at when there
+    /// are none (a VM that stops before it logs: its distribution port taken).
+    fn log_errors(&self) -> String {
+        let log = self.log_text();
+        let errors: Vec<&str> = log.lines().filter(|l| l.contains("[error]")).take(8).collect();
+        if errors.is_empty() {
+            format!(
+                "no error in its log (ports {}, distribution {})",
+                self.port, self.dist_port
+            )
+        } else {
+            errors.join("\n")
+        }
     }
 
     /// The OS process id of the node's Erlang VM.

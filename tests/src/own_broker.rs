@@ -19,18 +19,16 @@ impl OwnBroker {
     /// Starts a node with `plugins` enabled and `extra_conf` appended to its
     /// rabbitmq.conf; waits until it accepts connections.
     pub async fn start_with(plugins: &[&str], extra_conf: &str) -> anyhow::Result<OwnBroker> {
-        let broker = OwnBroker {
-            node: Node::with_plugins(&node_stem(), 1, plugins, extra_conf)?,
-        };
-        broker.boot().await?;
-        Ok(broker)
+        let mut node = Node::with_plugins(&node_stem(), 1, plugins, extra_conf)?;
+        node.boot().await?;
+        Ok(OwnBroker { node })
     }
 
     pub fn url(&self) -> String {
         self.node.url()
     }
 
-    /// Starts the node (again) with its data directory; waits until it
+    /// Starts the node again with its data directory; waits until it
     /// accepts connections.
     pub async fn boot(&self) -> anyhow::Result<()> {
         self.node.start().await

@@ -185,6 +185,24 @@ async fn a_publish_whose_confirm_never_comes_fails_after_two_heartbeats() {
     let _ = tokio::time::timeout(Duration::from_secs(2), connection.close(200, "".into())).await;
 }
 
+/// The nodes these tests start pick free ports and bind them seconds later;
+/// a port taken meanwhile (another test, a `rabbitmqctl`'s VM) must cost a
+/// second boot, not a test that waits out its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_node_whose_port_was_taken_boots_on_fresh_ports() {
+    let mut node = Node::new(&node_stem(), 1, "").unwrap();
+    let taken = node.port;
+    let _holder = std::net::TcpListener::bind(("127.0.0.1", taken)).expect("taking the node's port");
+    let started = Instant::now();
+    node.boot().await.expect("the node boots on other ports");
+    println!("node: booted on port {} after {:?}", node.port, started.elapsed());
+    assert_ne!(node.port, taken, "the node moved off the taken port");
+    let connection = lapin::Connection::connect(&node.url(), lapin::ConnectionProperties::default())
+        .await
+        .expect("the node accepts connections on its new port");
+    let _ = connection.close(200, "".into()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqps_with_a_ca_and_a_client_certificate_and_a_wrong_ca_is_a_clear_error() {
     let certs = TempDir::new("tls-certs");
@@ -194,16 +212,16 @@ async fn amqps_with_a_ca_and_a_client_certificate_and_a_wrong_ca_is_a_clear_erro
     let (client_pem, client_key) = ca.sign(&certs, "client", &["swallow-client"]);
     let wrong_ca = TestCa::new("another CA").write(&certs, "wrong-ca");
     chown_to_rabbitmq(&certs).unwrap();
-    let tls_port = free_addr().port();
     // Mutual TLS: the node refuses a client without a certificate its CA signed.
-    let conf = format!(
-        "listeners.ssl.default = 127.0.0.1:{tls_port}\nssl_options.cacertfile = {}\nssl_options.certfile = {}\nssl_options.keyfile = {}\nssl_options.verify = verify_peer\nssl_options.fail_if_no_peer_cert = true\n",
+    let ssl_options = format!(
+        "ssl_options.cacertfile = {}\nssl_options.certfile = {}\nssl_options.keyfile = {}\nssl_options.verify = verify_peer\nssl_options.fail_if_no_peer_cert = true\n",
         ca_file.display(),
         server_pem.display(),
         server_key.display()
     );
-    let node = Node::new(&node_stem(), 1, &conf).unwrap();
-    node.start().await.expect("starting a node with a TLS listener");
+    let mut node = Node::with_tls(&node_stem(), 1, &ssl_options).unwrap();
+    node.boot().await.expect("starting a node with a TLS listener");
+    let tls_port = node.tls_port.expect("a TLS port");
     let url = format!("amqps://guest:guest@127.0.0.1:{tls_port}/%2f");
     let broker_toml = |ca: &std::path::Path| {
         ConfigToml::new()

@@ -442,8 +442,8 @@ async fn amqprs_watch(port: u16, q: &str) -> anyhow::Result<impl std::future::Fu
 /// killed (SIGKILL): when does each notice?
 async fn node_checks() -> anyhow::Result<(Row, Row)> {
     use swallow_tests::cluster::{Node, node_stem};
-    let node = Node::new(&node_stem(), 1, "")?;
-    node.start().await.context("starting a private node")?;
+    let mut node = Node::new(&node_stem(), 1, "")?;
+    node.boot().await.context("starting a private node")?;
     let q = "amqp-clients-faults-node";
     let mut frozen = Vec::new();
     for client in ["lapin", "amqprs"] {
