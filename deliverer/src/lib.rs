@@ -26,7 +26,6 @@ mod membership;
 mod metrics;
 mod notice;
 pub mod permits;
-pub mod replay;
 pub mod request;
 pub mod shards;
 

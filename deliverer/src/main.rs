@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use swallow_deliverer::log_command;
 use swallow_shared::config::Stage;
-use swallow_shared::stage::cli::{ConfigArgs, RUNNING, fail, serve};
+use swallow_shared::stage::cli::{ConfigArgs, RUNNING, ReplayArgs, fail, replay, serve};
+use swallow_shared::wire::messages::DeliveryJob;
 use tokio_util::sync::CancellationToken;
 
 /// swallow's deliverer: POSTs each delivery job to its handler URL, retries
@@ -29,14 +30,7 @@ struct Args {
 #[derive(Subcommand)]
 enum Command {
     /// Move dead-lettered jobs back into the delivery queue.
-    Replay {
-        /// Only jobs of this integration.
-        #[arg(long)]
-        integration: Option<String>,
-        /// Move at most this many.
-        #[arg(long)]
-        limit: Option<usize>,
-    },
+    Replay(ReplayArgs),
     /// Print the delivery log: every step of matched messages, oldest first.
     Log {
         /// Start this long ago (e.g. 90s, 10m, 2h, 7d). Default 10m.
@@ -105,25 +99,7 @@ async fn main() -> ExitCode {
     };
     match args.command {
         None => serve(NAME, config, swallow_deliverer::SHUTDOWN_GRACE, swallow_deliverer::run).await,
-        Some(Command::Replay { integration, limit }) => {
-            match swallow_deliverer::replay::replay(&config, integration.as_deref(), limit).await {
-                Ok(done) => {
-                    println!(
-                        "moved {} dead job(s) back into line; left {} in {}.deliveries.dead",
-                        done.moved, done.left, config.broker.prefix
-                    );
-                    if done.past_delivery_limit > 0 {
-                        println!(
-                            "{} of them had been set aside by the broker past the delivery limit \
-                             (x-death reason delivery_limit): each was taken by a deliverer that died before finishing it",
-                            done.past_delivery_limit
-                        );
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(NAME, e),
-            }
-        }
+        Some(Command::Replay(replay_args)) => replay::<DeliveryJob>(NAME, &config, &replay_args, "job").await,
         Some(Command::Log { .. }) => {
             let query = query.expect("made above for the log command");
             let stop = CancellationToken::new();

@@ -35,7 +35,7 @@ pub use logged_stage::LoggedStage;
 pub use node::{Node, chown_to_rabbitmq, node_stem};
 pub use own_broker::OwnBroker;
 pub use processes::{
-    Pipeline, StageProcess, bin_path, chat_event, delivery_job, free_addr, metric, metric_in, write_config,
+    Pipeline, StageProcess, bin_path, chat_event, delivery_job, free_addr, metric, metric_in, run_command, write_config,
 };
 pub use relay::{ConfirmSwallowingRelay, FreezableRelay};
 pub use stack::TestStack;

@@ -36,6 +36,24 @@ pub fn write_config(dir: &Path, text: &str) -> PathBuf {
     path
 }
 
+/// Runs `bin --config <config> <args…>` (a command such as `replay`) to
+/// its end; fails the test unless it succeeds, and returns what it printed.
+pub fn run_command(bin: &str, config: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(bin_path(bin))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {bin}: {e}"));
+    assert!(
+        out.status.success(),
+        "{bin} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A free loopback port (bound, then released).
 pub fn free_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");

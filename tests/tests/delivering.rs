@@ -613,17 +613,7 @@ async fn a_waiting_retry_survives_sigkill_and_replay_brings_dead_jobs_back() {
     assert_eq!(retry[0].header("webhook-id"), retry[1].header("webhook-id"));
 
     // Replay: two of the five dead jobs first, then the rest.
-    let replay = |args: &[&str]| {
-        let out = std::process::Command::new(bin_path("swallow-deliverer"))
-            .arg("--config")
-            .arg(&path)
-            .arg("replay")
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let replay = |args: &[&str]| run_command("swallow-deliverer", &path, &[&["replay"], args].concat());
     let out = replay(&["--integration", "dead", "--limit", "2"]);
     assert!(out.starts_with("moved 2 dead job(s)"), "{out}");
     handler.until(9, T, "two replayed deliveries").await;

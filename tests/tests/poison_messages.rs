@@ -18,6 +18,8 @@ use std::time::Duration;
 
 use lapin::options::{BasicGetOptions, BasicNackOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
+use swallow_shared::job::replay;
+use swallow_shared::wire::messages::DeliveryJob;
 use swallow_tests::handler::{Answer, HandlerServer, Recorded};
 use swallow_tests::*;
 
@@ -209,7 +211,7 @@ async fn a_job_that_kills_the_deliverer_is_set_aside_and_the_jobs_behind_it_go()
     );
     assert_eq!(poisoned(&handler), kills, "the set-aside job was not delivered again");
     assert_eq!(
-        swallow_deliverer::replay::broker_death_reason(&d.properties).as_deref(),
+        replay::broker_death_reason(&d.properties).as_deref(),
         Some("delivery_limit")
     );
     deliverer.kill().await;
@@ -222,7 +224,7 @@ async fn a_job_that_kills_the_deliverer_is_set_aside_and_the_jobs_behind_it_go()
     };
     looking.basic_nack(d.delivery_tag, requeue).await.unwrap();
     let cfg = swallow_shared::Config::load(&config).unwrap();
-    let done = swallow_deliverer::replay::replay(&cfg, Some("poisoned"), None)
+    let done = replay::replay::<DeliveryJob>(&cfg.broker, "swallow-test", Some("poisoned"), None)
         .await
         .unwrap();
     assert_eq!((done.moved, done.past_delivery_limit, done.left), (1, 1, 0));
@@ -316,6 +318,20 @@ async fn a_reply_that_kills_the_responder_is_set_aside_and_the_replies_behind_it
         "the set-aside reply was not posted again"
     );
     responder.kill().await;
+
+    // `swallow-responder replay` moves it back, and says it had been set
+    // aside by the broker.
+    let requeue = BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    };
+    looking.basic_nack(got.delivery.delivery_tag, requeue).await.unwrap();
+    let said = run_command("swallow-responder", &config, &["replay"]);
+    assert!(
+        said.starts_with("moved 1 dead reply job(s)") && said.contains("taken by a responder that died"),
+        "{said}"
+    );
+    assert_eq!(stack.queue_len(&replies).await.unwrap(), 1, "the reply is back in line");
 }
 
 /// The events inbox: an event whose consumer dies before acknowledging it,

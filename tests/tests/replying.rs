@@ -209,6 +209,61 @@ async fn an_unroutable_reply_is_retried_and_never_taken_for_another() {
     responder.join().await;
 }
 
+/// Replies that could not be posted (no route for their channel) are moved
+/// back by `swallow-responder replay` once the channel takes them: of one
+/// integration, at most N, the rest left, each posted once with its
+/// delivery id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_replies_are_replayed_once_their_channel_takes_them() {
+    let stack = TestStack::new("rsp-replay").await.unwrap();
+    let dead_queue = stack.topology.replies_dead_queue();
+    let dir = TempDir::new("rsp-replay");
+    let toml = base(&stack).set("responder", "max_attempts", 1).responder_rate(1000.0);
+    let path = write_config(&dir, &toml.to_string());
+    let shutdown = CancellationToken::new();
+    let responder = swallow_responder::start(config(toml), shutdown.clone()).await.unwrap();
+    let replies: Vec<serde_json::Value> = (0..3)
+        .map(|i| {
+            reply(
+                &format!("{i}.0"),
+                "CR",
+                serde_json::json!({"text": format!("late {i}")}),
+            )
+        })
+        .collect();
+    publish_replies(&stack, &replies).await;
+    wait_for(T, "three dead replies (no route to CR)", || async {
+        (stack.queue_len(&dead_queue).await.ok()? == 3).then_some(())
+    })
+    .await;
+
+    let mut out = listen_outbound_for(&stack, "T0001.CR").await.unwrap();
+    let replay = |args: &[&str]| run_command("swallow-responder", &path, &[&["replay"], args].concat());
+    let said = replay(&["--integration", "nobody"]);
+    assert!(
+        said.starts_with("moved 0 dead reply job(s)") && said.contains(&format!("left 3 in {dead_queue}")),
+        "{said}"
+    );
+    let said = replay(&["--limit", "1"]);
+    assert!(said.starts_with("moved 1 dead reply job(s)"), "{said}");
+    out.until(1, T, "the first replayed reply").await;
+    let said = replay(&["--integration", "googlebot"]);
+    assert!(said.starts_with("moved 2 dead reply job(s)"), "{said}");
+    out.until(3, T, "every replayed reply").await;
+    out.settle(Duration::from_millis(500)).await;
+    let ids: BTreeSet<String> = out
+        .json()
+        .iter()
+        .map(|r| r["delivery_id"].as_str().unwrap().to_owned())
+        .collect();
+    let expected: BTreeSet<String> = (0..3).map(|i| format!("msg_CR_{i}.0")).collect();
+    assert_eq!(ids, expected, "each posted with its own delivery id");
+    assert_eq!(out.got.len(), 3, "each posted once");
+    assert_eq!(stack.queue_len(&dead_queue).await.unwrap(), 0, "none left dead");
+    shutdown.cancel();
+    responder.join().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slack_sink_retries_ok_false_honours_retry_after_and_dead_letters() {
     let stack = TestStack::new("rsp-slack").await.unwrap();

@@ -237,13 +237,7 @@ async fn dead_letters_replay_and_reload_end_to_end() {
     })
     .await;
     healthy.store(true, std::sync::atomic::Ordering::SeqCst);
-    let replay = std::process::Command::new(bin_path("swallow-deliverer"))
-        .arg("--config")
-        .arg(&path)
-        .arg("replay")
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&replay.stdout);
+    let said = run_command("swallow-deliverer", &path, &["replay"]);
     assert!(said.starts_with("moved 3 dead job(s)"), "{said}");
     out.until(3, T, "replies after the replay").await;
     assert!(out.json().iter().all(|r| r["text"] == "better now"));

@@ -12,12 +12,24 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{Config, ConfigError, LogFormat, Stage};
+use crate::job::lifecycle::Job;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConfigArgs {
     /// The swallow configuration file (TOML).
     #[arg(long, env = "SWALLOW_CONFIG", value_name = "FILE")]
     pub config: PathBuf,
+}
+
+/// The options of a stage's `replay` command.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReplayArgs {
+    /// Only jobs of this integration.
+    #[arg(long)]
+    pub integration: Option<String>,
+    /// Move at most this many.
+    #[arg(long)]
+    pub limit: Option<usize>,
 }
 
 /// What every stage's `--help` says after its options: how to run it.
@@ -58,6 +70,21 @@ where
 {
     match args.load(stage) {
         Ok(config) => serve(program, config, grace, run).await,
+        Err(e) => fail(program, e),
+    }
+}
+
+/// A stage's `replay` command: moves its dead `J`s back into line
+/// ([`crate::job::replay`]) and says what it did; `noun` is what a `J` is
+/// called there ("job", "reply job").
+pub async fn replay<J: Job>(program: &str, config: &Config, args: &ReplayArgs, noun: &str) -> ExitCode {
+    let dead = J::dead_queue(&config.broker.topology());
+    let stage = program.strip_prefix("swallow-").unwrap_or(program);
+    match crate::job::replay::replay::<J>(&config.broker, program, args.integration.as_deref(), args.limit).await {
+        Ok(done) => {
+            println!("{}", done.report(noun, &dead, stage));
+            ExitCode::SUCCESS
+        }
         Err(e) => fail(program, e),
     }
 }

@@ -1,10 +1,11 @@
-//! `swallow-deliverer replay`: moves dead jobs back into line.
+//! `replay`: moves dead jobs back into line — `swallow-deliverer replay`
+//! the delivery jobs, `swallow-responder replay` the replies.
 //!
-//! It looks at each message that was in `<prefix>.deliveries.dead` when it
-//! started (at most once), moves the ones that match into
-//! their delivery shard's queue as fresh jobs (attempts and age reset, the same
-//! `webhook-id`), confirmed before each dead copy is acknowledged, and leaves
-//! the rest where they were: it returns once they are back in the queue.
+//! It looks at each message that was in the kind's dead queue when it
+//! started (at most once), moves the ones that match into their work queue
+//! as fresh jobs (attempts and age reset, the same delivery id), confirmed
+//! before each dead copy is acknowledged, and leaves the rest where they
+//! were: it returns once they are back in the queue.
 
 use std::time::Duration;
 
@@ -12,17 +13,18 @@ use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 
-use swallow_shared::Config;
-use swallow_shared::broker::{self, ConfirmedPublisher, SessionError};
-use swallow_shared::wire::messages::{DeliveryJob, RetryState, now_millis};
+use super::lifecycle::Job;
+use crate::broker::{self, ConfirmedPublisher, SessionError};
+use crate::config::BrokerConfig;
+use crate::wire::messages::{RetryState, now_millis};
 
 /// What a replay did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Replayed {
     pub moved: usize,
     /// Of those moved, the ones the broker had set aside past the delivery
-    /// limit (their handling killed the deliverer that took them): moved
-    /// back, they may do it again.
+    /// limit (their handling killed the stage that took them): moved back,
+    /// they may do it again.
     pub past_delivery_limit: usize,
     /// Looked at and left in the dead queue (another integration, or not a job).
     pub left: usize,
@@ -49,17 +51,19 @@ pub fn broker_death_reason(properties: &lapin::BasicProperties) -> Option<String
     }
 }
 
-/// Moves up to `limit` dead jobs (of `integration`, when given) back.
-pub async fn replay(
-    config: &Config,
+/// Moves up to `limit` dead `J`s (of `integration`, when given) back into
+/// their work queue; `program` names the connection.
+pub async fn replay<J: Job>(
+    config: &BrokerConfig,
+    program: &str,
     integration: Option<&str>,
     limit: Option<usize>,
 ) -> Result<Replayed, SessionError> {
-    let topology = config.broker.topology();
-    let connection = broker::connect(&config.broker, "swallow-deliverer replay").await?;
+    let topology = config.topology();
+    let connection = broker::connect(config, &format!("{program} replay")).await?;
     topology.declare_on(&connection).await?;
     let channel = connection.create_channel().await?;
-    let dead = topology.deliveries_dead_queue();
+    let dead = J::dead_queue(&topology);
     let present = broker::ready_count(&connection, &dead).await? as usize;
     let mut done = Replayed::default();
     if present == 0 || limit == Some(0) {
@@ -86,18 +90,18 @@ pub async fn replay(
             _ => break,
         };
         seen += 1;
-        let job = serde_json::from_slice::<DeliveryJob>(&next.data);
+        let job = serde_json::from_slice::<J>(&next.data);
         // A job the broker set aside has no `x-swallow-*` headers: its own
         // integration id says.
         let wanted = integration.is_none_or(|id| {
             broker::header_str(&next.properties, "x-swallow-integration").as_deref() == Some(id)
-                || job.as_ref().is_ok_and(|job| job.integration_id == id)
+                || job.as_ref().is_ok_and(|job| job.integration_id() == id)
         });
         match (wanted, job) {
             (true, Ok(mut job)) => {
-                job.retry = RetryState::new(now_millis());
+                *job.retry_mut() = RetryState::new(now_millis());
                 let body = serde_json::to_vec(&job).expect("a job always serializes");
-                let work = topology.delivery_queue_for(&job.integration_id);
+                let work = job.home_queue(&topology);
                 publisher.publish("", &work, &body, broker::persistent_json()).await?;
                 next.ack(BasicAckOptions::default()).await?;
                 done.moved += 1;
@@ -118,6 +122,26 @@ pub async fn replay(
     Ok(done)
 }
 
+impl Replayed {
+    /// What a replay from `dead_queue` did, in words for the operator who
+    /// ran it: `noun` is what a job is called there ("job", "reply job"),
+    /// `stage` the kind of process a poison one kills ("deliverer").
+    pub fn report(&self, noun: &str, dead_queue: &str, stage: &str) -> String {
+        let mut text = format!(
+            "moved {} dead {noun}(s) back into line; left {} in {dead_queue}",
+            self.moved, self.left
+        );
+        if self.past_delivery_limit > 0 {
+            text.push_str(&format!(
+                "\n{} of them had been set aside by the broker past the delivery limit \
+                 (x-death reason delivery_limit): each was taken by a {stage} that died before finishing it",
+                self.past_delivery_limit
+            ));
+        }
+        text
+    }
+}
+
 /// Waits (up to [`REQUEUE_WAIT`]) until `queue` shows `back` messages ready.
 async fn wait_until_back(connection: &lapin::Connection, queue: &str, back: usize) -> Result<(), SessionError> {
     let deadline = tokio::time::Instant::now() + REQUEUE_WAIT;
@@ -133,3 +157,30 @@ const NEXT_WAIT: Duration = Duration::from_secs(10);
 
 /// How long a replay waits for the dead jobs it left to be back in the queue.
 const REQUEUE_WAIT: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::Replayed;
+
+    #[test]
+    fn the_report_says_what_moved_and_what_was_set_aside() {
+        let done = Replayed {
+            moved: 3,
+            past_delivery_limit: 0,
+            left: 2,
+        };
+        assert_eq!(
+            done.report("reply job", "p.replies.dead", "responder"),
+            "moved 3 dead reply job(s) back into line; left 2 in p.replies.dead"
+        );
+        let poisoned = Replayed {
+            past_delivery_limit: 1,
+            ..done
+        };
+        let text = poisoned.report("job", "p.deliveries.dead", "deliverer");
+        assert!(
+            text.ends_with("1 of them had been set aside by the broker past the delivery limit (x-death reason delivery_limit): each was taken by a deliverer that died before finishing it"),
+            "{text}"
+        );
+    }
+}
