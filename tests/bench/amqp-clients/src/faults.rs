@@ -441,7 +441,7 @@ async fn amqprs_watch(port: u16, q: &str) -> anyhow::Result<impl std::future::Fu
 /// A private node frozen (SIGSTOP) under a consumer of each client, then
 /// killed (SIGKILL): when does each notice?
 async fn node_checks() -> anyhow::Result<(Row, Row)> {
-    use swallow_tests::cluster::{Node, node_stem};
+    use swallow_tests::{Node, node_stem};
     let mut node = Node::new(&node_stem(), 1, "")?;
     node.boot().await.context("starting a private node")?;
     let q = "amqp-clients-faults-node";
