@@ -91,24 +91,24 @@ impl Node {
     /// port was taken before the node bound it, again on fresh ports (said
     /// on stderr), at most three times.
     pub async fn boot(&mut self) -> anyhow::Result<()> {
-        for attempt in 1.. {
+        let mut attempt = 1;
+        loop {
             let Err(error) = self.start().await else {
                 return Ok(());
             };
             if attempt == BOOT_TRIES || !self.stopped_for_a_taken_port() {
                 return Err(error);
             }
+            attempt += 1;
             eprintln!("{error:#}\n(starting {} again on fresh ports)", self.name);
             self.port = free_addr().port();
             self.dist_port = free_addr().port();
             self.tls_port = self.tls_port.map(|_| free_addr().port());
             self.write_conf()?;
-            for stale in ["log", "pid"] {
-                let path = self.dir.join(stale);
-                let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
-            }
+            // The next boot's log and pid file only.
+            let _ = std::fs::remove_dir_all(self.dir.join("log"));
+            let _ = std::fs::remove_file(self.dir.join("pid"));
         }
-        unreachable!("the loop returns")
     }
 
     /// Starts the Erlang VM (detached) and waits until the node accepts

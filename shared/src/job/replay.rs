@@ -28,6 +28,8 @@ pub struct Replayed {
     pub past_delivery_limit: usize,
     /// Looked at and left in the dead queue (another integration, or not a job).
     pub left: usize,
+    /// The dead queue it looked at.
+    pub dead_queue: String,
 }
 
 /// Why the broker itself dead-lettered a message: the reason of the newest
@@ -65,7 +67,10 @@ pub async fn replay<J: Job>(
     let channel = connection.create_channel().await?;
     let dead = J::dead_queue(&topology);
     let present = broker::ready_count(&connection, &dead).await? as usize;
-    let mut done = Replayed::default();
+    let mut done = Replayed {
+        dead_queue: dead.clone(),
+        ..Replayed::default()
+    };
     if present == 0 || limit == Some(0) {
         let _ = connection.close(200, "replay done".into()).await;
         return Ok(done);
@@ -123,13 +128,13 @@ pub async fn replay<J: Job>(
 }
 
 impl Replayed {
-    /// What a replay from `dead_queue` did, in words for the operator who
-    /// ran it: `noun` is what a job is called there ("job", "reply job"),
-    /// `stage` the kind of process a poison one kills ("deliverer").
-    pub fn report(&self, noun: &str, dead_queue: &str, stage: &str) -> String {
+    /// What the replay did, in words for the operator who ran it: `noun`
+    /// is what a job is called there ("job", "reply job"), `stage` the kind
+    /// of process a poison one kills ("deliverer").
+    pub fn report(&self, noun: &str, stage: &str) -> String {
         let mut text = format!(
-            "moved {} dead {noun}(s) back into line; left {} in {dead_queue}",
-            self.moved, self.left
+            "moved {} dead {noun}(s) back into line; left {} in {}",
+            self.moved, self.left, self.dead_queue
         );
         if self.past_delivery_limit > 0 {
             text.push_str(&format!(
@@ -168,16 +173,18 @@ mod tests {
             moved: 3,
             past_delivery_limit: 0,
             left: 2,
+            dead_queue: "p.replies.dead".to_owned(),
         };
         assert_eq!(
-            done.report("reply job", "p.replies.dead", "responder"),
+            done.report("reply job", "responder"),
             "moved 3 dead reply job(s) back into line; left 2 in p.replies.dead"
         );
         let poisoned = Replayed {
             past_delivery_limit: 1,
+            dead_queue: "p.deliveries.dead".to_owned(),
             ..done
         };
-        let text = poisoned.report("job", "p.deliveries.dead", "deliverer");
+        let text = poisoned.report("job", "deliverer");
         assert!(
             text.ends_with("1 of them had been set aside by the broker past the delivery limit (x-death reason delivery_limit): each was taken by a deliverer that died before finishing it"),
             "{text}"

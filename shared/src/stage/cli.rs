@@ -78,11 +78,10 @@ where
 /// ([`crate::job::replay`]) and says what it did; `noun` is what a `J` is
 /// called there ("job", "reply job").
 pub async fn replay<J: Job>(program: &str, config: &Config, args: &ReplayArgs, noun: &str) -> ExitCode {
-    let dead = J::dead_queue(&config.broker.topology());
     let stage = program.strip_prefix("swallow-").unwrap_or(program);
     match crate::job::replay::replay::<J>(&config.broker, program, args.integration.as_deref(), args.limit).await {
         Ok(done) => {
-            println!("{}", done.report(noun, &dead, stage));
+            println!("{}", done.report(noun, stage));
             ExitCode::SUCCESS
         }
         Err(e) => fail(program, e),
